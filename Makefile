@@ -1,0 +1,34 @@
+# llmtrain: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel by default (it lies on local disk here); elsewhere e.g. make install TORCH='torch==2.5.1'
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: help install train test lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed  ## create .venv with torch ($(TORCH)) and llmtrain in editable mode
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+train: install  ## pretrain the default tiny GPT on the embedded corpus (ARGS='key=value ...' to override)
+	$(BIN)/python -m llmtrain $(ARGS)
+
+test: install  ## run the test suite
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check llmtrain tests scripts
+
+clean:  ## remove what runs produce (outputs/, caches); keeps .venv
+	rm -rf outputs multirun lightning_logs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -exec rm -rf {} +

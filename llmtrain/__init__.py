@@ -1,0 +1,3 @@
+"""llmtrain: GPT-style language models trained from Hydra configs with PyTorch Lightning."""
+
+__version__ = "0.1.0"

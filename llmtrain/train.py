@@ -1,0 +1,196 @@
+"""The only place that wires things: config -> data module -> LightningModule(model, optimizer, schedule) -> Trainer.
+
+`train(cfg)` is a plain function (tests call it with a composed config); `main` is the Hydra entry point
+behind `python -m llmtrain` and the `llmtrain` command. Heavy imports (torch, lightning) happen inside
+`train`, so that `--help` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from llmtrain.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SCHEDULE_KEYS = ("schedule",)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check cross-group rules before anything is built; report every problem at once."""
+    from llmtrain.model import GPTConfig
+    from llmtrain.tokenizer import TOKENIZERS, build_tokenizer
+
+    problems: list[str] = []
+    try:
+        GPTConfig(**cfg.model)
+    except ValueError as e:
+        problems += str(e).split("; ")
+    except TypeError as e:  # an unknown key under model
+        problems.append(f"model: {e}")
+    if cfg.data.tokenizer not in TOKENIZERS:
+        problems.append(f"data.tokenizer={cfg.data.tokenizer!r} is not known: choose one of {', '.join(TOKENIZERS)}")
+    else:
+        n_vocab = build_tokenizer(cfg.data.tokenizer).n_vocab
+        if cfg.model.vocab_size < n_vocab:
+            problems.append(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.tokenizer} tokenizer's "
+                f"{n_vocab} ids: set model.vocab_size={n_vocab} (or larger)"
+            )
+    ctx = cfg.data.get("context_length")
+    if ctx is not None and ctx > cfg.model.context_length:
+        problems.append(
+            f"data.context_length={ctx} is larger than model.context_length={cfg.model.context_length}: "
+            f"lower data.context_length or raise model.context_length"
+        )
+    if ctx is not None and ctx < 1:
+        problems.append(f"data.context_length must be positive, got {ctx}")
+    if cfg.data.batch_size < 1:
+        problems.append(f"data.batch_size must be positive, got {cfg.data.batch_size}")
+    if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps}")
+    sched = cfg.optimizer.schedule
+    if sched.warmup_steps < 0:
+        problems.append(f"optimizer.schedule.warmup_steps must be >= 0, got {sched.warmup_steps}")
+    if sched.min_lr > cfg.optimizer.lr:
+        problems.append(f"optimizer.schedule.min_lr={sched.min_lr} exceeds optimizer.lr={cfg.optimizer.lr}: lower it")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
+    """A .ckpt file as given; a run or checkpoints folder -> its last.ckpt; "last" -> run_dir's last.ckpt."""
+    if ckpt_path is None:
+        return None
+    path = Path(run_dir) if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return str(candidate)
+        hint = " (pass the earlier run's hydra.run.dir=... so that 'last' finds it)" if ckpt_path == "last" else ""
+        raise UserError(f"ckpt_path={ckpt_path!r}: no last.ckpt in {path}{hint}")
+    if not path.is_file():
+        raise UserError(f"ckpt_path={ckpt_path!r} does not exist: give a .ckpt file or a run dir")
+    return str(path)
+
+
+def _is_launch_rank() -> bool:
+    """True in the process a user started (not in a rank that a DDP launcher re-started)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _precision(trainer_cfg: DictConfig) -> str | int:
+    if trainer_cfg.precision != "auto":
+        return trainer_cfg.precision
+    import torch
+
+    on_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def train(cfg: DictConfig) -> float:
+    """Train as `cfg` says; return the final val/loss (what a sweeper minimises)."""
+    validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, str(run_dir))
+    if ckpt_path is None and _is_launch_rank() and any(run_dir.glob("checkpoints/*.ckpt")):
+        raise UserError(
+            f"{run_dir} already holds checkpoints of an earlier run: resume it with ckpt_path=last, "
+            f"or leave hydra.run.dir unset for a new run dir"
+        )
+
+    import warnings
+
+    import lightning as L
+
+    from llmtrain.model import GPT, GPTConfig
+    from llmtrain.module import LanguageModel
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*is not a valid batch size.*|.*Trying to infer the `batch_size`.*")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data, context_length=cfg.data.context_length or cfg.model.context_length)
+    if _is_launch_rank():  # tokenize before any DDP rank starts, so that the other ranks find the cache
+        datamodule.prepare_data()
+    datamodule.setup("fit")  # corpus-size errors surface here, before a Trainer exists
+
+    model = GPT(GPTConfig(**cfg.model))
+    optimizer_cfg = OmegaConf.masked_copy(cfg.optimizer, [k for k in cfg.optimizer if k not in SCHEDULE_KEYS])
+    module = LanguageModel(
+        model,
+        optimizer=instantiate(optimizer_cfg),
+        warmup_steps=cfg.optimizer.schedule.warmup_steps,
+        max_steps=cfg.trainer.max_steps,
+        min_lr=cfg.optimizer.schedule.min_lr,
+        tokenizer=cfg.data.tokenizer,
+        sample_prompt=cfg.finetune.get("sample_prompt"),
+        sample_tokens=cfg.finetune.get("sample_tokens", 48),
+    )
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["precision"] = _precision(cfg.trainer)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] if cfg.callbacks else []
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    val_loss = trainer.callback_metrics.get("val/loss")
+    if val_loss is None or trainer.global_step % _val_every(cfg, len(datamodule.train_dataloader())):
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the returned loss is of the final weights
+        val_loss = trainer.callback_metrics["val/loss"]
+    if trainer.is_global_zero:
+        ppl = float(trainer.callback_metrics["val/ppl"])
+        print(f"done: {trainer.global_step} steps, val/loss {float(val_loss):.4f}, val/ppl {ppl:.2f}; "
+              f"run dir {run_dir}")
+    return float(val_loss)
+
+
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate, letting a UserError raised by the target through unwrapped."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
+def _val_every(cfg: DictConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps between validations, for the configured interval (in training batches)."""
+    interval = cfg.trainer.val_check_interval or batches_per_epoch
+    if isinstance(interval, float) and interval <= 1.0:
+        interval = int(interval * batches_per_epoch)
+    return max(1, int(interval) // (cfg.trainer.accumulate_grad_batches or 1))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)
+    except UserError as e:
+        if os.environ.get("LLMTRAIN_DEBUG"):
+            raise
+        _remove_if_unused(Path(cfg.run_dir))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """A run that stopped on bad input leaves no run dir behind (unless something else is already in it)."""
+    if not _is_launch_rank() or not run_dir.is_dir():
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in run_dir.resolve().parents:  # and the folders made for it, while they are empty
+            if parent == Path.cwd() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+

@@ -1,0 +1,77 @@
+"""Shared helpers: tiny configs, composing the real Hydra config, running the real command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Offline and isolated: no Hub look-ups, token caches in one folder for the whole session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A model and run small enough for seconds on a 2-core CPU: byte tokenizer, 2 layers of width 32.
+TINY = [
+    "data.tokenizer=bytes",
+    "model.vocab_size=257",
+    "model.context_length=32",
+    "model.emb_dim=32",
+    "model.n_heads=2",
+    "model.n_layers=2",
+    "data.batch_size=8",
+    "data.max_documents=400",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=30",
+    "trainer.val_check_interval=15",
+    "trainer.log_every_n_steps=5",
+    "trainer.limit_val_batches=20",
+    "optimizer.schedule.warmup_steps=5",
+    "callbacks.progress_bar=null",
+    "finetune.sample_tokens=8",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("token-cache")
+    os.environ["LLMTRAIN_CACHE"] = str(cache)
+    return cache
+
+
+def compose(overrides: list[str], run_dir: Path):
+    """The real config from conf/, as Hydra composes it for the command line, with run_dir set."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from llmtrain.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=[*overrides, f"run_dir={run_dir}"])
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m llmtrain ARGS` in a fresh process, as a user would type it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrain", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in a run's TensorBoard events -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out

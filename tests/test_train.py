@@ -1,0 +1,165 @@
+"""End to end: the real config and command line train, log, checkpoint, resume, sweep and run DDP."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose, read_scalars, run_cli
+
+from llmtrain.train import train
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One 30-step run of the default pipeline (embedded corpus), shrunk to seconds; shared by the checks below."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose(TINY, run_dir)
+    final = train(cfg)
+    return run_dir, final
+
+
+def test_short_run_val_loss_falls_and_is_returned(short_run):
+    run_dir, final = short_run
+    scalars = read_scalars(run_dir)
+    val = [v for _, v in sorted(scalars["val/loss"])]
+    assert len(val) == 2
+    assert final == pytest.approx(val[-1], rel=1e-5)
+    assert val[-1] < val[0] < 5.6  # ln(257) = 5.55 is a uniform guess over the byte vocabulary
+    train_loss = [v for _, v in sorted(scalars["train/loss"])]
+    assert train_loss[-1] < train_loss[0]
+
+
+def test_tensorboard_holds_the_metrics_a_user_watches(short_run):
+    run_dir, _ = short_run
+    scalars = read_scalars(run_dir)
+    for tag in ("train/loss", "val/loss", "val/ppl", "train/tokens_per_sec", "train/grad_norm"):
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    assert any(t.startswith("lr-AdamW") for t in scalars)
+    ppl = dict(scalars["val/ppl"])
+    loss = dict(scalars["val/loss"])
+    for step, v in loss.items():
+        assert ppl[step] == pytest.approx(float(torch.tensor(v).exp()), rel=1e-4)
+    assert all(v > 0 for _, v in scalars["train/tokens_per_sec"])
+    lrs = [v for _, v in sorted(next(v for t, v in scalars.items() if t.startswith("lr-AdamW")))]
+    assert max(lrs) == pytest.approx(1e-3, rel=1e-6)  # warmup reaches the peak, then decays
+    assert lrs[-1] < max(lrs)
+
+
+def test_checkpoints_describe_themselves(short_run):
+    run_dir, _ = short_run
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and any(c.startswith("best-step") for c in ckpts)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 30
+    assert ckpt["llmtrain"]["model_config"]["emb_dim"] == 32
+    assert ckpt["llmtrain"]["tokenizer"] == "bytes"
+
+
+def test_resume_continues_steps_optimizer_and_schedule(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli([*TINY, "trainer.max_steps=20", "trainer.val_check_interval=10", f"hydra.run.dir={run_dir}"],
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    second = run_cli([*TINY, "trainer.max_steps=30", "trainer.val_check_interval=10", "ckpt_path=last",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert before["global_step"] == 20 and after["global_step"] == 30
+    assert after["lr_schedulers"][0]["last_epoch"] == 30  # the schedule went on, it did not restart warmup
+    assert after["optimizer_states"][0]["state"][0]["step"] == 30  # AdamW's moments came back with their count
+    steps = sorted(s for s, _ in read_scalars(run_dir)["train/loss"])
+    assert steps[0] < 20 and steps[-1] >= 25 and all(s < 31 for s in steps)
+
+
+def test_existing_checkpoints_are_not_overwritten_by_a_new_run(tmp_path, short_run):
+    run_dir, _ = short_run
+    stamp = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    result = run_cli([*TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "already holds checkpoints" in result.stderr and "ckpt_path=last" in result.stderr
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+
+
+def test_multirun_sweeps_two_jobs_into_one_sweep_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", *TINY, "trainer.max_steps=10", "trainer.val_check_interval=10",
+                      "optimizer.lr=0.001,0.003", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, lr in (("0", "0.001"), ("1", "0.003")):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert "val/loss" in read_scalars(sweep / job)
+        assert f"optimizer.lr={lr}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_ddp_two_cpu_ranks_through_the_command_line(tmp_path):
+    run_dir = tmp_path / "ddp"
+    result = run_cli([*TINY, "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=10",
+                      "trainer.val_check_interval=10", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "GLOBAL_RANK: 1" in out or "world_size=2" in out.lower() or "distributed_backend=gloo" in out
+    assert out.count("done: 10 steps") == 1  # the summary comes from rank zero only
+    assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1  # one rank writes TensorBoard
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 10
+    assert not (tmp_path / "outputs").exists()  # rank 1 shared the rank-0 run dir
+
+
+def test_python_m_llmtrain_works_from_another_directory(tmp_path):
+    result = run_cli(["--cfg", "job", "model=gpt124m"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "emb_dim: 768" in result.stdout and "n_layers: 12" in result.stdout
+
+
+# ---- bad input: one line naming the key and the fix, exit 2, no traceback, no run dir left behind ----
+
+BAD_INPUTS = [
+    (["model.emb_dim=100", "model.n_heads=3"], "model.emb_dim=100 is not divisible by model.n_heads=3"),
+    (["data=text", "data.path=/nonexistent/*.txt"], "data.path='/nonexistent/*.txt' matches no file"),
+    (["data=text", "data.path={empty}"], "is empty"),
+    (["data=text", "data.path={short}"], "fewer than one window"),
+    (["data.context_length=64"], "data.context_length=64 is larger than model.context_length=32"),
+    (["model.vocab_size=200"], "model.vocab_size=200 is smaller than the bytes tokenizer's 257 ids"),
+    (["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[m.split(" ")[0] for _, m in BAD_INPUTS])
+def test_bad_input_stops_with_one_clear_line(tmp_path, overrides, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("A few words.")
+    overrides = [o.format(empty=tmp_path / "empty.txt", short=tmp_path / "short.txt") for o in overrides]
+    earlier = tmp_path / "outputs" / "earlier"
+    earlier.mkdir(parents=True)
+    (earlier / "keep.txt").write_text("mine")
+    result = run_cli([*TINY, *overrides], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert [p.name for p in (tmp_path / "outputs").rglob("*")] == ["earlier", "keep.txt"]  # nothing else made
+    assert (earlier / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_group_option_names_the_choices(tmp_path):
+    result = run_cli(["model=gpt9000"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "gpt9000" in result.stderr and "gpt124m" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_typo_in_a_key_is_caught_at_compose_time(tmp_path):
+    result = run_cli(["model.n_layrs=3"], cwd=tmp_path)
+    assert result.returncode != 0 and "n_layrs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_config_option_composes_and_validates(tmp_path):
+    from llmtrain.train import CONF_DIR, validate
+
+    for group in ("model", "data", "optimizer", "finetune", "trainer", "logger", "callbacks"):
+        for option in sorted(Path(CONF_DIR, group).glob("*.yaml")):
+            extra = ["data.path=x.txt"] if option.stem in ("text", "json", "parquet") and group == "data" else []
+            cfg = compose([f"{group}={option.stem}", *extra], tmp_path)
+            validate(cfg)
