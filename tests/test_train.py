@@ -163,3 +163,9 @@ def test_every_config_option_composes_and_validates(tmp_path):
             extra = ["data.path=x.txt"] if option.stem in ("text", "json", "parquet") and group == "data" else []
             cfg = compose([f"{group}={option.stem}", *extra], tmp_path)
             validate(cfg)
+
+
+def test_same_seed_same_run(tmp_path, short_run):
+    _, first = short_run
+    again = train(compose(TINY, tmp_path / "again"))
+    assert again == first  # bit-identical on CPU in fp32
