@@ -98,7 +98,7 @@ def test_ddp_two_cpu_ranks_through_the_command_line(tmp_path):
                       "trainer.val_check_interval=10", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
-    assert "GLOBAL_RANK: 1" in out or "world_size=2" in out.lower() or "distributed_backend=gloo" in out
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out and "distributed_backend=gloo" in out
     assert out.count("done: 10 steps") == 1  # the summary comes from rank zero only
     assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1  # one rank writes TensorBoard
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
