@@ -280,3 +280,277 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fine-tuning data: labelled texts (classify) and instruction records (instruct), small enough for memory.
+# ---------------------------------------------------------------------------------------------------------
+
+SPLITS = ("train", "val", "test")
+TABLE_SOURCES = ("embedded", "csv", "tsv", "json", "parquet", "hub")
+
+
+def _split_by_index(i: int, val_fraction: float, test_fraction: float) -> str:
+    u = (((i + 1) * 2654435761) % 2**32) / 2**32
+    return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+
+
+def load_table_splits(
+    source: str,
+    path: str | list[str] | None,
+    embedded_prefix: str,
+    split: str = "train",
+    subset: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> dict[str, list[dict]]:
+    """Rows of a table as {"train": [...], "val": [...], "test": [...]}.
+
+    `embedded` reads the shipped <prefix>_{train,val,test}.jsonl.gz; a local file/glob or a Hub dataset with a
+    single split is divided by a fixed rule on the row index (val_fraction, test_fraction); a Hub dataset
+    that has validation/test splits of its own keeps them. Label columns of type ClassLabel become names.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source not in TABLE_SOURCES:
+        raise UserError(f"data.source={source!r} is not known here: choose one of {', '.join(TABLE_SOURCES)}")
+    try:
+        if source == "embedded":
+            files = {s: embedded_path(f"{embedded_prefix}_{s}.jsonl.gz") for s in SPLITS}
+            loaded = datasets.load_dataset("json", data_files=files)
+            return {s: _rows(loaded[s]) for s in SPLITS}
+        if source == "hub":
+            if not path:
+                raise UserError("data.path is not set: give the Hub dataset name")
+            loaded = datasets.load_dataset(path, subset)
+            own = {"val": next((k for k in ("validation", "val", "dev") if k in loaded), None),
+                   "test": "test" if "test" in loaded else None}
+            if own["val"] and own["test"]:
+                return {"train": _rows(loaded[split]), "val": _rows(loaded[own["val"]]),
+                        "test": _rows(loaded[own["test"]])}
+            rows = _rows(loaded[split])
+        else:
+            files = resolve_files(path)
+            builder, kwargs = ("csv", {"delimiter": "\t"}) if source == "tsv" else (source, {})
+            rows = _rows(datasets.load_dataset(builder, data_files=files, split="train", **kwargs))
+    except UserError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load data.source={source} data.path={path!r}: {msg}") from e
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for i, row in enumerate(rows):
+        out[_split_by_index(i, val_fraction, test_fraction)].append(row)
+    return out
+
+
+def _rows(ds) -> list[dict]:
+    rows = ds.to_list()
+    for name, feature in ds.features.items():
+        names = getattr(feature, "names", None)
+        if names:  # ClassLabel: store the label's name, not its index
+            for row in rows:
+                row[name] = names[row[name]]
+    return rows
+
+
+def _require_columns(rows: dict[str, list[dict]], columns: list[str], hint: str) -> None:
+    for split, items in rows.items():
+        if items:
+            missing = [c for c in columns if c not in items[0]]
+            if missing:
+                raise UserError(
+                    f"the {split} rows have no column {', '.join(map(repr, missing))} (columns: "
+                    f"{', '.join(items[0])}): {hint}"
+                )
+            for n, item in enumerate(items):
+                if any(item.get(c) is None for c in columns):
+                    bad = [c for c in columns if item.get(c) is None]
+                    raise UserError(f"{split} row {n} has no value for {', '.join(bad)}: fix or drop that row")
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; labels are padded with IGNORE_INDEX (-100)."""
+    longest = max(len(s) for s in seqs)
+    batch = {
+        "input_ids": torch.tensor([s + [pad_id] * (longest - len(s)) for s in seqs]),
+        "lengths": torch.tensor([len(s) for s in seqs]),
+    }
+    if labels is not None:
+        batch["labels"] = torch.tensor([lab + [-100] * (longest - len(lab)) for lab in labels])
+    return batch
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class _TableDataModule(L.LightningDataModule):
+    """Shared loading, splitting and loaders for the small fine-tuning tables."""
+
+    embedded_prefix = ""
+
+    def __init__(self, source="embedded", path=None, subset=None, split="train", tokenizer="gpt2",
+                 context_length=1024, max_length=None, val_fraction=0.1, test_fraction=0.1, batch_size=8,
+                 num_workers=0) -> None:
+        super().__init__()
+        self.source, self.path, self.subset, self.split = source, path, subset, split
+        self.tokenizer_name, self.val_fraction, self.test_fraction = tokenizer, val_fraction, test_fraction
+        self.max_length = min(max_length or context_length, context_length)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.sets: dict[str, _ListDataset] = {}
+
+    @property
+    def tokenizer(self):
+        return build_tokenizer(self.tokenizer_name)
+
+    def _load(self) -> dict[str, list[dict]]:
+        rows = load_table_splits(self.source, self.path, self.embedded_prefix, self.split, self.subset,
+                                 self.val_fraction, self.test_fraction)
+        for s in SPLITS:
+            if not rows[s]:
+                raise UserError(f"data.path={self.path!r}: the {s} split is empty: add rows or raise data.{s}_fraction"
+                                if s != "train" else f"data.path={self.path!r} holds no rows")
+        return rows
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, collate_fn=self.collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+class ClassifyDataModule(_TableDataModule):
+    """Texts with labels -> (input_ids, lengths, label); label names are mapped to ids from the train split."""
+
+    embedded_prefix = "classify"
+
+    def __init__(self, text_column: str = "text", label_column: str = "label", balance: bool = False,
+                 seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.text_column, self.label_column, self.balance, self.seed = text_column, label_column, balance, seed
+        self.label_names: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sets:
+            return
+        rows = self._load()
+        _require_columns(rows, [self.text_column, self.label_column],
+                         "set data.text_column and data.label_column to the table's columns")
+        self.label_names = sorted({str(r[self.label_column]) for r in rows["train"]})
+        if len(self.label_names) < 2:
+            raise UserError(f"data.label_column={self.label_column!r} has one class in train "
+                            f"({self.label_names}): a classifier needs at least two")
+        for s in ("val", "test"):
+            unseen = sorted({str(r[self.label_column]) for r in rows[s]} - set(self.label_names))
+            if unseen:
+                raise UserError(f"the {s} split has labels never seen in train: {', '.join(unseen)}: "
+                                f"fix the labels or the split")
+        ids = {name: i for i, name in enumerate(self.label_names)}
+        tok = self.tokenizer
+        for s in SPLITS:
+            items = [(tok.encode_ordinary(str(r[self.text_column]))[: self.max_length] or [tok.eot_token],
+                      ids[str(r[self.label_column])]) for r in rows[s]]
+            if s == "train" and self.balance:
+                items = _undersample(items, self.seed)
+            self.sets[s] = _ListDataset(items)
+
+    def collate(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        batch = pad_batch([ids for ids, _ in items], self.tokenizer.eot_token)
+        batch["label"] = torch.tensor([label for _, label in items])
+        return batch
+
+    def majority_baseline(self, split: str = "test") -> float:
+        labels = [label for _, label in self.sets[split].items]
+        return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+def _undersample(items: list[tuple[list[int], int]], seed: int) -> list[tuple[list[int], int]]:
+    """Keep as many examples of each class as the rarest class has (a seeded random choice)."""
+    import random
+
+    by_class: dict[int, list] = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    n = min(len(v) for v in by_class.values())
+    rng = random.Random(seed)
+    kept = [x for c in sorted(by_class) for x in rng.sample(by_class[c], n)]
+    rng.shuffle(kept)
+    return kept
+
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt (Taori et al., 2023) for a record; the response follows it directly."""
+    if input:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def encode_instruction(tok, record: dict, max_length: int, mask_prompt: bool = True) -> tuple[list[int], list[int]]:
+    """Alpaca record -> (input_ids, labels), both of the same length <= max_length.
+
+    The full sequence is prompt + response + <|endoftext|>; labels are the inputs shifted by one, so the
+    end-of-text token is a target exactly once. With mask_prompt the prompt's targets are IGNORE_INDEX.
+    """
+    prompt = tok.encode_ordinary(format_prompt(record["instruction"], record.get("input") or ""))
+    response = tok.encode_ordinary(record["output"]) + [tok.eot_token]
+    full = (prompt + response)[: max_length + 1]
+    input_ids, labels = full[:-1], full[1:]
+    if mask_prompt:
+        n_masked = min(len(prompt) - 1, len(labels))
+        labels = [-100] * n_masked + labels[n_masked:]
+    return input_ids, labels
+
+
+class InstructDataModule(_TableDataModule):
+    """Alpaca records (instruction, input, output) -> prompt-masked next-token batches padded per batch."""
+
+    embedded_prefix = "instruct"
+
+    def __init__(self, mask_prompt: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mask_prompt = mask_prompt
+        self.records: dict[str, list[dict]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sets:
+            return
+        self.records = self._load()
+        _require_columns(self.records, ["instruction", "output"],
+                         "instruction records need 'instruction' and 'output' (and optionally 'input')")
+        tok = self.tokenizer
+        for s in SPLITS:
+            pairs = [encode_instruction(tok, r, self.max_length, self.mask_prompt) for r in self.records[s]]
+            self.sets[s] = _ListDataset([p for p in pairs if any(t != -100 for t in p[1])])
+            if not self.sets[s].items:
+                raise UserError(f"no {s} record keeps a response token after truncation to "
+                                f"data.max_length={self.max_length}: raise data.max_length")
+
+    def collate(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        return pad_batch([x for x, _ in items], self.tokenizer.eot_token, [y for _, y in items])

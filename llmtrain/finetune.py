@@ -306,3 +306,47 @@ def _hf_to_ours(key: str) -> str | None:
     if module not in HF_LAYER_NAMES or leaf not in ("weight", "bias"):
         return None
     return f"blocks.{parts[1]}.{HF_LAYER_NAMES[module]}.{leaf}"
+
+
+# ---- stage surgery: heads and trainable parameters ----
+
+TRAIN_BLOCKS_CHOICES = "all | last | head | none | N (the last N blocks)"
+
+
+def replace_head(model: GPT, num_classes: int) -> GPT:
+    """A new linear head to `num_classes` (untied from the embedding), initialised like the rest of GPT-2."""
+    head = torch.nn.Linear(model.config.emb_dim, num_classes, bias=True)
+    torch.nn.init.normal_(head.weight, std=0.02)
+    torch.nn.init.zeros_(head.bias)
+    model.head = head.to(model.tok_emb.weight.device)
+    return model
+
+
+def set_trainable(model: GPT, train_blocks: str | int) -> None:
+    """Freeze all but: every parameter ("all"); the last N blocks + final LayerNorm + head (N or "last" = 1);
+    the head only ("head"); nothing ("none", for LoRA, which unfreezes its own adapters)."""
+    if train_blocks == "all":
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    if train_blocks == "none":
+        return
+    if train_blocks == "head":
+        n = 0
+    elif train_blocks == "last":
+        n = 1
+    else:
+        try:
+            n = int(train_blocks)
+        except (TypeError, ValueError):
+            raise UserError(f"finetune.train_blocks={train_blocks!r} is not one of {TRAIN_BLOCKS_CHOICES}") from None
+        if not 0 <= n <= len(model.blocks):
+            raise UserError(f"finetune.train_blocks={n} but the model has {len(model.blocks)} blocks: "
+                            f"choose 0..{len(model.blocks)} or all")
+    for block in list(model.blocks)[len(model.blocks) - n:] if n else []:
+        block.requires_grad_(True)
+    if n:
+        model.ln_f.requires_grad_(True)
+    model.head.requires_grad_(True)
+    if model.head.weight is model.tok_emb.weight:  # a tied LM head: training it trains the embedding too
+        model.tok_emb.requires_grad_(True)

@@ -43,32 +43,58 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 class LanguageModel(L.LightningModule):
-    """Next-token prediction: cross-entropy over every position whose label is not IGNORE_INDEX."""
+    """One module for every stage; `task` picks the loss.
+
+    - task "lm" (pretrain, instruct): cross-entropy over every position whose label is not IGNORE_INDEX,
+      averaged over all such tokens of the whole optimizer step: all micro-batches of gradient accumulation
+      and all DDP ranks (so a short answer weighs less than a long one). Each micro-batch contributes its
+      summed loss; `on_before_optimizer_step` divides the accumulated gradient by the global token count.
+    - task "classify": the model's head maps to classes; the logits of the last real (non-pad) token of
+      each sequence are the prediction; cross-entropy per sequence; accuracy and macro-F1.
+    """
+
+    LOSS_SCALE = 1024.0  # keeps summed-token losses at a familiar magnitude before the exact rescale
 
     def __init__(
         self,
-        model: GPT,
+        model: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_steps: int,
         max_steps: int,
         min_lr: float,
         tokenizer: str = "gpt2",
-        sample_prompt: str | None = None,
+        task: str = "lm",
+        label_names: list[str] | None = None,
+        sample_prompts: list[str] | None = None,
         sample_tokens: int = 48,
+        checkpoint_info: dict | None = None,
     ) -> None:
         super().__init__()
+        if task not in ("lm", "classify"):
+            raise ValueError(f"task must be 'lm' or 'classify', got {task!r}")
         self.model = model
         self.optimizer_factory = optimizer
         self.warmup_steps, self.max_steps, self.min_lr = warmup_steps, max_steps, min_lr
-        self.tokenizer_name = tokenizer
-        self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
-        self._val_sum = torch.zeros(())
-        self._val_count = torch.zeros(())
+        self.tokenizer_name, self.task, self.label_names = tokenizer, task, label_names
+        self.sample_prompts, self.sample_tokens = sample_prompts or [], sample_tokens
+        self.checkpoint_info = checkpoint_info or {}
+        self._step_tokens = torch.zeros(())
+        self._eval: dict[str, torch.Tensor] = {}
+
+    @property
+    def gpt(self) -> GPT:
+        """The GPT inside any wrapper (peft's PeftModel keeps it at base_model.model)."""
+        m = self.model
+        while not isinstance(m, GPT) and hasattr(m, "base_model"):
+            m = m.base_model.model if hasattr(m.base_model, "model") else m.base_model
+        return m
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # ---- losses ----
+
+    def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed token loss, number of tokens that carry loss)."""
         logits = self.model(batch["input_ids"])  # (B, T, V)
         labels = batch["labels"]
@@ -76,41 +102,96 @@ class LanguageModel(L.LightningModule):
                                    reduction="sum")
         return loss_sum, (labels != IGNORE_INDEX).sum()
 
+    def _class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model(batch["input_ids"])  # (B, T, C)
+        last = batch["lengths"] - 1  # right padding: the last real token sees the whole text, and no padding
+        return logits[torch.arange(logits.size(0), device=logits.device), last].float()  # (B, C)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n = self._loss(batch)
-        loss = loss_sum / n.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
-        return loss
+        bs = batch["input_ids"].size(0)
+        if self.task == "classify":
+            loss = F.cross_entropy(self._class_logits(batch), batch["label"])
+            self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+            return loss
+        loss_sum, n = self._lm_loss(batch)
+        self._step_tokens = self._step_tokens.to(n.device) + n
+        self.log("train/loss", loss_sum / n.clamp(min=1), prog_bar=True, batch_size=bs)
+        return loss_sum / self.LOSS_SCALE
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:  # before clipping
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if grads:
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-                self.log("train/grad_norm", norm)
+        params = [p for p in self.parameters() if p.grad is not None]
+        if self.task == "lm":
+            # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over ranks:
+            # undo both and divide by the tokens of the whole step instead.
+            tokens = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
+            factor = self.LOSS_SCALE * self.trainer.accumulate_grad_batches * self.trainer.world_size
+            factor = factor / tokens.clamp(min=1)
+            for p in params:
+                p.grad.mul_(factor.to(p.grad.dtype))
+            self._step_tokens = torch.zeros((), device=self._step_tokens.device)
+        if params and self.trainer.global_step % self.trainer.log_every_n_steps == 0:  # before clipping
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+            self.log("train/grad_norm", norm)
+
+    # ---- evaluation (validation and test share it) ----
+
+    def _eval_start(self) -> None:
+        z = lambda *shape: torch.zeros(shape, device=self.device, dtype=torch.float64)  # noqa: E731
+        self._eval = {"loss": z(), "count": z()}
+        if self.task == "classify":
+            n = len(self.label_names or []) or self.gpt.head.out_features
+            self._eval["confusion"] = z(n, n)  # rows: truth, columns: prediction
+
+    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        if self.task == "classify":
+            logits = self._class_logits(batch)
+            self._eval["loss"] += F.cross_entropy(logits, batch["label"], reduction="sum").double()
+            self._eval["count"] += logits.size(0)
+            idx = batch["label"] * logits.size(1) + logits.argmax(dim=-1)
+            self._eval["confusion"] += torch.bincount(idx, minlength=logits.size(1) ** 2).view(
+                logits.size(1), logits.size(1)).double()
+        else:
+            loss_sum, n = self._lm_loss(batch)
+            self._eval["loss"] += loss_sum.double()
+            self._eval["count"] += n.double()
+
+    def _eval_end(self, prefix: str) -> None:
+        # exact means over the whole split, across all ranks
+        totals = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._eval.items()}
+        loss = (totals["loss"] / totals["count"].clamp(min=1)).float()
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        if self.task == "lm":
+            self.log(f"{prefix}/ppl", torch.exp(loss))
+        else:
+            conf = totals["confusion"]
+            tp = conf.diag()
+            self.log(f"{prefix}/acc", (tp.sum() / conf.sum().clamp(min=1)).float(), prog_bar=prefix == "val")
+            f1 = 2 * tp / (conf.sum(0) + conf.sum(1)).clamp(min=1)
+            self.log(f"{prefix}/f1", f1.mean().float())
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._eval_start()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n = self._loss(batch)
-        self._val_sum += loss_sum.double()
-        self._val_count += n.double()
+        self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        # exact token-weighted mean over the whole validation set, across all ranks
-        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        val_loss = (total / count.clamp(min=1)).float()
-        self.log("val/loss", val_loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(val_loss))
+        self._eval_end("val")
         if not self.trainer.sanity_checking:
-            self._log_sample()
+            self._log_samples()
 
-    def _log_sample(self) -> None:
-        """Write a short continuation of sample_prompt to TensorBoard's text tab (rank zero only)."""
-        if not self.sample_prompt or self.global_rank != 0 or self.logger is None:
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def _log_samples(self) -> None:
+        """Write continuations of the sample prompts to TensorBoard's text tab (rank zero only)."""
+        if self.task != "lm" or not self.sample_prompts or self.global_rank != 0 or self.logger is None:
             return
         experiment = getattr(self.logger, "experiment", None)
         if not hasattr(experiment, "add_text"):
@@ -118,12 +199,17 @@ class LanguageModel(L.LightningModule):
         from llmtrain.tokenizer import build_tokenizer
 
         tok = build_tokenizer(self.tokenizer_name)
-        prompt = torch.tensor([tok.encode_ordinary(self.sample_prompt)], device=self.device)
-        n_new = max(0, min(self.sample_tokens, self.model.config.context_length - prompt.size(1)))
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        out = self.model.generate(prompt, n_new, temperature=0.8, top_k=50, eos_id=tok.eot_token, generator=generator)
-        text = tok.decode([t for t in out[0].tolist() if t < tok.n_vocab])
-        experiment.add_text("samples", text, self.global_step)
+        was_training = self.model.training
+        self.model.eval()
+        for i, prompt_text in enumerate(self.sample_prompts):
+            prompt = torch.tensor([tok.encode_ordinary(prompt_text)], device=self.device)
+            n_new = max(0, min(self.sample_tokens, self.gpt.config.context_length - prompt.size(1)))
+            generator = torch.Generator(device=self.device).manual_seed(i)
+            out = self.gpt.generate(prompt, n_new, temperature=0.8, top_k=50, eos_id=tok.eot_token,
+                                    generator=generator)
+            new = [t for t in out[0, prompt.size(1):].tolist() if t < tok.eot_token]
+            experiment.add_text(f"samples/{i}", f"{prompt_text}**{tok.decode(new)}**", self.global_step)
+        self.model.train(was_training)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.model))
@@ -136,5 +222,5 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # checkpoints describe themselves: the model config and tokenizer travel with the weights
-        checkpoint["llmtrain"] = {"model_config": asdict(self.model.config), "tokenizer": self.tokenizer_name,
-                                  "task": "lm"}
+        checkpoint["llmtrain"] = {"model_config": asdict(self.gpt.config), "tokenizer": self.tokenizer_name,
+                                  "task": self.task, "label_names": self.label_names, **self.checkpoint_info}

@@ -7,6 +7,7 @@ behind `python -m llmtrain` and the `llmtrain` command. Heavy imports (torch, li
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -59,6 +60,15 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"optimizer.schedule.warmup_steps must be >= 0, got {sched.warmup_steps}")
     if sched.min_lr > cfg.optimizer.lr:
         problems.append(f"optimizer.schedule.min_lr={sched.min_lr} exceeds optimizer.lr={cfg.optimizer.lr}: lower it")
+    task = cfg.finetune.get("task", "lm")
+    wanted = {"lm": "TextDataModule", "instruct": "InstructDataModule", "classify": "ClassifyDataModule"}
+    examples = {"lm": "data=embedded or data=text", "instruct": "data=instruct_embedded or data=alpaca",
+                "classify": "data=classify_embedded or data=sms_spam"}
+    if task not in wanted:
+        problems.append(f"finetune.task={task!r} is not known: choose one of {', '.join(wanted)}")
+    elif not str(cfg.data.get("_target_", "")).endswith(wanted[task]):
+        problems.append(f"finetune.task={task} needs a {wanted[task]} but data is {cfg.data.get('_target_')}: "
+                        f"choose {examples[task]}")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -108,19 +118,29 @@ def train(cfg: DictConfig) -> float:
 
     import lightning as L
 
-    from llmtrain.model import GPT, GPTConfig
     from llmtrain.module import LanguageModel
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*is not a valid batch size.*|.*Trying to infer the `batch_size`.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.data, context_length=cfg.data.context_length or cfg.model.context_length)
+    task = cfg.finetune.get("task", "lm")
+    model, info = build_model(cfg)
+    tokenizer = info.get("tokenizer") or cfg.data.tokenizer
+    context_length = min(cfg.data.get("context_length") or model.config.context_length, model.config.context_length)
+    datamodule = instantiate(cfg.data, context_length=context_length, tokenizer=tokenizer)
     if _is_launch_rank():  # tokenize before any DDP rank starts, so that the other ranks find the cache
         datamodule.prepare_data()
-    datamodule.setup("fit")  # corpus-size errors surface here, before a Trainer exists
+    datamodule.setup("fit")  # data errors surface here, before a Trainer exists
 
-    model = GPT(GPTConfig(**cfg.model))
+    label_names = None
+    if task == "classify":
+        from llmtrain.finetune import replace_head
+
+        label_names = datamodule.label_names
+        replace_head(model, len(label_names))
+    model = prepare_stage(model, cfg)
+
     optimizer_cfg = OmegaConf.masked_copy(cfg.optimizer, [k for k in cfg.optimizer if k not in SCHEDULE_KEYS])
     module = LanguageModel(
         model,
@@ -128,26 +148,134 @@ def train(cfg: DictConfig) -> float:
         warmup_steps=cfg.optimizer.schedule.warmup_steps,
         max_steps=cfg.trainer.max_steps,
         min_lr=cfg.optimizer.schedule.min_lr,
-        tokenizer=cfg.data.tokenizer,
-        sample_prompt=cfg.finetune.get("sample_prompt"),
+        tokenizer=tokenizer,
+        task="classify" if task == "classify" else "lm",
+        label_names=label_names,
+        sample_prompts=_sample_prompts(cfg, datamodule),
         sample_tokens=cfg.finetune.get("sample_tokens", 48),
+        checkpoint_info={"init_from": cfg.init_from, "stage": cfg.finetune.name,
+                         **({"prompt_template": "alpaca"} if task == "instruct" else {})},
     )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["precision"] = _precision(cfg.trainer)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] if cfg.callbacks else []
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks)
+    if cfg.init_from and ckpt_path is None:  # the starting point, at step 0 of the curves
+        start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        if trainer.is_global_zero:
+            print(f"before fine-tuning: val/loss {start['val/loss']:.4f}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     val_loss = trainer.callback_metrics.get("val/loss")
     if val_loss is None or trainer.global_step % _val_every(cfg, len(datamodule.train_dataloader())):
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the returned loss is of the final weights
         val_loss = trainer.callback_metrics["val/loss"]
+    summary = f"done: {trainer.global_step} steps, val/loss {float(val_loss):.4f}"
+    if task == "classify":
+        val_acc = float(trainer.callback_metrics["val/acc"])
+        test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        summary += (f", val/acc {val_acc:.4f}, test/acc {test['test/acc']:.4f} "
+                    f"(majority class {datamodule.majority_baseline('test'):.4f}), test/f1 {test['test/f1']:.4f}")
+    else:
+        summary += f", val/ppl {float(trainer.callback_metrics['val/ppl']):.2f}"
     if trainer.is_global_zero:
-        ppl = float(trainer.callback_metrics["val/ppl"])
-        print(f"done: {trainer.global_step} steps, val/loss {float(val_loss):.4f}, val/ppl {ppl:.2f}; "
-              f"run dir {run_dir}")
+        if cfg.finetune.get("lora"):
+            from llmtrain.lora import save_adapter
+
+            save_adapter(module.model, run_dir / "adapter")
+            (run_dir / "adapter" / "llmtrain_adapter.json").write_text(json.dumps(
+                {"base": cfg.init_from, "task": task, "label_names": label_names, "tokenizer": tokenizer,
+                 **({"prompt_template": "alpaca"} if task == "instruct" else {})}, indent=1))
+            summary += f"; adapter in {run_dir / 'adapter'}"
+        if task == "instruct":
+            n = write_test_generations(module, datamodule, run_dir / "test_generations.jsonl", cfg.finetune)
+            summary += f"; {n} test answers in {run_dir / 'test_generations.jsonl'}"
+        print(f"{summary}; run dir {run_dir}")
     return float(val_loss)
+
+
+def build_model(cfg: DictConfig):
+    """A fresh GPT from cfg.model, or the weights of cfg.init_from (whose config then wins)."""
+    from llmtrain.model import GPT, GPTConfig
+
+    if not cfg.init_from:
+        return GPT(GPTConfig(**cfg.model)), {}
+    from llmtrain.finetune import check_fits, crop_context, load_pretrained
+
+    model, info = load_pretrained(str(cfg.init_from))
+    if _model_overridden():
+        check_fits(model.config, OmegaConf.to_container(cfg.model))
+        if cfg.model.context_length < model.config.context_length:
+            crop_context(model, cfg.model.context_length)
+    model.train()
+    return model, info
+
+
+def _model_overridden() -> bool:
+    """Whether the user chose a model on the command line (then it must fit the checkpoint)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return any(o.split("=")[0].lstrip("+~").startswith("model") for o in HydraConfig.get().overrides.task)
+
+
+def prepare_stage(model, cfg: DictConfig):
+    """Freeze what the stage keeps fixed; wrap with LoRA adapters when the stage asks for them."""
+    from llmtrain.finetune import set_trainable
+
+    set_trainable(model, cfg.finetune.get("train_blocks", "all"))
+    lora = cfg.finetune.get("lora")
+    if not lora:
+        return model
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from llmtrain.lora import apply_lora, trainable_summary
+
+    keep = ["head"] if cfg.finetune.task == "classify" else None
+    model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                       target_modules=list(lora.target_modules), modules_to_save=keep)
+    trainable, total, fraction = trainable_summary(model)
+    rank_zero_info(f"LoRA: trainable params {trainable:,} of {total:,} ({fraction:.2%})")
+    return model
+
+
+def _sample_prompts(cfg: DictConfig, datamodule) -> list[str]:
+    if cfg.finetune.get("task") == "instruct":
+        from llmtrain.data import format_prompt
+
+        records = datamodule.records["val"][: cfg.finetune.get("num_samples", 3)]
+        return [format_prompt(r["instruction"], r.get("input") or "") for r in records]
+    prompt = cfg.finetune.get("sample_prompt")
+    return [prompt] if prompt else []
+
+
+def write_test_generations(module, datamodule, path: Path, finetune_cfg: DictConfig) -> int:
+    """Answer the test split's instructions greedily; write instruction, input, reference and answer as JSONL."""
+    import torch
+
+    from llmtrain.data import format_prompt
+
+    tok = datamodule.tokenizer
+    gpt = module.gpt
+    records = datamodule.records["test"]
+    limit = finetune_cfg.get("test_generations")
+    records = records[:limit] if limit is not None else records
+    was_training = module.model.training
+    module.model.eval()
+    with open(path, "w") as f:
+        for r in records:
+            prompt = tok.encode_ordinary(format_prompt(r["instruction"], r.get("input") or ""))
+            prompt = prompt[-(gpt.config.context_length - 1):]
+            n_new = min(finetune_cfg.get("max_new_tokens", 100), gpt.config.context_length - len(prompt))
+            idx = torch.tensor([prompt], device=module.device)
+            out = gpt.generate(idx, n_new, temperature=0, eos_id=tok.eot_token)  # LoRA layers sit inside gpt
+            answer = tok.decode([t for t in out[0, len(prompt):].tolist() if t < tok.eot_token])
+            f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input") or "",
+                                "reference": r["output"], "generated": answer.strip()}) + "\n")
+    module.model.train(was_training)
+    return len(records)
 
 
 def instantiate(node, **kwargs):
