@@ -203,3 +203,43 @@ def test_hub_presets_load_local_folders_of_the_same_shape(tmp_path):
     dm = InstructDataModule(source="hub", path=str(tmp_path / "alpaca"), tokenizer="gpt2", context_length=128)
     dm.setup()
     assert sum(len(dm.sets[s]) for s in ("train", "val", "test")) == 100
+
+
+def test_loss_tokens_command_shows_what_carries_loss(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "llmtrain.loss_tokens", 'instruction=Define "cat".',
+                          "output=A small animal.", "max_length=40"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1].startswith("39 positions, 5 carry loss")
+    assert [ln.split()[-1] for ln in lines[1:-1]].count("loss") == 5 and "<|endoftext|>" in lines[-2]
+    bad = subprocess.run([sys.executable, "-m", "llmtrain.loss_tokens", "record=99999"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: record=99999 is out of range")
+
+
+def test_lora_stage_trains_adapters_only_and_saves_them(tmp_path):
+    small = [o for o in TINY if not o.startswith(("model.context_length", "data.max_documents"))]
+    pre = run_cli([*small, "model.context_length=320", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                   f"hydra.run.dir={tmp_path / 'pre'}"], cwd=tmp_path)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    args = ["finetune=lora", f"init_from={tmp_path / 'pre'}", "trainer.accelerator=cpu", "trainer.max_steps=4",
+            "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "callbacks.progress_bar=null",
+            "data.batch_size=4", "finetune.test_generations=2", "finetune.max_new_tokens=4"]
+    ins = run_cli([*args, f"hydra.run.dir={tmp_path / 'lora'}"], cwd=tmp_path)
+    assert ins.returncode == 0, ins.stderr[-3000:]
+    assert "LoRA: trainable params" in ins.stdout + ins.stderr
+    adapter = tmp_path / "lora" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "llmtrain_adapter.json").read_text())["base"] == str(tmp_path / "pre")
+
+    cls = run_cli([*args, "finetune.task=classify", "data=classify_embedded", f"hydra.run.dir={tmp_path / 'c'}"],
+                  cwd=tmp_path)
+    assert cls.returncode == 0, cls.stderr[-3000:]
+    assert "test/acc" in cls.stdout
+
+    bad = run_cli([*args, "finetune.lora.target_modules=[attn.qkvv]", f"hydra.run.dir={tmp_path / 'bad'}"],
+                  cwd=tmp_path)
+    assert bad.returncode == 2 and "'attn.qkvv' matches no linear layer" in bad.stderr.strip().splitlines()[-1]

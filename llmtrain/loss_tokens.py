@@ -1,0 +1,70 @@
+"""Show which tokens of an instruction record carry loss, after templating and truncation.
+
+    python -m llmtrain.loss_tokens instruction="Define \"cat\"." output="A small animal."
+    python -m llmtrain.loss_tokens record=12 split=val          # a record of the shipped instruct set
+    python -m llmtrain.loss_tokens record=0 max_length=48 mask_prompt=false tokenizer=bytes
+
+Each line is one position: the input token, the target it is trained to predict, and whether that target
+counts (`loss`) or is masked (`-`), exactly as InstructDataModule builds them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from llmtrain.errors import UserError
+
+KEYS = {"instruction": None, "input": "", "output": None, "record": None, "split": "train", "max_length": 256,
+        "mask_prompt": True, "tokenizer": "gpt2"}
+
+
+def parse_args(argv: list[str]) -> dict:
+    args = dict(KEYS)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in KEYS:
+            raise UserError(f"{arg!r} is not a key=value argument of loss_tokens: keys are {', '.join(KEYS)}")
+        if key in ("record", "max_length"):
+            value = int(value)
+        elif key == "mask_prompt":
+            value = value.lower() in ("1", "true", "yes")
+        args[key] = value
+    return args
+
+
+def describe(args: dict) -> list[str]:
+    from llmtrain.data import encode_instruction, load_table_splits
+    from llmtrain.tokenizer import build_tokenizer
+
+    if args["record"] is not None:
+        rows = load_table_splits("embedded", None, "instruct")[args["split"]]
+        if not 0 <= args["record"] < len(rows):
+            raise UserError(f"record={args['record']} is out of range: the {args['split']} split has {len(rows)}")
+        record = rows[args["record"]]
+    elif args["instruction"] is None or args["output"] is None:
+        raise UserError("give instruction=... and output=... (and optionally input=...), or record=N")
+    else:
+        record = {"instruction": args["instruction"], "input": args["input"], "output": args["output"]}
+    tok = build_tokenizer(args["tokenizer"])
+    x, y = encode_instruction(tok, record, args["max_length"], args["mask_prompt"])
+    lines = [f"{'pos':>4}  {'input':<20} {'target':<20} counts"]
+    for i, (a, b) in enumerate(zip(x, y)):
+        shown = b if b != -100 else (x[i + 1] if i + 1 < len(x) else None)  # a masked target is still the next token
+        target = tok.decode([shown]) if shown is not None else ""
+        lines.append(f"{i:>4}  {tok.decode([a])!r:<20} {target!r:<20} {'loss' if b != -100 else '-'}")
+    n_loss = sum(t != -100 for t in y)
+    lines.append(f"{len(x)} positions, {n_loss} carry loss (max_length={args['max_length']}, "
+                 f"mask_prompt={args['mask_prompt']})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        print("\n".join(describe(parse_args(sys.argv[1:] if argv is None else argv))))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
