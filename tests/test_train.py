@@ -122,6 +122,9 @@ BAD_INPUTS = [
     (["data.context_length=64"], "data.context_length=64 is larger than model.context_length=32"),
     (["model.vocab_size=200"], "model.vocab_size=200 is smaller than the bytes tokenizer's 257 ids"),
     (["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
+    (["init_from=/nonexistent"], "init_from=/nonexistent: no such file or directory"),
+    (["init_from={short}"], "is not a PyTorch checkpoint"),
+    (["finetune=classify", "data=embedded"], "finetune.task=classify needs a ClassifyDataModule"),
 ]
 
 
