@@ -94,6 +94,16 @@ def _is_launch_rank() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+def _wait_for(ready, what: str, timeout_s: float = 3 * 3600) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise UserError(f"gave up after {timeout_s:.0f} s waiting for {what} from local rank 0")
+        time.sleep(0.5)
+
+
 def _precision(trainer_cfg: DictConfig) -> str | int:
     if trainer_cfg.precision != "auto":
         return trainer_cfg.precision
@@ -131,6 +141,8 @@ def train(cfg: DictConfig) -> float:
     datamodule = instantiate(cfg.data, context_length=context_length, tokenizer=tokenizer)
     if _is_launch_rank():  # tokenize before any DDP rank starts, so that the other ranks find the cache
         datamodule.prepare_data()
+    elif hasattr(datamodule, "cache"):  # ranks started together (torchrun, SLURM): wait for rank 0's cache
+        _wait_for(datamodule.cache.exists, what=f"the token cache {datamodule.cache.dir}")
     datamodule.setup("fit")  # data errors surface here, before a Trainer exists
 
     label_names = None

@@ -1,5 +1,6 @@
 """End to end: the real config and command line train, log, checkpoint, resume, sweep and run DDP."""
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,20 @@ def test_every_config_option_composes_and_validates(tmp_path):
                 extra += [f"finetune={stage_for_data[target]}"] if target in stage_for_data else []
             cfg = compose([*extra, f"{group}={option.stem}"], tmp_path)
             validate(cfg)
+
+
+def test_ddp_started_by_torchrun(tmp_path):
+    """torchrun starts both ranks itself (as SLURM does); Lightning picks up its environment."""
+    import sys
+
+    run_dir = tmp_path / "torchrun"
+    args = [*TINY, "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=6", "trainer.val_check_interval=6",
+            "data.max_documents=350", f"hydra.run.dir={run_dir}"]  # a cache no other test made: rank 1 waits
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "llmtrain", *args], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out
+    assert out.count("done: 6 steps") == 1
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
