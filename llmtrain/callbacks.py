@@ -7,19 +7,54 @@ import time
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+# Dense peak FLOP/s per device from vendors' datasheets (no sparsity): bf16 and tf32 tensor-core rates.
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "tf32": 494e12},
+    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12},
+    "H100": {"bf16": 989e12, "tf32": 494e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12},
+    "A10": {"bf16": 125e12, "tf32": 62.5e12},
+    "L4": {"bf16": 121e12, "tf32": 60e12},
+    "RTX 4090": {"bf16": 165e12, "tf32": 82.6e12},
+}
+
+
+def device_peak_flops(precision: str) -> float | None:
+    """The peak of the current CUDA device for this precision, from PEAK_FLOPS; None when unknown (e.g. CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    kind = "bf16" if "bf16" in str(precision) or "16" in str(precision) else "tf32"
+    for key, peaks in PEAK_FLOPS.items():  # the more specific names come first
+        if key in name:
+            return peaks[kind]
+    return None
+
 
 class Throughput(L.Callback):
-    """Logs train/tokens_per_sec (all ranks together) every `log_every_n_steps` optimizer steps.
+    """Logs train/tokens_per_sec (all ranks together) and, when the FLOPs are known, train/mfu.
 
-    The rate covers the steps since the previous log, so the first optimizer step (start-up, compilation)
-    is left out of every figure after the first window. The mean over the run is printed at the end.
+    The rate covers the optimizer steps since the previous log (every `log_every_n_steps`), so the first
+    step (start-up, compilation) drops out of every figure after the first. MFU = achieved model FLOP/s
+    (flops_per_token x tokens/s) over the peak of all devices; train.py fills in flops_per_token from the
+    model's shape and peak_flops from `perf.peak_flops` or the table above. The means over the run are
+    printed at the end.
     """
 
-    def __init__(self, log_every_n_steps: int | None = None) -> None:
+    def __init__(self, log_every_n_steps: int | None = None, flops_per_token: float | None = None,
+                 peak_flops: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._t_last = self._t_first_step = None
         self._tokens_window = self._tokens_since_first = 0
         self._last_step = 0
+
+    def _mfu(self, tokens_per_sec: float, world_size: int) -> float | None:
+        if not self.flops_per_token or not self.peak_flops:
+            return None
+        return tokens_per_sec * self.flops_per_token / (self.peak_flops * world_size)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t_last = time.perf_counter()
@@ -41,13 +76,19 @@ class Throughput(L.Callback):
         if step % every == 0:
             rate = self._tokens_window / max(now - self._t_last, 1e-9)
             pl_module.log("train/tokens_per_sec", rate, rank_zero_only=True)
+            mfu = self._mfu(rate, trainer.world_size)
+            if mfu is not None:
+                pl_module.log("train/mfu", mfu, rank_zero_only=True)
             self._t_last, self._tokens_window = now, 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._t_first_step is None or not self._tokens_since_first:
             return
         seconds = time.perf_counter() - self._t_first_step
+        rate = self._tokens_since_first / seconds
+        mfu = self._mfu(rate, trainer.world_size)
         rank_zero_info(
-            f"throughput: {self._tokens_since_first / seconds:,.0f} tokens/s over {trainer.global_step - 1} steps "
-            f"after the first ({self._tokens_since_first:,} tokens in {seconds:.1f} s, including validation)"
+            f"throughput: {rate:,.0f} tokens/s over {trainer.global_step - 1} steps after the first "
+            f"({self._tokens_since_first:,} tokens in {seconds:.1f} s, including validation)"
+            + (f", MFU {mfu:.1%}" if mfu is not None else "")
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -142,6 +143,7 @@ class GPT(nn.Module):
         self.head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_weights:
             self.head.weight = self.tok_emb.weight
+        self.gradient_checkpointing = False  # recompute each block's activations in backward (saves memory)
         self.apply(self._init_weights)
         # GPT-2 section 2.3: scale the weights of residual projections by 1/sqrt(N), N = 2 per block (attn + mlp)
         for name, p in self.named_parameters():
@@ -160,6 +162,15 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if exclude_embeddings else n
 
+    def flops_per_token(self, context_length: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight (Kaplan et al., 2020) plus attention's
+        12 * n_layers * emb_dim * T (PaLM, appendix B). Position embeddings do no multiplications."""
+        T = context_length or self.config.context_length
+        n = self.num_params(exclude_embeddings=True)  # a tied embedding counts once: as the head's matmul
+        if self.head.weight is not self.tok_emb.weight:
+            n -= self.tok_emb.weight.numel()  # an untied embedding is a lookup, no FLOPs
+        return 6.0 * n + 12.0 * self.config.n_layers * self.config.emb_dim * T
+
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size); with a cache, positions continue from cache.pos."""
         B, T = idx.shape
@@ -171,7 +182,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
         return self.head(self.ln_f(x))

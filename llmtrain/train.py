@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmtrain.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SCHEDULE_KEYS = ("schedule",)
+NOT_OPTIMIZER_KEYS = ("schedule", "tokens_per_step")  # read by train.py, not passed to the optimizer
 
 
 def validate(cfg: DictConfig) -> None:
@@ -60,6 +60,10 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"optimizer.schedule.warmup_steps must be >= 0, got {sched.warmup_steps}")
     if sched.min_lr > cfg.optimizer.lr:
         problems.append(f"optimizer.schedule.min_lr={sched.min_lr} exceeds optimizer.lr={cfg.optimizer.lr}: lower it")
+    try:
+        accumulation_steps(cfg, cfg.data.get("context_length") or cfg.model.context_length)
+    except UserError as e:
+        problems.append(str(e))
     task = cfg.finetune.get("task", "lm")
     wanted = {"lm": "TextDataModule", "instruct": "InstructDataModule", "classify": "ClassifyDataModule"}
     examples = {"lm": "data=embedded or data=text", "instruct": "data=instruct_embedded or data=alpaca",
@@ -104,13 +108,52 @@ def _wait_for(ready, what: str, timeout_s: float = 3 * 3600) -> None:
         time.sleep(0.5)
 
 
+def _on_cuda(trainer_cfg: DictConfig) -> bool:
+    import torch
+
+    return trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def _precision(trainer_cfg: DictConfig) -> str | int:
     if trainer_cfg.precision != "auto":
         return trainer_cfg.precision
     import torch
 
-    on_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if _on_cuda(trainer_cfg) and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def accumulation_steps(cfg: DictConfig, context_length: int) -> int:
+    """trainer.accumulate_grad_batches, or derived from optimizer.tokens_per_step when that is set."""
+    target = cfg.optimizer.get("tokens_per_step")
+    if not target:
+        return cfg.trainer.accumulate_grad_batches
+    devices = cfg.trainer.devices
+    if not isinstance(devices, int) or devices < 1:
+        raise UserError(f"optimizer.tokens_per_step needs a number of devices, but trainer.devices={devices!r}: "
+                        f"set trainer.devices=N")
+    per_micro_step = devices * cfg.trainer.num_nodes * cfg.data.batch_size * context_length
+    if target % per_micro_step:
+        raise UserError(
+            f"optimizer.tokens_per_step={target} is not a multiple of devices x nodes x data.batch_size x "
+            f"context ({devices} x {cfg.trainer.num_nodes} x {cfg.data.batch_size} x {context_length} = "
+            f"{per_micro_step}): choose a multiple of {per_micro_step} or change data.batch_size"
+        )
+    return target // per_micro_step
+
+
+def apply_perf(model, cfg: DictConfig, on_cuda: bool) -> None:
+    """The speed switches of cfg.perf (see conf/config.yaml)."""
+    import torch
+
+    from llmtrain.model import GPT
+
+    gpt = next(m for m in model.modules() if isinstance(m, GPT))
+    gpt.gradient_checkpointing = bool(cfg.perf.activation_checkpointing)
+    if on_cuda and cfg.perf.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.perf.compile:
+        gpt.compile()  # in place: the state dict keeps its keys (no _orig_mod. prefix in checkpoints)
 
 
 def train(cfg: DictConfig) -> float:
@@ -153,7 +196,11 @@ def train(cfg: DictConfig) -> float:
         replace_head(model, len(label_names))
     model = prepare_stage(model, cfg)
 
-    optimizer_cfg = OmegaConf.masked_copy(cfg.optimizer, [k for k in cfg.optimizer if k not in SCHEDULE_KEYS])
+    optimizer_cfg = OmegaConf.masked_copy(cfg.optimizer, [k for k in cfg.optimizer if k not in NOT_OPTIMIZER_KEYS])
+    on_cuda = _on_cuda(cfg.trainer)
+    if on_cuda and optimizer_cfg.get("fused", "absent") is None:
+        optimizer_cfg.fused = True  # one kernel for the whole update
+    apply_perf(model, cfg, on_cuda)
     module = LanguageModel(
         model,
         optimizer=instantiate(optimizer_cfg),
@@ -170,7 +217,14 @@ def train(cfg: DictConfig) -> float:
     )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["precision"] = _precision(cfg.trainer)
+    trainer_kwargs["accumulate_grad_batches"] = accumulation_steps(cfg, context_length)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] if cfg.callbacks else []
+    from llmtrain.callbacks import Throughput, device_peak_flops
+
+    for cb in callbacks:
+        if isinstance(cb, Throughput):
+            cb.flops_per_token = module.gpt.flops_per_token(context_length)
+            cb.peak_flops = cfg.perf.peak_flops or device_peak_flops(trainer_kwargs["precision"])
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks)
     if cfg.init_from and ckpt_path is None:  # the starting point, at step 0 of the curves
