@@ -1,0 +1,322 @@
+"""Generate text from a trained model: python -m llmtrain.generate ckpt_path=... prompt="Once upon a time"
+
+ckpt_path takes an llmtrain checkpoint (`.ckpt`) or run directory, a Hugging Face GPT-2 directory or Hub name
+(anything `load_pretrained` reads), or a LoRA adapter directory (adapter_config.json; its base comes from
+llmtrain_adapter.json or `base=`), which is merged into the base before generating.
+
+Arguments are `key=value` pairs, parsed here without Hydra so that the command starts in about a second.
+`show_top=K` prints the K likeliest next tokens instead of generating: a window into the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from llmtrain.errors import UserError
+from llmtrain.finetune import load_pretrained
+from llmtrain.model import GPT
+from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer
+
+ADAPTER_META = "llmtrain_adapter.json"  # written next to a LoRA adapter: {"base": <init_from of the base>}
+TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+NULL = ("null", "none", "~", "")
+
+
+@dataclass
+class GenerateArgs:
+    """The command line's keys; a field's type says how its value is parsed."""
+
+    ckpt_path: str | None = None  # required
+    base: str | None = None  # base model of a LoRA adapter dir, when llmtrain_adapter.json does not name it
+    prompt: str | None = None  # required unless instruction is given
+    instruction: str | None = None  # wrapped in the Alpaca template, with input
+    input: str = ""
+    raw: bool = False  # do not wrap prompt= in the checkpoint's instruction template
+    max_new_tokens: int = 80
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = 50  # null or 0 = no top-k filter
+    top_p: float | None = None  # nucleus sampling; null = off
+    seed: int = 1234
+    device: str = "auto"  # cuda if available, else cpu
+    use_cache: bool = True  # KV cache: each new token costs one position instead of the whole context
+    show_top: int | None = None  # print the K likeliest next tokens instead of generating
+    echo: bool = False  # print the prompt before the continuation
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> GenerateArgs:
+    """['key=value', ...] -> GenerateArgs; every problem (unknown key, unparsable or bad value) in one UserError."""
+    kinds = {f.name: f.type for f in fields(GenerateArgs)}
+    values: dict[str, object] = {}
+    problems = []
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        key = key.strip().removeprefix("--").removeprefix("+")
+        if not sep:
+            problems.append(f"{arg!r} is not key=value")
+        elif key not in kinds:
+            problems.append(f"unknown key {key!r}: accepted keys are {', '.join(kinds)}")
+        else:
+            try:
+                values[key] = _convert(raw, kinds[key])
+            except ValueError as e:
+                problems.append(f"{key}={raw}: {e}")
+    if problems:
+        raise UserError("; ".join(problems))
+    args = GenerateArgs(**values)
+    validate(args)
+    return args
+
+
+def _convert(raw: str, kind: str) -> object:
+    """Parse one value by its field's annotation (a string, as `from __future__ import annotations` leaves it)."""
+    optional = kind.endswith("| None")
+    base = kind.removesuffix("| None").strip()
+    if base == "str":  # text is taken as typed: only the word null means "not set" (an empty prompt is a prompt)
+        return None if optional and raw == "null" else raw
+    if optional and raw.strip().lower() in NULL:
+        return None
+    if base == "bool":
+        if raw.strip().lower() in TRUE:
+            return True
+        if raw.strip().lower() in FALSE:
+            return False
+        raise ValueError("expected true or false")
+    if base == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if base == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    raise AssertionError(f"no parser for {kind}")
+
+
+def validate(args: GenerateArgs) -> None:
+    """Every rule that the values alone decide, reported together."""
+    problems = []
+    if not args.ckpt_path:
+        problems.append("ckpt_path is not set: give an llmtrain .ckpt or run dir, a Hugging Face GPT-2 dir or Hub "
+                        "name, or a LoRA adapter dir, e.g. ckpt_path=outputs/<run>/checkpoints/last.ckpt")
+    if args.prompt is None and args.instruction is None:
+        problems.append('prompt is not set: give prompt="..." (or instruction="..." for an instruction-tuned model)')
+    if args.prompt is not None and args.instruction is not None:
+        problems.append("prompt and instruction are both set: give one (instruction= wraps it in the Alpaca template)")
+    if args.max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        problems.append(f"temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        problems.append(f"top_k must be >= 0 (0 or null = off), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        problems.append(f"top_p must lie in (0, 1] (null = off), got {args.top_p}")
+    if args.show_top is not None and args.show_top < 1:
+        problems.append(f"show_top must be at least 1, got {args.show_top}")
+    if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
+        problems.append(f"device={args.device!r} is not known: choose auto, cpu, cuda or cuda:N")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device}: no CUDA device is available here: use device=cpu (or device=auto)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps: MPS is not available here: use device=cpu (or device=auto)")
+    return torch.device(device)
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def load_model(ckpt_path: str, base: str | None = None) -> tuple[GPT, dict]:
+    """ckpt_path -> (GPT in eval mode on the CPU, info); info as load_pretrained's, plus prompt_template if any.
+
+    Refuses classifier checkpoints before loading them: their head has one row per label, not per token.
+    """
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return _load_adapter_dir(path, ckpt_path, base)
+    meta = _peek_meta(path)
+    _refuse_classifier(ckpt_path, meta)
+    try:
+        model, info = load_pretrained(ckpt_path)
+    except UserError as e:  # its messages speak of init_from, the training key; here the key is ckpt_path
+        raise UserError(str(e).replace("init_from", "ckpt_path")) from e
+    for key in ("prompt_template", "label_names"):
+        if meta.get(key) is not None:
+            info.setdefault(key, meta[key])
+    return model, info
+
+
+def _peek_meta(path: Path) -> dict:
+    """The `llmtrain` entry of a checkpoint (file or run dir), memory-mapped so that no weights are read; {} if none."""
+    if path.is_dir():
+        path = next((p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()), path)
+    if not path.is_file():
+        return {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint, not a checkpoint at all: load_pretrained says which
+        return {}
+    meta = ckpt.get("llmtrain") if isinstance(ckpt, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _refuse_classifier(ckpt_path: str, meta: dict) -> None:
+    if meta.get("task") != "classify":
+        return
+    labels = [str(label) for label in meta.get("label_names") or []]
+    shown = ", ".join(labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "") or "unknown"
+    raise UserError(f"ckpt_path={ckpt_path} is a classifier (labels: {shown}): it predicts labels, it does not "
+                    "generate text")
+
+
+def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT, dict]:
+    """A LoRA adapter dir: load its base, put the adapter on, merge it into plain weights."""
+    meta: dict = {}
+    if (path / ADAPTER_META).is_file():
+        try:
+            meta = json.loads((path / ADAPTER_META).read_text())
+        except ValueError as e:
+            raise UserError(f"ckpt_path={ckpt_path}: {ADAPTER_META} is not readable JSON ({e})") from e
+    _refuse_classifier(ckpt_path, meta)
+    base = base or meta.get("base")
+    if not base:
+        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter, but its base model is unknown (no 'base' in "
+                        f"{path / ADAPTER_META}): give it as base=<init_from used for training>")
+    if not Path(base).expanduser().exists() and (path / base).exists():  # a path relative to the adapter dir
+        base = str(path / base)
+    model, info = load_model(base)
+    from llmtrain.lora import load_adapter, merge  # imports peft (seconds): only for adapters
+
+    try:
+        merged = merge(load_adapter(model, path))
+    except RuntimeError as e:  # peft's size mismatch: e.g. a classification head saved with the adapter
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"ckpt_path={ckpt_path}: the adapter does not fit its base {base} ({first}); a LoRA run "
+                        "with a new head (modules_to_save) is a classifier, which does not generate text") from e
+    info = info | {"adapter": str(path), "base": base}
+    for key in ("prompt_template", "tokenizer"):
+        if meta.get(key):
+            info[key] = meta[key]
+    return merged.eval(), info
+
+
+# --- prompting and generation ---------------------------------------------------------------------------------
+
+
+def build_prompt(info: dict, prompt: str | None, instruction: str | None = None, input: str = "",
+                 raw: bool = False) -> str:
+    """The text the model continues: instruction (+ input) in the Alpaca template, or prompt, wrapped the same way
+    when the checkpoint was instruction-tuned (info prompt_template 'alpaca') unless raw."""
+    if instruction is not None:
+        return _alpaca(instruction, input)
+    if prompt is None:
+        raise UserError('prompt is not set: give prompt="..." (or instruction="...")')
+    if info.get("prompt_template") == "alpaca" and not raw:
+        return _alpaca(prompt, input)
+    if input:
+        raise UserError("input= goes with instruction= (or with an instruction-tuned checkpoint): "
+                        "give instruction=... input=..., or put the input into prompt=")
+    return prompt
+
+
+def _alpaca(instruction: str, input: str) -> str:
+    from llmtrain.data import format_prompt  # data.py imports Lightning (seconds): only when a template is needed
+
+    return format_prompt(instruction, input)
+
+
+def encode_prompt(model: GPT, tokenizer, prompt: str) -> torch.Tensor:
+    """prompt -> token ids (1, T) on the model's device; an empty prompt starts from <|endoftext|>, as GPT-2's
+    unconditional samples do; a prompt longer than the context keeps its last context_length tokens."""
+    ids = tokenizer.encode(prompt, allowed_special={ENDOFTEXT}) or [tokenizer.eot_token]
+    ids = ids[-model.config.context_length :]
+    return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """Ids the tokenizer does not know (a vocabulary padded past it) are dropped rather than raising."""
+    return tokenizer.decode([i for i in ids if i < tokenizer.n_vocab])
+
+
+def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8,
+                  top_k: int | None = 50, top_p: float | None = None, seed: int = 1234,
+                  use_cache: bool = True) -> str:
+    """The continuation of prompt (not the prompt itself), up to max_new_tokens tokens, cut at <|endoftext|>."""
+    idx = encode_prompt(model, tokenizer, prompt)  # (1, T)
+    generator = torch.Generator(device=idx.device).manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                         eos_id=tokenizer.eot_token, use_cache=use_cache, generator=generator)  # (1, T + n)
+    new = out[0, idx.size(1) :].tolist()
+    if tokenizer.eot_token in new:
+        new = new[: new.index(tokenizer.eot_token)]
+    return decode(tokenizer, new)
+
+
+@torch.no_grad()
+def top_candidates(model: GPT, tokenizer, prompt: str, k: int) -> list[tuple[int, str, float]]:
+    """The k likeliest next tokens after prompt: (token id, decoded token, probability in [0, 1]), likeliest first."""
+    idx = encode_prompt(model, tokenizer, prompt)
+    probs = model(idx)[0, -1].float().softmax(dim=-1)  # (V,)
+    top = torch.topk(probs, min(k, probs.numel()))
+    return [(i, _token_text(tokenizer, i), p) for i, p in zip(top.indices.tolist(), top.values.tolist())]
+
+
+def _token_text(tokenizer, i: int) -> str:
+    """One token as text; a token holding part of a UTF-8 character shows its bytes (\\xe2) instead of U+FFFD."""
+    if i >= tokenizer.n_vocab:
+        return f"<id {i} beyond the tokenizer>"
+    return tokenizer.decode_single_token_bytes(i).decode("utf-8", errors="backslashreplace")
+
+
+def format_candidates(candidates: list[tuple[int, str, float]]) -> str:
+    width = max(len(str(i)) for i, _, _ in candidates)
+    return "\n".join(f"{rank:>3}. {i:>{width}}  {p:7.2%}  {s!r}" for rank, (i, s, p) in enumerate(candidates, 1))
+
+
+# --- entry point --------------------------------------------------------------------------------------------
+
+
+def run(args: GenerateArgs) -> str:
+    """Load, prompt, generate (or list candidates); returns what the command prints."""
+    device = resolve_device(args.device)
+    model, info = load_model(args.ckpt_path, args.base)
+    if info.get("task") == "classify":  # e.g. a Hub name cannot say; llmtrain checkpoints were refused before
+        raise UserError(f"ckpt_path={args.ckpt_path} is a classifier: it predicts labels, it does not generate text")
+    tokenizer = build_tokenizer(info["tokenizer"])
+    prompt = build_prompt(info, args.prompt, args.instruction, args.input, args.raw)
+    model = model.to(device)
+    if args.show_top is not None:
+        return format_candidates(top_candidates(model, tokenizer, prompt, args.show_top))
+    text = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                         args.seed, args.use_cache)
+    return prompt + text if args.echo else text
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        print(run(parse_args(sys.argv[1:] if argv is None else argv)))
+    except UserError as e:
+        if os.environ.get("LLMTRAIN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

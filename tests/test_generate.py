@@ -1,0 +1,180 @@
+"""llmtrain.generate: the command line on a tiny checkpoint, sampling determinism, the KV cache, error messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtrain.generate import build_prompt, generate_text, parse_args, top_candidates
+from llmtrain.model import GPT, GPTConfig
+from llmtrain.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
+
+
+def save_checkpoint(path: Path, model: GPT | None = None, **meta) -> Path:
+    torch.manual_seed(0)
+    model = model or GPT(TINY)
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes", "task": "lm", **meta}}, path)
+    return path
+
+
+def run_generate(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("LLMTRAIN_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "llmtrain.generate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("gen") / "tiny.ckpt")
+
+
+@pytest.fixture(scope="module")
+def model(ckpt) -> GPT:
+    from llmtrain.finetune import load_pretrained
+
+    return load_pretrained(str(ckpt))[0]
+
+
+TOK = build_tokenizer("bytes")
+
+
+def test_command_line_greedy_is_deterministic_and_matches_generate_text(ckpt, model):
+    args = [f"ckpt_path={ckpt}", "prompt=Hello", "max_new_tokens=5", "temperature=0", "device=cpu"]
+    first, second = run_generate(*args), run_generate(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    expected = generate_text(model, TOK, "Hello", max_new_tokens=5, temperature=0, top_k=50, top_p=None, seed=1)
+    assert first.stdout == expected + "\n"
+    import llmtrain.generate as gen
+
+    assert gen.run(parse_args([*args, "echo=true"])) == "Hello" + expected
+
+
+def test_show_top_prints_k_sorted_candidates(ckpt, model):
+    result = run_generate(f"ckpt_path={ckpt}", "prompt=Hello", "show_top=7", "device=cpu")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 7
+    percents = [float(line.split("%")[0].split()[-1]) for line in lines]
+    assert percents == sorted(percents, reverse=True) and sum(percents) <= 100.0
+    candidates = top_candidates(model, TOK, "Hello", 7)
+    assert [c[0] for c in candidates] == [int(line.split()[1]) for line in lines]
+    assert all(0 <= p <= 1 for _, _, p in candidates)
+
+
+def test_same_seed_same_sample_and_other_seed_differs(model):
+    sample = lambda seed: generate_text(model, TOK, "Once", max_new_tokens=20, temperature=1.0, top_k=None,
+                                        top_p=None, seed=seed)
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in range(4)}) > 1  # an untrained byte model is close to uniform over 257 ids
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    greedy = generate_text(model, TOK, "abc", max_new_tokens=10, temperature=0, top_k=None, top_p=None, seed=0)
+    assert generate_text(model, TOK, "abc", 10, temperature=1.5, top_k=1, top_p=None, seed=3) == greedy
+    assert generate_text(model, TOK, "abc", 10, temperature=1.5, top_k=None, top_p=1e-6, seed=3) == greedy
+
+
+def test_cached_and_uncached_greedy_agree(model):
+    kwargs = dict(max_new_tokens=30, temperature=0, top_k=None, top_p=None, seed=0)
+    assert generate_text(model, TOK, "The cat", use_cache=True, **kwargs) == \
+        generate_text(model, TOK, "The cat", use_cache=False, **kwargs)
+    # past the context (64) the cache is dropped and the window slides: still a full-length answer
+    long = generate_text(model, TOK, "x" * 60, max_new_tokens=20, temperature=0, top_k=None, top_p=None, seed=0)
+    assert len(long.encode()) >= 1
+
+
+def test_classifier_checkpoint_is_refused(tmp_path):
+    torch.manual_seed(0)
+    classifier = GPT(TINY)
+    classifier.head = torch.nn.Linear(TINY.emb_dim, 2, bias=True)  # one row per label, as the classify stage makes
+    path = save_checkpoint(tmp_path / "clf.ckpt", classifier, task="classify", label_names=["neg", "pos"])
+    result = run_generate(f"ckpt_path={path}", "prompt=great film")
+    assert result.returncode == 2
+    assert result.stderr == (f"error: ckpt_path={path} is a classifier (labels: neg, pos): it predicts "
+                             "labels, it does not generate text\n")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["prompt=hi"], "ckpt_path is not set"),
+    (["CKPT"], "prompt is not set"),
+    (["CKPT", "prompt=hi", "tempreature=0"], "unknown key 'tempreature': accepted keys are ckpt_path"),
+    (["CKPT", "prompt=hi", "temperature=-1", "top_p=1.5"], "temperature must be >= 0"),
+    (["CKPT", "prompt=hi", "max_new_tokens=many"], "max_new_tokens=many: expected an integer"),
+])
+def test_bad_command_lines_exit_2_with_one_line(ckpt, args, words, capsys, monkeypatch):
+    from llmtrain.generate import main
+
+    monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:  # main() in this process: what the command runs, without its start-up
+        main([f"ckpt_path={ckpt}" if a == "CKPT" else a for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+
+def test_missing_prompt_through_the_real_command(ckpt):
+    result = run_generate(f"ckpt_path={ckpt}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: prompt is not set") and "Traceback" not in result.stderr
+
+
+def test_bad_values_are_reported_together():
+    with pytest.raises(Exception, match=r"temperature must be >= 0.*top_p must lie in \(0, 1\]"):
+        parse_args(["ckpt_path=x", "prompt=hi", "temperature=-0.5", "top_p=0"])
+    assert parse_args(["ckpt_path=x", "prompt=", "top_p=null"]).prompt == ""  # an empty prompt is a prompt
+
+
+def test_instruction_template_wrapping(monkeypatch, tmp_path):
+    from llmtrain.data import format_prompt
+
+    alpaca = {"kind": "llmtrain", "prompt_template": "alpaca"}
+    assert build_prompt(alpaca, "Name a colour", None, "", False) == format_prompt("Name a colour")
+    assert build_prompt(alpaca, "Add them", None, "2 and 3", False) == format_prompt("Add them", "2 and 3")
+    assert build_prompt(alpaca, "Name a colour", None, "", True) == "Name a colour"  # raw=true
+    assert build_prompt({"kind": "llmtrain"}, "Name a colour", None, "", False) == "Name a colour"
+    assert build_prompt({"kind": "hf"}, None, "Add them", "2 and 3", False) == format_prompt("Add them", "2 and 3")
+
+    # end to end: the checkpoint's prompt_template reaches build_prompt, and generate_text gets the wrapped prompt
+    import llmtrain.generate as gen
+
+    path = save_checkpoint(tmp_path / "instruct.ckpt", prompt_template="alpaca")
+    seen = []
+    monkeypatch.setattr(gen, "generate_text", lambda model, tok, prompt, *a, **k: seen.append(prompt) or "ok")
+    assert gen.run(parse_args([f"ckpt_path={path}", "prompt=Name a colour", "device=cpu"])) == "ok"
+    assert gen.run(parse_args([f"ckpt_path={path}", "prompt=Name a colour", "raw=true", "device=cpu"])) == "ok"
+    assert seen == [format_prompt("Name a colour"), "Name a colour"]
+
+
+def test_lora_adapter_dir_is_merged_into_its_base(ckpt, model, tmp_path):
+    pytest.importorskip("peft")
+    import copy
+    import json
+
+    from llmtrain.generate import load_model
+    from llmtrain.lora import apply_lora, merge, save_adapter
+
+    peft_model = apply_lora(copy.deepcopy(model), r=4, dropout=0.0)
+    with torch.no_grad():  # B starts at zero (the adapter would change nothing): give it a visible update
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    adapter = save_adapter(peft_model, tmp_path / "adapter")
+    (adapter / "llmtrain_adapter.json").write_text(json.dumps({"base": str(ckpt)}))
+    expected = generate_text(merge(peft_model).eval(), TOK, "Hello", 10, temperature=0, top_k=None, top_p=None,
+                             seed=0)
+    loaded, info = load_model(str(adapter))
+    assert info["adapter"] == str(adapter) and info["base"] == str(ckpt)
+    assert generate_text(loaded, TOK, "Hello", 10, temperature=0, top_k=None, top_p=None, seed=0) == expected
+    assert expected != generate_text(model, TOK, "Hello", 10, temperature=0, top_k=None, top_p=None, seed=0)
