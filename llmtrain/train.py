@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -231,7 +232,8 @@ def train(cfg: DictConfig) -> float:
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         if trainer.is_global_zero:
             print(f"before fine-tuning: val/loss {start['val/loss']:.4f}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with _ddp_job_of_a_sweep(trainer):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     val_loss = trainer.callback_metrics.get("val/loss")
     if val_loss is None or trainer.global_step % _val_every(cfg, len(datamodule.train_dataloader())):
@@ -259,6 +261,45 @@ def train(cfg: DictConfig) -> float:
             summary += f"; {n} test answers in {run_dir / 'test_generations.jsonl'}"
         print(f"{summary}; run dir {run_dir}")
     return float(val_loss)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@contextmanager
+def _ddp_job_of_a_sweep(trainer):
+    """Let each job of a `-m` sweep run as its own DDP group in its own sweep subdir.
+
+    Lightning re-launches the other ranks with the original command line (so each child would start a
+    sweep of its own) and Hydra's run dir: give it this job's concrete overrides and output dir instead.
+    Afterwards, end the job's process group and restore the environment Lightning set up for it
+    (LOCAL_RANK, MASTER_PORT, ...), so that the next job launches its own ranks."""
+    if trainer.world_size <= 1 or trainer.num_nodes > 1 or not _in_multirun() or not _is_launch_rank():
+        yield
+        return
+    import torch.distributed as dist
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    hc = HydraConfig.get()
+    saved_argv, saved_env, saved_run_dir = sys.argv, dict(os.environ), hc.run.dir
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+    with read_write(hc.run):
+        hc.run.dir = hc.runtime.output_dir
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        with read_write(hc.run):
+            hc.run.dir = saved_run_dir
 
 
 def build_model(cfg: DictConfig):

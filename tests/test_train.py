@@ -188,3 +188,20 @@ def test_ddp_started_by_torchrun(tmp_path):
     assert out.count("done: 6 steps") == 1
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
+
+
+def test_multirun_with_ddp_runs_each_job_as_its_own_group(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", *TINY, "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=6",
+                      "trainer.val_check_interval=6", "optimizer.lr=0.001,0.003", f"hydra.sweep.dir={sweep}"],
+                     cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert out.count("GLOBAL_RANK: 1, MEMBER: 2/2") >= 2  # a second rank joined each job
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no sweep started by a child
+    for job, lr in (("0", 0.001), ("1", 0.003)):
+        assert f"run dir {sweep / job}" in out
+        ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == 6
+        assert ckpt["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(lr)
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
