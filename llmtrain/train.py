@@ -218,6 +218,8 @@ def train(cfg: DictConfig) -> float:
     )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["precision"] = _precision(cfg.trainer)
+    if isinstance(cfg.trainer.strategy, DictConfig):  # a strategy object, e.g. FSDP with its wrap policy
+        trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
     trainer_kwargs["accumulate_grad_batches"] = accumulation_steps(cfg, context_length)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] if cfg.callbacks else []
     from llmtrain.callbacks import Throughput, device_peak_flops

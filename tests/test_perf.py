@@ -52,3 +52,23 @@ def test_compiled_run_with_mfu_and_accumulation(tmp_path):
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
     batches = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
     assert batches == 12  # two micro-batches of 8 x 32 tokens per optimizer step
+
+
+def test_scale_presets_compose_and_build_their_strategy(tmp_path):
+    """trainer=fsdp and trainer=multinode are Lightning's own strategies; FSDP needs CUDA (Lightning refuses it on
+    CPU), so here its strategy object is built and its wrap policy checked, not run."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from llmtrain.model import Block
+    from llmtrain.train import validate
+
+    cfg = compose(["trainer=fsdp", "model=gpt1558m"], tmp_path)
+    validate(cfg)
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
+    cfg = compose(["trainer=multinode"], tmp_path)
+    validate(cfg)
+    assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
