@@ -26,8 +26,11 @@ train: install  ## pretrain the default tiny GPT on the embedded corpus (ARGS='k
 test: install  ## run the test suite
 	$(BIN)/python -m pytest -q $(ARGS)
 
+bench: install  ## print throughput of llmtrain vs a plain PyTorch loop, MFU, tokenization speed (~5 min on a CPU)
+	$(BIN)/python benchmarks/throughput.py $(ARGS)
+
 lint: install  ## ruff
-	$(BIN)/ruff check llmtrain tests scripts
+	$(BIN)/ruff check llmtrain tests scripts benchmarks
 
 clean:  ## remove what runs produce (outputs/, caches); keeps .venv
 	rm -rf outputs multirun lightning_logs .pytest_cache .ruff_cache

@@ -230,6 +230,10 @@ def train(cfg: DictConfig) -> float:
             cb.peak_flops = cfg.perf.peak_flops or device_peak_flops(trainer_kwargs["precision"])
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks)
+    if logger:  # what this stage trains, next to the curves
+        trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        logger.log_metrics({"model/trainable_params": trainable, "model/trainable_fraction": trainable / total}, 0)
     if cfg.init_from and ckpt_path is None:  # the starting point, at step 0 of the curves
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         if trainer.is_global_zero:

@@ -231,6 +231,8 @@ def test_lora_stage_trains_adapters_only_and_saves_them(tmp_path):
     ins = run_cli([*args, f"hydra.run.dir={tmp_path / 'lora'}"], cwd=tmp_path)
     assert ins.returncode == 0, ins.stderr[-3000:]
     assert "LoRA: trainable params" in ins.stdout + ins.stderr
+    fraction = read_scalars(tmp_path / "lora")["model/trainable_fraction"][0][1]
+    assert 0 < fraction < 0.2
     adapter = tmp_path / "lora" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((adapter / "llmtrain_adapter.json").read_text())["base"] == str(tmp_path / "pre")
