@@ -293,7 +293,7 @@ def _ddp_job_of_a_sweep(trainer):
 
     hc = HydraConfig.get()
     saved_argv, saved_env, saved_run_dir = sys.argv, dict(os.environ), hc.run.dir
-    sys.argv = [sys.argv[0], *hc.overrides.task]
+    sys.argv = [sys.argv[0], *hc.overrides.task, "hydra.mode=RUN"]  # a sweeper preset must not sweep again
     with read_write(hc.run):
         hc.run.dir = hc.runtime.output_dir
     try:
