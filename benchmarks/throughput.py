@@ -76,6 +76,7 @@ def compose_config(args: argparse.Namespace, run_dir: str, extra: list[str] = ()
         "callbacks.progress_bar=null",
         "finetune.sample_tokens=8",
         f"seed={args.seed}",
+        f"perf.compile={str(args.compile).lower()}",
         *extra,
         f"run_dir={run_dir}",
     ]
@@ -398,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (plain path only)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (both paths; llmtrain via perf.compile)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--skip-machine", action="store_true", help="skip the matmul peak and tokenization figures")
     p.add_argument("--worker", choices=("llmtrain", "plain"), help=argparse.SUPPRESS)
@@ -429,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"run: {args.steps} steps per run, first {args.warmup} left out, {args.repeats} runs per path "
           f"(alternating order), each a fresh process")
     if args.compile:
-        print("compile: plain path only (llmtrain has no compile switch yet; its runs are eager)")
+        print("compile: both paths (llmtrain through perf.compile=true); the first steps include the compilation")
     print(f"flops/token = 6 N + 12 L d T = 6 x {n_flop_params / 1e6:.2f}M + 12 x {model.config.n_layers} x "
           f"{model.config.emb_dim} x {T} = {fpt / 1e6:.1f} MFLOP (N: blocks + final LN + head)")
     del model
