@@ -68,6 +68,7 @@ class LanguageModel(L.LightningModule):
         sample_prompts: list[str] | None = None,
         sample_tokens: int = 48,
         checkpoint_info: dict | None = None,
+        max_nonfinite_steps: int = 0,
     ) -> None:
         super().__init__()
         if task not in ("lm", "classify"):
@@ -78,6 +79,7 @@ class LanguageModel(L.LightningModule):
         self.tokenizer_name, self.task, self.label_names = tokenizer, task, label_names
         self.sample_prompts, self.sample_tokens = sample_prompts or [], sample_tokens
         self.checkpoint_info = checkpoint_info or {}
+        self.max_nonfinite_steps, self.nonfinite_steps = max_nonfinite_steps, 0
         self._step_tokens = torch.zeros(())
         self._eval: dict[str, torch.Tensor] = {}
 
@@ -107,16 +109,45 @@ class LanguageModel(L.LightningModule):
         last = batch["lengths"] - 1  # right padding: the last real token sees the whole text, and no padding
         return logits[torch.arange(logits.size(0), device=logits.device), last].float()  # (B, C)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         bs = batch["input_ids"].size(0)
         if self.task == "classify":
             loss = F.cross_entropy(self._class_logits(batch), batch["label"])
+            if self._nonfinite(loss):
+                return None
             self.log("train/loss", loss, prog_bar=True, batch_size=bs)
             return loss
         loss_sum, n = self._lm_loss(batch)
+        if self._nonfinite(loss_sum):
+            return None
         self._step_tokens = self._step_tokens.to(n.device) + n
         self.log("train/loss", loss_sum / n.clamp(min=1), prog_bar=True, batch_size=bs)
         return loss_sum / self.LOSS_SCALE
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """Catch a NaN/Inf loss at the step it happens (on any rank): skip the batch while fewer than
+        max_nonfinite_steps were skipped, else stop with the step and the last good checkpoint."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bad.item():
+            return False
+        self.nonfinite_steps += 1
+        if self.nonfinite_steps > self.max_nonfinite_steps:
+            from llmtrain.errors import UserError
+
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none yet"
+            raise UserError(
+                f"the training loss is {loss.item()} at step {self.global_step}; last good checkpoint: {ckpt}. "
+                f"Lower optimizer.lr or trainer.gradient_clip_val, or skip such batches with "
+                f"max_nonfinite_steps=K (skipped so far: {self.nonfinite_steps - 1})"
+            )
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"skipped a batch whose loss is {loss.item()} at step {self.global_step} "
+                       f"({self.nonfinite_steps} of max_nonfinite_steps={self.max_nonfinite_steps})")
+        self.log("train/skipped_nonfinite", float(self.nonfinite_steps))
+        return True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]

@@ -213,6 +213,7 @@ def train(cfg: DictConfig) -> float:
         label_names=label_names,
         sample_prompts=_sample_prompts(cfg, datamodule),
         sample_tokens=cfg.finetune.get("sample_tokens", 48),
+        max_nonfinite_steps=cfg.get("max_nonfinite_steps", 0),
         checkpoint_info={"init_from": cfg.init_from, "stage": cfg.finetune.name,
                          **({"prompt_template": "alpaca"} if task == "instruct" else {})},
     )
