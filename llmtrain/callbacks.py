@@ -92,3 +92,28 @@ class Throughput(L.Callback):
             f"({self._tokens_since_first:,} tokens in {seconds:.1f} s, including validation)"
             + (f", MFU {mfu:.1%}" if mfu is not None else "")
         )
+
+
+class SaveOnPreemption(L.Callback):
+    """On SIGTERM (what SLURM and cloud schedulers send before they stop a job), write `last.ckpt` before exiting.
+
+    Lightning turns SIGTERM into SIGTERMException at the next batch boundary on every rank; this saves the
+    state there (all ranks take part, rank zero writes) into the checkpoint callback's folder, so that
+    `ckpt_path=auto` resumes from it.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.saved_path: str | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.stage != "train":
+            return
+        import os
+
+        dirpath = self.dirpath or getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
+        self.saved_path = os.path.join(dirpath, "last.ckpt")
+        trainer.save_checkpoint(self.saved_path)
+        rank_zero_info(f"SIGTERM: saved {self.saved_path} at step {trainer.global_step}")

@@ -79,9 +79,13 @@ def validate(cfg: DictConfig) -> None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
-    """A .ckpt file as given; a run or checkpoints folder -> its last.ckpt; "last" -> run_dir's last.ckpt."""
+    """A .ckpt file as given; a run or checkpoints folder -> its last.ckpt; "last" -> run_dir's last.ckpt;
+    "auto" -> run_dir's last.ckpt if there is one, else a fresh start (for jobs that a scheduler restarts)."""
     if ckpt_path is None:
         return None
+    if ckpt_path == "auto":
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
     path = Path(run_dir) if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
@@ -162,7 +166,7 @@ def train(cfg: DictConfig) -> float:
     validate(cfg)
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, str(run_dir))
-    if ckpt_path is None and _is_launch_rank() and any(run_dir.glob("checkpoints/*.ckpt")):
+    if cfg.ckpt_path is None and _is_launch_rank() and any(run_dir.glob("checkpoints/*.ckpt")):
         raise UserError(
             f"{run_dir} already holds checkpoints of an earlier run: resume it with ckpt_path=last, "
             f"or leave hydra.run.dir unset for a new run dir"
@@ -239,8 +243,16 @@ def train(cfg: DictConfig) -> float:
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         if trainer.is_global_zero:
             print(f"before fine-tuning: val/loss {start['val/loss']:.4f}")
-    with _ddp_job_of_a_sweep(trainer):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        with _ddp_job_of_a_sweep(trainer):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(f"stopped by SIGTERM at step {trainer.global_step}; state saved in {run_dir / 'checkpoints'}. "
+                  f"Resume with: python -m llmtrain <same overrides> hydra.run.dir={run_dir} ckpt_path=auto")
+        sys.exit(0)
 
     val_loss = trainer.callback_metrics.get("val/loss")
     if val_loss is None or trainer.global_step % _val_every(cfg, len(datamodule.train_dataloader())):

@@ -19,3 +19,41 @@ def test_nonfinite_batches_can_be_skipped_up_to_a_limit(tmp_path):
     assert result.returncode == 2
     assert "(skipped so far: 2)" in result.stderr.strip().splitlines()[-1]
     assert "(1 of max_nonfinite_steps=2)" in result.stderr and "(2 of max_nonfinite_steps=2)" in result.stderr
+
+
+def test_sigterm_saves_and_a_restart_with_ckpt_path_auto_resumes_in_place(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from conftest import read_scalars
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=100000", "trainer.val_check_interval=100000", "ckpt_path=auto",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "llmtrain", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not list(run_dir.glob("tensorboard/events.out.tfevents.*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(4)  # well into training
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM at step" in out and "ckpt_path=auto" in out
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    stopped_at = saved["global_step"]
+    assert 0 < stopped_at < 100000
+
+    again = run_cli([*args[:-2], f"trainer.max_steps={stopped_at + 10}", "trainer.val_check_interval=5",
+                     "ckpt_path=auto", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert f"done: {stopped_at + 10} steps" in again.stdout, again.stdout[-2000:]
+    assert resumed["global_step"] == stopped_at + 10, sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the same run's curves go on
+    steps = [s for s, _ in read_scalars(run_dir)["train/loss"]]
+    assert max(steps) > stopped_at
