@@ -84,8 +84,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
     if ckpt_path is None:
         return None
     if ckpt_path == "auto":
-        last = Path(run_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        return newest_loadable_checkpoint(Path(run_dir) / "checkpoints")
     path = Path(run_dir) if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
@@ -96,6 +95,20 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
     if not path.is_file():
         raise UserError(f"ckpt_path={ckpt_path!r} does not exist: give a .ckpt file or a run dir")
     return str(path)
+
+
+def newest_loadable_checkpoint(folder: Path) -> str | None:
+    """The newest .ckpt in folder that opens as a checkpoint (a file cut short by a crash is passed over)."""
+    import torch
+
+    for path in sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # truncated or corrupt: say so and take the next one
+            print(f"warning: skipping {path}: it does not load ({type(e).__name__})", file=sys.stderr)
+            continue
+        return str(path)
+    return None
 
 
 def _is_launch_rank() -> bool:

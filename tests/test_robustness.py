@@ -57,3 +57,24 @@ def test_sigterm_saves_and_a_restart_with_ckpt_path_auto_resumes_in_place(tmp_pa
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the same run's curves go on
     steps = [s for s, _ in read_scalars(run_dir)["train/loss"]]
     assert max(steps) > stopped_at
+
+
+def test_ckpt_path_auto_passes_over_a_truncated_checkpoint(tmp_path):
+    import os
+    import time
+
+    import torch
+
+    run_dir = tmp_path / "run"
+    first = run_cli([*TINY, "trainer.max_steps=10", "trainer.val_check_interval=5", f"hydra.run.dir={run_dir}"],
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # a save cut short by a kill
+    os.utime(last, (time.time() + 5, time.time() + 5))  # and the newest file in the folder
+    again = run_cli([*TINY, "trainer.max_steps=15", "trainer.val_check_interval=5", "ckpt_path=auto",
+                     f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"warning: skipping {last}: it does not load" in again.stderr
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 15
