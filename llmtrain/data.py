@@ -87,8 +87,7 @@ def load_documents(
         raise
     except Exception as e:  # unreadable file, wrong format, Hub unreachable
         where = path if source != "embedded" else "the embedded corpus"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load data.source={source} data.path={where!r}: {msg}") from e
+        raise UserError(f"could not load data.source={source} data.path={where!r}: {describe_load_error(e)}") from e
     columns = ds.column_names
     if columns is not None and text_column not in columns:
         raise UserError(
@@ -96,6 +95,20 @@ def load_documents(
             f"set data.text_column to the one that holds the text"
         )
     return ds
+
+
+def describe_load_error(e: BaseException) -> str:
+    """The cause a user can act on, from the chain of exceptions `datasets` wraps around it."""
+    chain = [e]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for err in chain:
+        if isinstance(err, UnicodeDecodeError):
+            return (f"the file is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
+                    f"{err.start}): convert it, e.g. iconv -f latin1 -t utf-8")
+    inner = chain[-1]
+    text = str(inner).strip()
+    return f"{type(inner).__name__}: {text.splitlines()[0]}" if text else type(inner).__name__
 
 
 def _is_val(doc_index: int, val_fraction: float) -> bool:
@@ -337,8 +350,7 @@ def load_table_splits(
     except UserError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load data.source={source} data.path={path!r}: {msg}") from e
+        raise UserError(f"could not load data.source={source} data.path={path!r}: {describe_load_error(e)}") from e
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for i, row in enumerate(rows):
         out[_split_by_index(i, val_fraction, test_fraction)].append(row)

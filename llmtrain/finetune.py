@@ -310,7 +310,7 @@ def _hf_to_ours(key: str) -> str | None:
 
 # ---- stage surgery: heads and trainable parameters ----
 
-TRAIN_BLOCKS_CHOICES = "all | last | head | none | N (the last N blocks)"
+TRAIN_BLOCKS_CHOICES = "all, last, head, none, or N (the last N blocks)"
 
 
 def replace_head(model: GPT, num_classes: int) -> GPT:

@@ -65,6 +65,17 @@ def validate(cfg: DictConfig) -> None:
         accumulation_steps(cfg, cfg.data.get("context_length") or cfg.model.context_length)
     except UserError as e:
         problems.append(str(e))
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator in ("gpu", "cuda") or isinstance(cfg.trainer.devices, int) and accelerator == "auto":
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+        if accelerator in ("gpu", "cuda") and n_gpus == 0:
+            problems.append(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: "
+                            f"use trainer.accelerator=cpu (or auto)")
+        elif n_gpus and isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > n_gpus:
+            problems.append(f"trainer.devices={cfg.trainer.devices} but this machine has {n_gpus} GPUs: "
+                            f"set trainer.devices={n_gpus} or fewer")
     task = cfg.finetune.get("task", "lm")
     wanted = {"lm": "TextDataModule", "instruct": "InstructDataModule", "classify": "ClassifyDataModule"}
     examples = {"lm": "data=embedded or data=text", "instruct": "data=instruct_embedded or data=alpaca",
