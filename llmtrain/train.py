@@ -282,6 +282,10 @@ def train(cfg: DictConfig) -> float:
     if val_loss is None or trainer.global_step % _val_every(cfg, len(datamodule.train_dataloader())):
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the returned loss is of the final weights
         val_loss = trainer.callback_metrics["val/loss"]
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", None) != trainer.global_step:
+        # checkpoints are written at validations; the final state goes to last.ckpt whatever the interval
+        trainer.save_checkpoint(Path(ckpt_cb.dirpath or run_dir / "checkpoints") / "last.ckpt")
     summary = f"done: {trainer.global_step} steps, val/loss {float(val_loss):.4f}"
     if task == "classify":
         val_acc = float(trainer.callback_metrics["val/acc"])

@@ -63,12 +63,13 @@ def test_scale_presets_compose_and_build_their_strategy(tmp_path):
     from llmtrain.model import Block
     from llmtrain.train import validate
 
-    cfg = compose(["trainer=fsdp", "model=gpt1558m"], tmp_path)
+    # accelerator=gpu, as the presets set it, is refused on a machine without CUDA; auto validates anywhere
+    cfg = compose(["trainer=fsdp", "model=gpt1558m", "trainer.accelerator=auto"], tmp_path)
     validate(cfg)
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
-    cfg = compose(["trainer=multinode"], tmp_path)
+    cfg = compose(["trainer=multinode", "trainer.accelerator=auto"], tmp_path)
     validate(cfg)
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"

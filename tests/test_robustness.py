@@ -54,7 +54,7 @@ def test_sigterm_saves_and_a_restart_with_ckpt_path_auto_resumes_in_place(tmp_pa
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert f"done: {stopped_at + 10} steps" in again.stdout, again.stdout[-2000:]
     assert resumed["global_step"] == stopped_at + 10, sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the same run's curves go on
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # the same run's curves go on
     steps = [s for s, _ in read_scalars(run_dir)["train/loss"]]
     assert max(steps) > stopped_at
 
