@@ -260,9 +260,10 @@ def train(cfg: DictConfig) -> float:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks)
     if logger:  # what this stage trains, next to the curves
-        trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        logger.log_metrics({"model/trainable_params": trainable, "model/trainable_fraction": trainable / total}, 0)
+        from llmtrain.lora import trainable_summary  # counts only; peft is not imported
+
+        trainable, _, fraction = trainable_summary(model)
+        logger.log_metrics({"model/trainable_params": trainable, "model/trainable_fraction": fraction}, 0)
     if cfg.init_from and ckpt_path is None:  # the starting point, at step 0 of the curves
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         if trainer.is_global_zero:
@@ -385,13 +386,12 @@ def prepare_stage(model, cfg: DictConfig):
         return model
     from lightning.pytorch.utilities import rank_zero_info
 
-    from llmtrain.lora import apply_lora, trainable_summary
+    from llmtrain.lora import apply_lora, format_trainable
 
     keep = ["head"] if cfg.finetune.task == "classify" else None
     model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                        target_modules=list(lora.target_modules), modules_to_save=keep)
-    trainable, total, fraction = trainable_summary(model)
-    rank_zero_info(f"LoRA: trainable params {trainable:,} of {total:,} ({fraction:.2%})")
+    rank_zero_info(f"LoRA: {format_trainable(model)}")
     return model
 
 
