@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 # Dense peak FLOP/s per device from vendors' datasheets (no sparsity): bf16 and tf32 tensor-core rates.
@@ -94,26 +95,75 @@ class Throughput(L.Callback):
         )
 
 
-class SaveOnPreemption(L.Callback):
-    """On SIGTERM (what SLURM and cloud schedulers send before they stop a job), write `last.ckpt` before exiting.
+def last_checkpoint_callback(trainer: L.Trainer):
+    """The ModelCheckpoint that keeps last.ckpt (conf/callbacks: last_checkpoint), else the first one, or None."""
+    return next((cb for cb in trainer.checkpoint_callbacks if cb.save_last), trainer.checkpoint_callback)
 
-    Lightning turns SIGTERM into SIGTERMException at the next batch boundary on every rank; this saves the
-    state there (all ranks take part, rank zero writes) into the checkpoint callback's folder, so that
-    `ckpt_path=auto` resumes from it.
+
+class SaveLast(L.Callback):
+    """Keeps `last.ckpt` at the run's final state: when training ends, and on SIGTERM.
+
+    The last_checkpoint callback writes last.ckpt every `checkpoint_every` steps; this adds the step where
+    training stops, whatever the interval. SIGTERM is what SLURM and cloud schedulers send before they stop
+    a job: Lightning turns it into SIGTERMException at the next batch boundary on every rank, and the state
+    is saved there (all ranks take part, rank zero writes), so that `ckpt_path=auto` resumes from it. Both
+    saves happen inside `fit`, so they hold the data position like every other checkpoint.
     """
 
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
         self.saved_path: str | None = None
 
+    def _save(self, trainer: L.Trainer) -> None:
+        import os
+
+        last = last_checkpoint_callback(trainer)
+        dirpath = (self.dirpath or getattr(last, "dirpath", None)
+                   or os.path.join(trainer.default_root_dir, "checkpoints"))
+        self.saved_path = os.path.join(dirpath, "last.ckpt")
+        trainer.save_checkpoint(self.saved_path)
+        if last is not None:
+            last._last_global_step_saved = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last = last_checkpoint_callback(trainer)
+        if last is None or getattr(last, "_last_global_step_saved", None) != trainer.global_step:
+            self._save(trainer)
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if not isinstance(exception, SIGTERMException) or trainer.state.stage != "train":
             return
-        import os
-
-        dirpath = self.dirpath or getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
-        self.saved_path = os.path.join(dirpath, "last.ckpt")
-        trainer.save_checkpoint(self.saved_path)
+        self._save(trainer)
         rank_zero_info(f"SIGTERM: saved {self.saved_path} at step {trainer.global_step}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint beside its destination, syncs it to disk, then renames it into place.
+
+    A kill or a full disk during a save leaves the previous file whole (a rename within one folder is
+    atomic); Lightning's own writer goes through the system temp dir, which on clusters often lies on another
+    filesystem, where the final move is a copy that a kill can cut short. Remote paths (s3://, ...) are left
+    to Lightning.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        import os
+        from pathlib import Path
+
+        import torch
+
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from llmtrain.errors import UserError
+from llmtrain.resume import ResumableLoader, eval_loader, trainer_batches_done
 from llmtrain.tokenizer import build_tokenizer
 
 CACHE_VERSION = 1
@@ -222,6 +223,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         num_proc: int = 2,
         cache_dir: str = "~/.cache/llmtrain",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -231,6 +233,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_documents, self.tokenizer_name = max_documents, tokenizer
         self.context_length, self.val_fraction = context_length, val_fraction
         self.batch_size, self.num_workers, self.num_proc = batch_size, num_workers, num_proc
+        self.seed = seed  # the shuffle order of each epoch follows from (seed, epoch)
         self.cache = TokenCache(cache_dir, self._cache_key())
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
@@ -288,11 +291,12 @@ class TextDataModule(L.LightningDataModule):
         self.val_set = TokenWindows(self.cache.dir / "val.bin", meta["dtype"], self.context_length)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                               batches_done=lambda: trainer_batches_done(self.trainer), drop_last=True,
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return eval_loader(self.val_set, self.batch_size, self.seed, num_workers=self.num_workers)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,12 +416,12 @@ class _TableDataModule(L.LightningDataModule):
 
     def __init__(self, source="embedded", path=None, subset=None, split="train", tokenizer="gpt2",
                  context_length=1024, max_length=None, val_fraction=0.1, test_fraction=0.1, batch_size=8,
-                 num_workers=0) -> None:
+                 num_workers=0, seed=0) -> None:
         super().__init__()
         self.source, self.path, self.subset, self.split = source, path, subset, split
         self.tokenizer_name, self.val_fraction, self.test_fraction = tokenizer, val_fraction, test_fraction
         self.max_length = min(max_length or context_length, context_length)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.sets: dict[str, _ListDataset] = {}
 
     @property
@@ -433,18 +437,18 @@ class _TableDataModule(L.LightningDataModule):
                                 if s != "train" else f"data.path={self.path!r} holds no rows")
         return rows
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=self.collate)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        return ResumableLoader(self.sets["train"], batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                               batches_done=lambda: trainer_batches_done(self.trainer),
+                               num_workers=self.num_workers, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return eval_loader(self.sets["val"], self.batch_size, self.seed, num_workers=self.num_workers,
+                           collate_fn=self.collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return eval_loader(self.sets["test"], self.batch_size, self.seed, num_workers=self.num_workers,
+                           collate_fn=self.collate)
 
 
 class ClassifyDataModule(_TableDataModule):
@@ -453,9 +457,9 @@ class ClassifyDataModule(_TableDataModule):
     embedded_prefix = "classify"
 
     def __init__(self, text_column: str = "text", label_column: str = "label", balance: bool = False,
-                 seed: int = 0, **kwargs) -> None:
+                 **kwargs) -> None:
         super().__init__(**kwargs)
-        self.text_column, self.label_column, self.balance, self.seed = text_column, label_column, balance, seed
+        self.text_column, self.label_column, self.balance = text_column, label_column, balance
         self.label_names: list[str] = []
 
     def setup(self, stage: str | None = None) -> None:

@@ -13,9 +13,11 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from llmtrain.model import GPT
+from llmtrain.resume import gather_rng_states, set_rng_states
 
 IGNORE_INDEX = -100
 
@@ -134,9 +136,10 @@ class LanguageModel(L.LightningModule):
             return False
         self.nonfinite_steps += 1
         if self.nonfinite_steps > self.max_nonfinite_steps:
+            from llmtrain.callbacks import last_checkpoint_callback
             from llmtrain.errors import UserError
 
-            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none yet"
+            ckpt = getattr(last_checkpoint_callback(self.trainer), "last_model_path", "") or "none yet"
             raise UserError(
                 f"the training loss is {loss.item()} at step {self.global_step}; last good checkpoint: {ckpt}. "
                 f"Lower optimizer.lr or trainer.gradient_clip_val, or skip such batches with "
@@ -255,3 +258,22 @@ class LanguageModel(L.LightningModule):
         # checkpoints describe themselves: the model config and tokenizer travel with the weights
         checkpoint["llmtrain"] = {"model_config": asdict(self.gpt.config), "tokenizer": self.tokenizer_name,
                                   "task": self.task, "label_names": self.label_names, **self.checkpoint_info}
+        # and what an exact resume needs beyond Lightning's own state: every rank's generators
+        checkpoint["llmtrain_resume"] = {"rng": gather_rng_states(), "nonfinite_steps": self.nonfinite_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        resume = checkpoint.get("llmtrain_resume")
+        if resume:
+            self.nonfinite_steps = resume["nonfinite_steps"]
+            self._rng_to_restore = resume["rng"]
+
+    def on_train_start(self) -> None:
+        # restored as late as possible: nothing between here and the first batch draws a random number
+        states = getattr(self, "_rng_to_restore", None)
+        if states:
+            if len(states) == self.trainer.world_size:
+                set_rng_states(states[self.global_rank])
+            else:
+                rank_zero_warn(f"the checkpoint holds random states of {len(states)} ranks, this run has "
+                               f"{self.trainer.world_size}: they are not restored (the resume is not exact)")
+            self._rng_to_restore = None

@@ -210,7 +210,7 @@ def train(cfg: DictConfig) -> float:
     model, info = build_model(cfg)
     tokenizer = info.get("tokenizer") or cfg.data.tokenizer
     context_length = min(cfg.data.get("context_length") or model.config.context_length, model.config.context_length)
-    datamodule = instantiate(cfg.data, context_length=context_length, tokenizer=tokenizer)
+    datamodule = instantiate(cfg.data, context_length=context_length, tokenizer=tokenizer, seed=cfg.seed)
     if _is_launch_rank():  # tokenize before any DDP rank starts, so that the other ranks find the cache
         datamodule.prepare_data()
     elif hasattr(datamodule, "cache"):  # ranks started together (torchrun, SLURM): wait for rank 0's cache
@@ -251,14 +251,14 @@ def train(cfg: DictConfig) -> float:
         trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
     trainer_kwargs["accumulate_grad_batches"] = accumulation_steps(cfg, context_length)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] if cfg.callbacks else []
-    from llmtrain.callbacks import Throughput, device_peak_flops
+    from llmtrain.callbacks import AtomicCheckpointIO, Throughput, device_peak_flops
 
     for cb in callbacks:
         if isinstance(cb, Throughput):
             cb.flops_per_token = module.gpt.flops_per_token(context_length)
             cb.peak_flops = cfg.perf.peak_flops or device_peak_flops(trainer_kwargs["precision"])
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks)
+    trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     if logger:  # what this stage trains, next to the curves
         from llmtrain.lora import trainable_summary  # counts only; peft is not imported
 
@@ -272,7 +272,7 @@ def train(cfg: DictConfig) -> float:
 
     try:
         with _ddp_job_of_a_sweep(trainer):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         if trainer.is_global_zero:
             print(f"stopped by SIGTERM at step {trainer.global_step}; state saved in {run_dir / 'checkpoints'}. "
@@ -283,10 +283,6 @@ def train(cfg: DictConfig) -> float:
     if val_loss is None or trainer.global_step % _val_every(cfg, len(datamodule.train_dataloader())):
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the returned loss is of the final weights
         val_loss = trainer.callback_metrics["val/loss"]
-    ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", None) != trainer.global_step:
-        # checkpoints are written at validations; the final state goes to last.ckpt whatever the interval
-        trainer.save_checkpoint(Path(ckpt_cb.dirpath or run_dir / "checkpoints") / "last.ckpt")
     summary = f"done: {trainer.global_step} steps, val/loss {float(val_loss):.4f}"
     if task == "classify":
         val_acc = float(trainer.callback_metrics["val/acc"])

@@ -78,3 +78,75 @@ def test_ckpt_path_auto_passes_over_a_truncated_checkpoint(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"warning: skipping {last}: it does not load" in again.stderr
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 15
+
+
+# A run that crosses epochs (about 25 batches each), with dropout (so the random state matters) and with
+# gradient accumulation (checkpoints fall between optimizer steps, not between batches).
+EXACT = [*TINY, "data.max_documents=60", "model.drop_rate=0.1", "trainer.max_steps=36",
+         "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
+         "checkpoint_every=5"]
+
+
+def test_a_run_killed_mid_epoch_resumes_with_bit_identical_losses(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from conftest import read_scalars
+
+    whole = run_cli([*EXACT, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = dict(read_scalars(tmp_path / "whole")["train/loss"])
+    assert sorted(expected) == list(range(36))  # one loss per optimizer step
+
+    run_dir = tmp_path / "killed"
+    args = [*EXACT, "ckpt_path=auto", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "llmtrain", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    saved_at = 0
+    while saved_at < 10 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            saved_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+        except Exception:  # not written yet
+            pass
+    proc.send_signal(signal.SIGKILL)  # no chance to save anything more
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 10 <= step < 36
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done: 36 steps" in again.stdout
+    got = read_scalars(run_dir)["train/loss"]  # the killed run's events, then the resumed run's
+    assert {s for s, _ in got} == set(expected)
+    mismatched = [(s, v, expected[s]) for s, v in got if v != expected[s]]
+    assert not mismatched, mismatched[:5]
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    import torch
+
+    from llmtrain.callbacks import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    try:
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+

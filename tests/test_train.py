@@ -50,10 +50,12 @@ def test_checkpoints_describe_themselves(short_run):
     run_dir, _ = short_run
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in ckpts and any(c.startswith("best-step") for c in ckpts)
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)  # no pickle
     assert ckpt["global_step"] == 30
     assert ckpt["llmtrain"]["model_config"]["emb_dim"] == 32
     assert ckpt["llmtrain"]["tokenizer"] == "bytes"
+    assert ckpt["loops"]["fit_loop"]["combined_loader"][0]["samples_done"] > 0  # where the epoch stood
+    assert len(ckpt["llmtrain_resume"]["rng"]) == 1  # one set of random states per rank
 
 
 def test_resume_continues_steps_optimizer_and_schedule(tmp_path):
@@ -102,8 +104,9 @@ def test_ddp_two_cpu_ranks_through_the_command_line(tmp_path):
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out and "distributed_backend=gloo" in out
     assert out.count("done: 10 steps") == 1  # the summary comes from rank zero only
     assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1  # one rank writes TensorBoard
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 10
+    assert len(ckpt["llmtrain_resume"]["rng"]) == 2  # both ranks' random states, for an exact resume
     assert not (tmp_path / "outputs").exists()  # rank 1 shared the rank-0 run dir
 
 

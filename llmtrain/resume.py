@@ -1,0 +1,129 @@
+"""What a checkpoint needs besides weights and optimizer so that a resumed run continues bit for bit.
+
+Lightning already saves the model, the optimizer, the LR schedule and its loop counters. On top of that:
+
+- the place in the epoch: `ResumableLoader` is a DataLoader with `state_dict`/`load_state_dict`, which
+  Lightning stores in every checkpoint and hands back before the resumed epoch starts. Its `EpochSampler`
+  draws the epoch's order from (seed, epoch) alone, so the order itself need not be stored, only how many
+  samples of it were already trained on;
+- every random number generator: Python's, NumPy's, torch's (CPU and CUDA), one set per rank
+  (`rng_states`/`set_rng_states`, called from the LightningModule's checkpoint hooks);
+- the DataLoader workers: their seeds follow from (seed, epoch) through the loader's own generator,
+  so that creating an iterator (a training epoch, a validation pass) never draws from the global generator.
+  A dataset that needs randomness should derive it from the sample index and epoch: the workers restart at
+  the resumed position, not in the middle of their random streams.
+
+Exact means: same seed, same number of devices and batch size, deterministic kernels (fp32 on CPU is;
+some CUDA kernels are not unless trainer.deterministic=true).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the process group, or (1, 0) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of an order that depends only on (seed, epoch); the next pass may start part-way in.
+
+    A DistributedSampler (also with one process), so Lightning leaves it in place under DDP rather than
+    wrapping it, and calls `set_epoch` on it before each epoch.
+    """
+
+    def __init__(self, dataset: Dataset, shuffle: bool, seed: int) -> None:
+        num_replicas, rank = _world()
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.resume_at: tuple[int, int] | None = None  # (epoch, samples of this rank's share to pass over)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self.resume_at is not None:
+            epoch, start = self.resume_at
+            self.resume_at = None  # only the first pass after a resume starts part-way
+            if epoch == self.epoch:
+                indices = indices[start:]
+        return iter(indices)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position in the epoch travels in checkpoints.
+
+    `batches_done()` says how many batches of the current epoch the training loop has finished (not how many
+    were fetched: workers and Lightning fetch ahead); train.py's data modules read it from the trainer.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int,
+                 batches_done: Callable[[], int] = lambda: 0, **kwargs) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle, seed),
+                         generator=torch.Generator().manual_seed(seed), **kwargs)
+        self.batches_done = batches_done
+
+    def __iter__(self):
+        self.generator.manual_seed(self.sampler.seed + self.sampler.epoch)  # worker seeds follow (seed, epoch)
+        return super().__iter__()
+
+    def state_dict(self) -> dict:
+        sampler = self.sampler
+        return {"epoch": sampler.epoch, "seed": sampler.seed, "shuffle": sampler.shuffle,
+                "samples_done": self.batches_done() * self.batch_size * sampler.num_replicas}
+
+    def load_state_dict(self, state: dict) -> None:
+        sampler = self.sampler
+        start = state["samples_done"] // sampler.num_replicas
+        if start < sampler.num_samples:
+            sampler.resume_at = (state["epoch"], start)
+
+
+def trainer_batches_done(trainer) -> int:
+    """Training batches the trainer has finished in the current epoch (0 without a trainer)."""
+    return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
+def eval_loader(dataset: Dataset, batch_size: int, seed: int, **kwargs) -> DataLoader:
+    """An unshuffled loader with its own generator: a validation pass leaves the global RNG alone."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                      generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def rng_states() -> dict:
+    """This process's generators, in types that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's generators, in rank order (a collective: all ranks call it, as they all save checkpoints)."""
+    world, _ = _world()
+    mine = rng_states()
+    if world == 1:
+        return [mine]
+    out: list = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
