@@ -1,7 +1,9 @@
 """Build the model for a stage: start from pretrained weights (an llmtrain checkpoint or GPT-2 from Hugging Face).
 
 `load_pretrained(init_from)` accepts
-  - an llmtrain Lightning checkpoint (`.ckpt`) or a run directory (its `checkpoints/last.ckpt`);
+  - an llmtrain Lightning checkpoint (`.ckpt`) or a run directory (its `checkpoints/last.ckpt`, else its export
+    `model/`);
+  - an llmtrain export directory (`config.json` with "format": "llmtrain" + `model.safetensors`, see export.py);
   - a local directory in Hugging Face `save_pretrained` layout of a GPT-2 (`config.json` + `model.safetensors`,
     possibly sharded), read directly with safetensors: transformers is not needed;
   - a Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`), downloaded with huggingface_hub.
@@ -38,25 +40,32 @@ HF_LAYER_NAMES = {
 }
 HF_TOP_NAMES = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "ln_f.weight",
                 "ln_f.bias": "ln_f.bias"}
-ACCEPTS = ("an llmtrain .ckpt file, a run directory, a local Hugging Face GPT-2 directory (config.json + "
-           f"model.safetensors) or a Hub name ({', '.join(HF_GPT2_NAMES)})")
+ACCEPTS = ("an llmtrain .ckpt file, a run directory, an llmtrain export directory, a local Hugging Face GPT-2 "
+           f"directory (config.json + model.safetensors) or a Hub name ({', '.join(HF_GPT2_NAMES)})")
 
 
 def load_pretrained(init_from: str) -> tuple[GPT, dict]:
     """init_from -> (GPT with the checkpoint's config and weights, in eval mode on the CPU; info dict).
 
     info: {"kind": "llmtrain" | "hf", "tokenizer": name for llmtrain.tokenizer, "path": the file or directory read,
-    and for Hub names "hub_name", "model_name" (our conf/model name)}.
+    and for Hub names "hub_name", "model_name" (our conf/model name); an export adds "label_names" and
+    "prompt_template"}. A run directory is read from checkpoints/last.ckpt when it has one, else from its export.
     """
     path = Path(init_from).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
+            from llmtrain.export import peek_config  # imported here: export.py imports this module
+
+            if peek_config(path) is not None:
+                return _load_export(path, init_from)
             return _load_hf_dir(path, init_from)
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if candidate.is_file():
                 return _load_llmtrain(candidate, init_from)
-        raise UserError(f"init_from={init_from}: the directory holds neither config.json nor checkpoints/last.ckpt; "
-                        f"init_from accepts {ACCEPTS}")
+        if (path / "model" / "config.json").is_file():
+            return _load_export(path / "model", init_from)
+        raise UserError(f"init_from={init_from}: the directory holds neither config.json nor checkpoints/last.ckpt "
+                        f"nor model/config.json; init_from accepts {ACCEPTS}")
     if path.is_file():
         return _load_llmtrain(path, init_from)
     hub_name = init_from.removeprefix("openai-community/")
@@ -148,6 +157,16 @@ def _load_llmtrain(path: Path, init_from: str) -> tuple[GPT, dict]:
     info = {"kind": "llmtrain", "tokenizer": meta.get("tokenizer", "gpt2"), "task": meta.get("task", "lm"),
             "path": str(path)}
     return model.eval(), info
+
+
+def _load_export(path: Path, init_from: str) -> tuple[GPT, dict]:
+    """An export folder (export.py): its messages name the folder; here they also name init_from."""
+    from llmtrain.export import load_export
+
+    try:
+        return load_export(path)
+    except UserError as e:
+        raise UserError(f"init_from={init_from}: {e}") from e
 
 
 def _load_state(model: GPT, state_dict: dict[str, torch.Tensor], init_from: str) -> None:

@@ -1,8 +1,9 @@
 """Generate text from a trained model: python -m llmtrain.generate ckpt_path=... prompt="Once upon a time"
 
-ckpt_path takes an llmtrain checkpoint (`.ckpt`) or run directory, a Hugging Face GPT-2 directory or Hub name
-(anything `load_pretrained` reads), or a LoRA adapter directory (adapter_config.json; its base comes from
-llmtrain_adapter.json or `base=`), which is merged into the base before generating.
+ckpt_path takes an llmtrain checkpoint (`.ckpt`) or run directory, an llmtrain export directory (config.json +
+model.safetensors), a Hugging Face GPT-2 directory or Hub name (anything `load_pretrained` reads), or a LoRA adapter
+directory (adapter_config.json; its base comes from llmtrain_adapter.json or `base=`), which is merged into the base
+before generating.
 
 Arguments are `key=value` pairs, parsed here without Hydra so that the command starts in about a second.
 `show_top=K` prints the K likeliest next tokens instead of generating: a window into the model.
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from llmtrain.errors import UserError
+from llmtrain.export import peek_config
 from llmtrain.finetune import load_pretrained
 from llmtrain.model import GPT
 from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer
@@ -107,8 +109,8 @@ def validate(args: GenerateArgs) -> None:
     """Every rule that the values alone decide, reported together."""
     problems = []
     if not args.ckpt_path:
-        problems.append("ckpt_path is not set: give an llmtrain .ckpt or run dir, a Hugging Face GPT-2 dir or Hub "
-                        "name, or a LoRA adapter dir, e.g. ckpt_path=outputs/<run>/checkpoints/last.ckpt")
+        problems.append("ckpt_path is not set: give an llmtrain .ckpt, run dir or export dir, a Hugging Face GPT-2 "
+                        "dir or Hub name, or a LoRA adapter dir, e.g. ckpt_path=outputs/<run>/checkpoints/last.ckpt")
     if args.prompt is None and args.instruction is None:
         problems.append('prompt is not set: give prompt="..." (or instruction="..." for an instruction-tuned model)')
     if args.prompt is not None and args.instruction is not None:
@@ -163,9 +165,15 @@ def load_model(ckpt_path: str, base: str | None = None) -> tuple[GPT, dict]:
 
 
 def _peek_meta(path: Path) -> dict:
-    """The `llmtrain` entry of a checkpoint (file or run dir), memory-mapped so that no weights are read; {} if none."""
-    if path.is_dir():
-        path = next((p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()), path)
+    """The `llmtrain` entry of a checkpoint (file or run dir), memory-mapped so that no weights are read, or the
+    config.json of an export (the dir itself, or a run dir's model/ when it has no checkpoint); {} if none."""
+    if path.is_dir():  # in load_pretrained's order: an export dir, the run's checkpoint, the run's export
+        if (export := peek_config(path)) is not None:
+            return export
+        last = next((p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()), None)
+        if last is None:
+            return peek_config(path / "model") or {}
+        path = last
     if not path.is_file():
         return {}
     try:

@@ -292,6 +292,7 @@ def train(cfg: DictConfig) -> float:
     else:
         summary += f", val/ppl {float(trainer.callback_metrics['val/ppl']):.2f}"
     if trainer.is_global_zero:
+        summary += f"; {export_final(module, trainer, run_dir / 'model', cfg, tokenizer, label_names)}"
         if cfg.finetune.get("lora"):
             from llmtrain.lora import save_adapter
 
@@ -305,6 +306,22 @@ def train(cfg: DictConfig) -> float:
             summary += f"; {n} test answers in {run_dir / 'test_generations.jsonl'}"
         print(f"{summary}; run dir {run_dir}")
     return float(val_loss)
+
+
+def export_final(module, trainer, out_dir: Path, cfg: DictConfig, tokenizer: str, label_names) -> str:
+    """The final weights as safetensors + config.json (LoRA merged): what generate.py and init_from read."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded across ranks here
+        return f"no export under FSDP (the final state is in {out_dir.parent / 'checkpoints' / 'last.ckpt'})"
+    from llmtrain.export import export_model
+
+    task = cfg.finetune.get("task", "lm")
+    export_model(module.model, out_dir, {
+        "tokenizer": tokenizer, "task": task, "label_names": label_names, "stage": cfg.finetune.name,
+        "step": trainer.global_step, "init_from": cfg.init_from,
+        **({"prompt_template": "alpaca"} if task == "instruct" else {})})
+    return f"model exported to {out_dir}"
 
 
 def _in_multirun() -> bool:

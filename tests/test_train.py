@@ -58,6 +58,28 @@ def test_checkpoints_describe_themselves(short_run):
     assert len(ckpt["llmtrain_resume"]["rng"]) == 1  # one set of random states per rank
 
 
+def test_the_final_model_is_exported_as_safetensors(short_run):
+    import json
+
+    from safetensors.torch import load_file
+
+    from llmtrain.finetune import load_pretrained
+
+    run_dir, _ = short_run
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert config["format"] == "llmtrain" and config["step"] == 30 and config["tokenizer"] == "bytes"
+    assert config["model_config"]["emb_dim"] == 32 and config["task"] == "lm"
+    weights = load_file(run_dir / "model" / "model.safetensors")
+    assert "head.weight" in weights and "tok_emb.weight" not in weights  # tied: stored once
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    final = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    model, info = load_pretrained(str(run_dir / "model"))
+    assert info["tokenizer"] == "bytes" and model.config.n_layers == 2
+    exported = model.state_dict()
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)  # the export is the last checkpoint's weights
+
+
 def test_resume_continues_steps_optimizer_and_schedule(tmp_path):
     run_dir = tmp_path / "run"
     first = run_cli([*TINY, "trainer.max_steps=20", "trainer.val_check_interval=10", f"hydra.run.dir={run_dir}"],
