@@ -76,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
         elif n_gpus and isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > n_gpus:
             problems.append(f"trainer.devices={cfg.trainer.devices} but this machine has {n_gpus} GPUs: "
                             f"set trainer.devices={n_gpus} or fewer")
+    problems += _precision_problems(cfg.trainer)
     task = cfg.finetune.get("task", "lm")
     wanted = {"lm": "TextDataModule", "instruct": "InstructDataModule", "classify": "ClassifyDataModule"}
     examples = {"lm": "data=embedded or data=text", "instruct": "data=instruct_embedded or data=alpaca",
@@ -87,6 +88,21 @@ def validate(cfg: DictConfig) -> None:
                         f"choose {examples[task]}")
     if problems:
         raise UserError("; ".join(problems))
+
+
+def _precision_problems(trainer_cfg: DictConfig) -> list[str]:
+    """Precisions this machine cannot train in: fp16 off CUDA (NaN or a silent switch), bf16 on old GPUs."""
+    precision = str(trainer_cfg.precision)
+    if precision.startswith("16") and not _on_cuda(trainer_cfg):
+        return [f"trainer.precision={precision} needs a CUDA GPU (fp16 on CPU gives NaN losses or silently "
+                f"becomes bf16): use trainer.precision=bf16-mixed or 32-true"]
+    if precision.startswith("bf16") and _on_cuda(trainer_cfg):
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            return [f"trainer.precision={precision} but {torch.cuda.get_device_name()} has no bf16 support "
+                    f"(it needs an Ampere or newer GPU): use trainer.precision=16-mixed or 32-true"]
+    return []
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
@@ -105,7 +121,38 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
         raise UserError(f"ckpt_path={ckpt_path!r}: no last.ckpt in {path}{hint}")
     if not path.is_file():
         raise UserError(f"ckpt_path={ckpt_path!r} does not exist: give a .ckpt file or a run dir")
+    checkpoint_meta(str(path), f"ckpt_path={ckpt_path}")  # unreadable: say so now, not deep inside fit
     return str(path)
+
+
+def checkpoint_meta(path: str, what: str) -> dict:
+    """The llmtrain section of a checkpoint (model config, tokenizer, task), read without unpickling objects."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{what} cannot be read: it is truncated, corrupt or not a checkpoint ({type(e).__name__}); "
+                        f"pass another one (ckpt_path=auto hydra.run.dir=<its run dir> takes the newest one that "
+                        f"loads)") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{what} is not a Lightning checkpoint (no state_dict): pass a .ckpt written by llmtrain")
+    return checkpoint.get("llmtrain") or {}
+
+
+def check_resume_fits(ckpt_path: str, model_config) -> None:
+    """Resuming needs the checkpoint's architecture: name every model key that differs, with the value to use."""
+    from dataclasses import asdict
+
+    saved = checkpoint_meta(ckpt_path, f"ckpt_path={ckpt_path}").get("model_config")
+    if not saved:
+        return
+    ours = asdict(model_config)
+    differ = [f"model.{k}={saved[k]} (this run: {ours[k]})" for k in ours
+              if k in saved and saved[k] != ours[k] and k != "drop_rate"]  # dropout holds no weights
+    if differ:
+        raise UserError(f"ckpt_path={ckpt_path} holds another architecture: {', '.join(differ)}; resume with "
+                        f"the checkpoint's model settings, or use init_from= to fine-tune from its weights")
 
 
 def newest_loadable_checkpoint(folder: Path) -> str | None:
@@ -208,6 +255,8 @@ def train(cfg: DictConfig) -> float:
 
     task = cfg.finetune.get("task", "lm")
     model, info = build_model(cfg)
+    if ckpt_path is not None:
+        check_resume_fits(ckpt_path, model.config)
     tokenizer = info.get("tokenizer") or cfg.data.tokenizer
     context_length = min(cfg.data.get("context_length") or model.config.context_length, model.config.context_length)
     datamodule = instantiate(cfg.data, context_length=context_length, tokenizer=tokenizer, seed=cfg.seed)

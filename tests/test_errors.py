@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, run_cli
 
 ROW = re.compile(r"^\| (\w+) \| `([^`]*)` \| (\d+) \| `(.*)` \|$")
@@ -22,6 +23,12 @@ def files(tmp_path) -> Path:
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n\nd\xe9j\xe0 vu\n")
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps({"body": f"text {i}"}) for i in range(20)))
     (tmp_path / "broken.jsonl").write_text('{"body": 1\n')
+    other = {"vocab_size": 50257, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 2,
+             "drop_rate": 0.0, "qkv_bias": False, "tie_weights": False}
+    torch.save({"state_dict": {"model.tok_emb.weight": torch.zeros(2, 2)}, "llmtrain": {"model_config": other}},
+               tmp_path / "other.ckpt")
+    data = (tmp_path / "other.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "outputs" / "earlier").mkdir(parents=True)
     (tmp_path / "outputs" / "earlier" / "keep.txt").write_text("mine")
     return tmp_path

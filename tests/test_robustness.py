@@ -150,3 +150,24 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_file_whole(tmp_path, m
     assert torch.load(path, weights_only=True)["global_step"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left behind
 
+
+def test_gpu_checks_with_a_simulated_gpu(tmp_path, monkeypatch):
+    """More devices than GPUs, and bf16 on a GPU without it: rows that need a GPU, checked against a fake one."""
+    import pytest
+    import torch
+    from conftest import compose
+
+    from llmtrain.errors import UserError
+    from llmtrain.train import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
+    with pytest.raises(UserError) as e:
+        validate(compose(["trainer.devices=4", "trainer.precision=bf16-mixed"], tmp_path))
+    assert str(e.value) == (
+        "trainer.devices=4 but this machine has 2 GPUs: set trainer.devices=2 or fewer; "
+        "trainer.precision=bf16-mixed but Tesla V100-SXM2-16GB has no bf16 support (it needs an Ampere or newer "
+        "GPU): use trainer.precision=16-mixed or 32-true")
+    validate(compose(["trainer.devices=2", "trainer.precision=16-mixed"], tmp_path))  # what the message proposes
