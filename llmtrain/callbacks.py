@@ -122,8 +122,8 @@ class SaveLast(L.Callback):
                    or os.path.join(trainer.default_root_dir, "checkpoints"))
         self.saved_path = os.path.join(dirpath, "last.ckpt")
         trainer.save_checkpoint(self.saved_path)
-        if last is not None:
-            last._last_global_step_saved = trainer.global_step
+        if last is not None:  # so that it does not write the same state again at train end
+            last._last_global_step_saved, last._last_checkpoint_saved = trainer.global_step, self.saved_path
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         last = last_checkpoint_callback(trainer)

@@ -118,3 +118,50 @@ def test_token_windows_cover_the_stream_without_overlap(tmp_path):
     assert len(w) == 10
     assert w[3]["input_ids"].tolist() == list(range(30, 40))
     assert w[9]["labels"].tolist() == list(range(91, 101))
+
+
+def test_resumable_loader_continues_the_epoch_where_the_checkpoint_left_it():
+    """The loader's state after k finished batches, loaded into a fresh loader, gives the rest of the epoch."""
+    import torch
+
+    from llmtrain.resume import ResumableLoader
+
+    data = torch.arange(50)
+
+    def loader(done=lambda: 0):
+        return ResumableLoader(data, batch_size=4, shuffle=True, seed=7, batches_done=done, drop_last=True)
+
+    whole = loader()
+    whole.sampler.set_epoch(3)
+    epoch = [b.tolist() for b in whole]
+    assert len(epoch) == 12 and sorted(sum(epoch, [])) != sum(epoch, [])  # 12 batches of a shuffled order
+    assert epoch != [b.tolist() for b in loader()]  # the order depends on the epoch (this one is epoch 0)
+
+    first = loader(done=lambda: 5)  # 5 batches trained (more may have been fetched ahead)
+    first.sampler.set_epoch(3)
+    state = first.state_dict()
+    assert state == {"epoch": 3, "seed": 7, "shuffle": True, "samples_done": 20}
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(3)
+    assert len(resumed) == 12  # Lightning counts the epoch's batches from the full length
+    assert [b.tolist() for b in resumed] == epoch[5:]
+    assert [b.tolist() for b in resumed] == epoch  # only the first pass after a resume starts part-way
+
+    other_epoch = loader()
+    other_epoch.load_state_dict(state)
+    other_epoch.sampler.set_epoch(4)  # the saved epoch had ended: the next one starts from its beginning
+    assert len([b for b in other_epoch]) == 12
+
+
+def test_creating_loaders_draws_nothing_from_the_global_generator(tmp_path):
+    import torch
+
+    dm = make_dm(tmp_path, path=str(write_paragraphs(tmp_path / "a.txt")))
+    dm.prepare_data()
+    dm.setup("fit")
+    state = torch.get_rng_state()
+    next(iter(dm.train_dataloader()))
+    next(iter(dm.val_dataloader()))
+    assert torch.equal(torch.get_rng_state(), state)  # validation between steps cannot shift dropout
