@@ -1,10 +1,14 @@
-"""Callbacks of our own; the stock ones (checkpointing, LR monitor, progress bar) come from Lightning."""
+"""Callbacks of our own (throughput, last.ckpt) and the atomic checkpoint writer; the stock ones (best
+checkpoint by val/loss, LR monitor, progress bar) come from Lightning."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -22,8 +26,6 @@ PEAK_FLOPS = {
 
 def device_peak_flops(precision: str) -> float | None:
     """The peak of the current CUDA device for this precision, from PEAK_FLOPS; None when unknown (e.g. CPU)."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
@@ -95,48 +97,80 @@ class Throughput(L.Callback):
         )
 
 
-def last_checkpoint_callback(trainer: L.Trainer):
-    """The ModelCheckpoint that keeps last.ckpt (conf/callbacks: last_checkpoint), else the first one, or None."""
-    return next((cb for cb in trainer.checkpoint_callbacks if cb.save_last), trainer.checkpoint_callback)
+class LastCheckpoint(L.Callback):
+    """Keeps `checkpoints/last.ckpt` at a state a run can resume from exactly, and says where it is.
 
-
-class SaveLast(L.Callback):
-    """Keeps `last.ckpt` at the run's final state: when training ends, and on SIGTERM.
-
-    The last_checkpoint callback writes last.ckpt every `checkpoint_every` steps; this adds the step where
-    training stops, whatever the interval. SIGTERM is what SLURM and cloud schedulers send before they stop
-    a job: Lightning turns it into SIGTERMException at the next batch boundary on every rank, and the state
-    is saved there (all ranks take part, rank zero writes), so that `ckpt_path=auto` resumes from it. Both
-    saves happen inside `fit`, so they hold the data position like every other checkpoint.
+    It saves every `every_n_steps` optimizer steps, at the final step, and when SIGTERM arrives (what SLURM
+    and cloud schedulers send before they stop a job), always right after an optimizer step: between the
+    micro-batches of a gradient-accumulation window the summed gradients would be lost. A SIGTERM in the middle
+    of a window is held back until the window ends; then the state is saved on every rank (rank zero writes)
+    and Lightning stops the run. Saving inside `fit` at the end of a batch means that each checkpoint holds
+    the data position in the same form (see resume.py).
     """
 
-    def __init__(self, dirpath: str | None = None) -> None:
-        self.dirpath = dirpath
-        self.saved_path: str | None = None
+    def __init__(self, dirpath: str, every_n_steps: int = 100) -> None:
+        self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
+        self.saved_path: Path | None = None
+        self.saved_step: int | None = None
+        self._last_step = 0  # global_step after the previous batch: it grows when a batch ends a window
+        self._at_window_end = True  # no accumulated gradients outstanding
+        self._sigterm = False
 
-    def _save(self, trainer: L.Trainer) -> None:
-        import os
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = self.saved_step = trainer.global_step  # a resumed run does not re-save its start
 
-        last = last_checkpoint_callback(trainer)
-        dirpath = (self.dirpath or getattr(last, "dirpath", None)
-                   or os.path.join(trainer.default_root_dir, "checkpoints"))
-        self.saved_path = os.path.join(dirpath, "last.ckpt")
-        trainer.save_checkpoint(self.saved_path)
-        if last is not None:  # so that it does not write the same state again at train end
-            last._last_global_step_saved, last._last_checkpoint_saved = trainer.global_step, self.saved_path
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        self._at_window_end = stepped
+        if trainer.received_sigterm and not stepped:  # finish the accumulation window first
+            self._sigterm = True
+            _set_received_sigterm(trainer, False)
+        if not stepped:
+            return
+        stop = trainer.strategy.reduce_boolean_decision(self._sigterm or trainer.received_sigterm, all=False)
+        step = trainer.global_step
+        if stop or step % self.every_n_steps == 0 or step >= trainer.max_steps:
+            self._save(trainer)
+        if stop:
+            rank_zero_info(f"SIGTERM: saved {self.saved_path} at step {step}")
+            _set_received_sigterm(trainer, True)  # Lightning raises SIGTERMException at the end of this batch
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        last = last_checkpoint_callback(trainer)
-        if last is None or getattr(last, "_last_global_step_saved", None) != trainer.global_step:
+        if self.saved_step != trainer.global_step:  # stopped early, e.g. by trainer.should_stop
             self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """SIGTERM that Lightning raised elsewhere (during a validation inside fit): save if at a window end."""
+        from lightning.pytorch.trainer.states import TrainerFn
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if not isinstance(exception, SIGTERMException) or trainer.state.stage != "train":
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        self._save(trainer)
-        rank_zero_info(f"SIGTERM: saved {self.saved_path} at step {trainer.global_step}")
+        if self._at_window_end and self.saved_step != trainer.global_step:
+            self._save(trainer)
+            rank_zero_info(f"SIGTERM: saved {self.saved_path} at step {trainer.global_step}")
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if self.saved_step == trainer.global_step and self.saved_path is not None:
+            return
+        self.saved_path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(self.saved_path)
+        self.saved_step = trainer.global_step
+
+
+def _set_received_sigterm(trainer: L.Trainer, value: bool) -> None:
+    # Trainer.received_sigterm is a read-only view of the flag that Lightning's SIGTERM handler sets and its
+    # loops check at every batch end; holding a signal back until a window ends means setting the flag itself
+    trainer._signal_connector.received_sigterm = value
+
+
+def newest_checkpoint(trainer: L.Trainer) -> str | None:
+    """Where the newest state of this run was saved (last.ckpt or a best-by-val/loss file), or None."""
+    last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+    if last is not None and last.saved_path is not None:
+        return str(last.saved_path)
+    return next((cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks
+                 if cb.last_model_path or cb.best_model_path), None)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -149,15 +183,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        import os
-        from pathlib import Path
-
-        import torch
-
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options for local paths")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
@@ -165,5 +198,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         finally:
             tmp.unlink(missing_ok=True)

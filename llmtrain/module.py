@@ -136,10 +136,10 @@ class LanguageModel(L.LightningModule):
             return False
         self.nonfinite_steps += 1
         if self.nonfinite_steps > self.max_nonfinite_steps:
-            from llmtrain.callbacks import last_checkpoint_callback
+            from llmtrain.callbacks import newest_checkpoint
             from llmtrain.errors import UserError
 
-            ckpt = getattr(last_checkpoint_callback(self.trainer), "last_model_path", "") or "none yet"
+            ckpt = newest_checkpoint(self.trainer) or "none yet"
             raise UserError(
                 f"the training loss is {loss.item()} at step {self.global_step}; last good checkpoint: {ckpt}. "
                 f"Lower optimizer.lr or trainer.gradient_clip_val, or skip such batches with "

@@ -20,6 +20,7 @@ some CUDA kernels are not unless trainer.deterministic=true).
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -76,14 +77,24 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict:
         sampler = self.sampler
-        return {"epoch": sampler.epoch, "seed": sampler.seed, "shuffle": sampler.shuffle,
+        return {"epoch": sampler.epoch, "seed": sampler.seed, "batch_size": self.batch_size,
+                "num_replicas": sampler.num_replicas,
                 "samples_done": self.batches_done() * self.batch_size * sampler.num_replicas}
 
     def load_state_dict(self, state: dict) -> None:
         sampler = self.sampler
+        saved = (state["seed"], state["batch_size"], state["num_replicas"])
+        now = (sampler.seed, self.batch_size, sampler.num_replicas)
+        if saved != now:
+            warnings.warn(f"resuming with (seed, batch size, ranks) = {now} where the checkpoint had {saved}: the "
+                          f"data continues near, not exactly at, its position", stacklevel=2)
+        # Lightning builds the first iterator before it calls set_epoch: set the saved epoch here
         start = state["samples_done"] // sampler.num_replicas
-        if start < sampler.num_samples:
+        if start < min(sampler.num_samples, len(self) * self.batch_size):  # len(self): this rank's batches
+            sampler.set_epoch(state["epoch"])
             sampler.resume_at = (state["epoch"], start)
+        else:  # the saved epoch had ended
+            sampler.set_epoch(state["epoch"] + 1)
 
 
 def trainer_batches_done(trainer) -> int:
@@ -105,7 +116,7 @@ def rng_states() -> dict:
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this rank's device
     }
 
 
@@ -114,8 +125,8 @@ def set_rng_states(states: dict) -> None:
     n = states["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def gather_rng_states() -> list[dict]:

@@ -77,6 +77,11 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"trainer.devices={cfg.trainer.devices} but this machine has {n_gpus} GPUs: "
                             f"set trainer.devices={n_gpus} or fewer")
     problems += _precision_problems(cfg.trainer)
+    if cfg.checkpoint_every is None or cfg.checkpoint_every < 1:
+        problems.append(f"checkpoint_every must be a positive number of optimizer steps, got {cfg.checkpoint_every}")
+    if cfg.trainer.get("overfit_batches"):
+        problems.append("trainer.overfit_batches is not supported (llmtrain's loaders keep their place for exact "
+                        "resume): to train on a small subset, set data.max_documents=N")
     task = cfg.finetune.get("task", "lm")
     wanted = {"lm": "TextDataModule", "instruct": "InstructDataModule", "classify": "ClassifyDataModule"}
     examples = {"lm": "data=embedded or data=text", "instruct": "data=instruct_embedded or data=alpaca",
@@ -99,7 +104,7 @@ def _precision_problems(trainer_cfg: DictConfig) -> list[str]:
     if precision.startswith("bf16") and _on_cuda(trainer_cfg):
         import torch
 
-        if not torch.cuda.is_bf16_supported():
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
             return [f"trainer.precision={precision} but {torch.cuda.get_device_name()} has no bf16 support "
                     f"(it needs an Ampere or newer GPU): use trainer.precision=16-mixed or 32-true"]
     return []
@@ -140,11 +145,16 @@ def checkpoint_meta(path: str, what: str) -> dict:
     return checkpoint.get("llmtrain") or {}
 
 
-def check_resume_fits(ckpt_path: str, model_config) -> None:
-    """Resuming needs the checkpoint's architecture: name every model key that differs, with the value to use."""
+def check_resume_fits(ckpt_path: str, model_config, stage: str) -> None:
+    """Resuming needs the checkpoint's stage and architecture: name what differs, with the value to use."""
     from dataclasses import asdict
 
-    saved = checkpoint_meta(ckpt_path, f"ckpt_path={ckpt_path}").get("model_config")
+    meta = checkpoint_meta(ckpt_path, f"ckpt_path={ckpt_path}")
+    if meta.get("stage", stage) != stage:
+        raise UserError(f"ckpt_path={ckpt_path} was written by finetune={meta['stage']}, this run is finetune={stage}: "
+                        f"resume with finetune={meta['stage']} (and its data), or use init_from= to start a new "
+                        f"stage from its weights")
+    saved = meta.get("model_config")
     if not saved:
         return
     ours = asdict(model_config)
@@ -156,10 +166,12 @@ def check_resume_fits(ckpt_path: str, model_config) -> None:
 
 
 def newest_loadable_checkpoint(folder: Path) -> str | None:
-    """The newest .ckpt in folder that opens as a checkpoint (a file cut short by a crash is passed over)."""
+    """last.ckpt if it opens as a checkpoint, else the newest other .ckpt that does (a file cut short: passed over)."""
     import torch
 
-    for path in sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+    # last.ckpt first: it is always saved right after an optimizer step (a best-by-val/loss file may fall
+    # inside a gradient-accumulation window); then the others, newest first
+    for path in sorted(folder.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime), reverse=True):
         try:
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # truncated or corrupt: say so and take the next one
@@ -195,7 +207,8 @@ def _precision(trainer_cfg: DictConfig) -> str | int:
         return trainer_cfg.precision
     import torch
 
-    return "bf16-mixed" if _on_cuda(trainer_cfg) and torch.cuda.is_bf16_supported() else "32-true"
+    bf16 = _on_cuda(trainer_cfg) and torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16-mixed" if bf16 else "32-true"
 
 
 def accumulation_steps(cfg: DictConfig, context_length: int) -> int:
@@ -256,7 +269,7 @@ def train(cfg: DictConfig) -> float:
     task = cfg.finetune.get("task", "lm")
     model, info = build_model(cfg)
     if ckpt_path is not None:
-        check_resume_fits(ckpt_path, model.config)
+        check_resume_fits(ckpt_path, model.config, cfg.finetune.name)
     tokenizer = info.get("tokenizer") or cfg.data.tokenizer
     context_length = min(cfg.data.get("context_length") or model.config.context_length, model.config.context_length)
     datamodule = instantiate(cfg.data, context_length=context_length, tokenizer=tokenizer, seed=cfg.seed)
@@ -324,7 +337,10 @@ def train(cfg: DictConfig) -> float:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         if trainer.is_global_zero:
-            print(f"stopped by SIGTERM at step {trainer.global_step}; state saved in {run_dir / 'checkpoints'}. "
+            from llmtrain.callbacks import newest_checkpoint
+
+            print(f"stopped by SIGTERM at step {trainer.global_step}; newest checkpoint: "
+                  f"{newest_checkpoint(trainer) or 'none'}. "
                   f"Resume with: python -m llmtrain <same overrides> hydra.run.dir={run_dir} ckpt_path=auto")
         sys.exit(0)
 

@@ -121,7 +121,9 @@ def test_token_windows_cover_the_stream_without_overlap(tmp_path):
 
 
 def test_resumable_loader_continues_the_epoch_where_the_checkpoint_left_it():
-    """The loader's state after k finished batches, loaded into a fresh loader, gives the rest of the epoch."""
+    """The loader's state after k finished batches, loaded into a fresh loader, gives the rest of the epoch.
+
+    In Lightning's order: the state is loaded and the first iterator built before set_epoch is called."""
     import torch
 
     from llmtrain.resume import ResumableLoader
@@ -133,26 +135,31 @@ def test_resumable_loader_continues_the_epoch_where_the_checkpoint_left_it():
 
     whole = loader()
     whole.sampler.set_epoch(3)
-    epoch = [b.tolist() for b in whole]
-    assert len(epoch) == 12 and sorted(sum(epoch, [])) != sum(epoch, [])  # 12 batches of a shuffled order
-    assert epoch != [b.tolist() for b in loader()]  # the order depends on the epoch (this one is epoch 0)
+    epoch3 = [b.tolist() for b in whole]
+    whole.sampler.set_epoch(4)
+    epoch4 = [b.tolist() for b in whole]
+    assert len(epoch3) == 12 and sorted(sum(epoch3, [])) != sum(epoch3, [])  # 12 batches of a shuffled order
+    assert epoch3 != epoch4  # the order depends on the epoch
 
     first = loader(done=lambda: 5)  # 5 batches trained (more may have been fetched ahead)
     first.sampler.set_epoch(3)
     state = first.state_dict()
-    assert state == {"epoch": 3, "seed": 7, "shuffle": True, "samples_done": 20}
+    assert state == {"epoch": 3, "seed": 7, "batch_size": 4, "num_replicas": 1, "samples_done": 20}
 
     resumed = loader()
     resumed.load_state_dict(state)
+    rest = iter(resumed)  # Lightning: iterator first, set_epoch after
     resumed.sampler.set_epoch(3)
     assert len(resumed) == 12  # Lightning counts the epoch's batches from the full length
-    assert [b.tolist() for b in resumed] == epoch[5:]
-    assert [b.tolist() for b in resumed] == epoch  # only the first pass after a resume starts part-way
+    assert [b.tolist() for b in rest] == epoch3[5:]
+    assert [b.tolist() for b in resumed] == epoch3  # only the first pass after a resume starts part-way
 
-    other_epoch = loader()
-    other_epoch.load_state_dict(state)
-    other_epoch.sampler.set_epoch(4)  # the saved epoch had ended: the next one starts from its beginning
-    assert len([b for b in other_epoch]) == 12
+    ended = loader()
+    ended.load_state_dict(first.state_dict() | {"samples_done": 48})  # saved after the epoch's last batch
+    assert [b.tolist() for b in ended] == epoch4  # the next epoch, from its beginning
+
+    with pytest.warns(UserWarning, match="batch size, ranks"):
+        loader().load_state_dict(state | {"batch_size": 8})
 
 
 def test_creating_loaders_draws_nothing_from_the_global_generator(tmp_path):

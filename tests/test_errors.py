@@ -27,6 +27,9 @@ def files(tmp_path) -> Path:
              "drop_rate": 0.0, "qkv_bias": False, "tie_weights": False}
     torch.save({"state_dict": {"model.tok_emb.weight": torch.zeros(2, 2)}, "llmtrain": {"model_config": other}},
                tmp_path / "other.ckpt")
+    pretrain = other | {"n_layers": 4, "tie_weights": True}  # conf/model/gpt_tiny.yaml
+    torch.save({"state_dict": {}, "llmtrain": {"model_config": pretrain, "stage": "pretrain", "task": "lm"}},
+               tmp_path / "pretrain.ckpt")
     data = (tmp_path / "other.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "outputs" / "earlier").mkdir(parents=True)

@@ -50,7 +50,7 @@ def test_compiled_run_with_mfu_and_accumulation(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
-    batches = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    batches = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
     assert batches == 12  # two micro-batches of 8 x 32 tokens per optimizer step
 
 

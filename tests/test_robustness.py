@@ -1,6 +1,15 @@
-"""What a run does when training goes wrong."""
+"""What a run does when training goes wrong: NaN, SIGTERM, SIGKILL, cut-off writes, GPU mismatches."""
 
-from conftest import TINY, run_cli
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, read_scalars, run_cli
 
 EXPLODE = ["optimizer.lr=1e30", "optimizer.schedule.min_lr=0", "optimizer.schedule.warmup_steps=0",
            "trainer.gradient_clip_val=null", "trainer.max_steps=20", "trainer.val_check_interval=10"]
@@ -22,15 +31,6 @@ def test_nonfinite_batches_can_be_skipped_up_to_a_limit(tmp_path):
 
 
 def test_sigterm_saves_and_a_restart_with_ckpt_path_auto_resumes_in_place(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import torch
-    from conftest import read_scalars
-
     run_dir = tmp_path / "run"
     args = [*TINY, "trainer.max_steps=100000", "trainer.val_check_interval=100000", "ckpt_path=auto",
             f"hydra.run.dir={run_dir}"]
@@ -43,10 +43,11 @@ def test_sigterm_saves_and_a_restart_with_ckpt_path_auto_resumes_in_place(tmp_pa
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert "stopped by SIGTERM at step" in out and "ckpt_path=auto" in out
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     stopped_at = saved["global_step"]
     assert 0 < stopped_at < 100000
+    assert f"stopped by SIGTERM at step {stopped_at}; newest checkpoint: {run_dir}/checkpoints/last.ckpt" in out
+    assert "ckpt_path=auto" in out
 
     again = run_cli([*args[:-2], f"trainer.max_steps={stopped_at + 10}", "trainer.val_check_interval=5",
                      "ckpt_path=auto", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
@@ -59,12 +60,20 @@ def test_sigterm_saves_and_a_restart_with_ckpt_path_auto_resumes_in_place(tmp_pa
     assert max(steps) > stopped_at
 
 
+def test_sigterm_inside_an_accumulation_window_is_held_until_the_window_ends(tmp_path):
+    """SIGTERM at the start of batch 7 (the 2nd of the window 6-8): the state is saved after batch 8's step."""
+    run_dir = tmp_path / "run"
+    result = run_cli([*TINY, "trainer.accumulate_grad_batches=3", "+callbacks.sigterm._target_=signals.SigtermAt",
+                      "+callbacks.sigterm.batch=7", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                     env={"PYTHONPATH": str(ROOT / "tests")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 9
+    assert f"stopped by SIGTERM at step 3; newest checkpoint: {run_dir}/checkpoints/last.ckpt" in result.stdout
+
+
 def test_ckpt_path_auto_passes_over_a_truncated_checkpoint(tmp_path):
-    import os
-    import time
-
-    import torch
-
     run_dir = tmp_path / "run"
     first = run_cli([*TINY, "trainer.max_steps=10", "trainer.val_check_interval=5", f"hydra.run.dir={run_dir}"],
                     cwd=tmp_path)
@@ -80,58 +89,61 @@ def test_ckpt_path_auto_passes_over_a_truncated_checkpoint(tmp_path):
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 15
 
 
-# A run that crosses epochs (about 25 batches each), with dropout (so the random state matters) and with
-# gradient accumulation (checkpoints fall between optimizer steps, not between batches).
+# A run that crosses epochs (21 batches = 11 optimizer steps each: 10 windows of 2 batches, then 1), with
+# dropout (so the random state matters) and gradient accumulation (saves must fall between windows).
 EXACT = [*TINY, "data.max_documents=60", "model.drop_rate=0.1", "trainer.max_steps=36",
-         "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
-         "checkpoint_every=5"]
+         "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1"]
 
 
-def test_a_run_killed_mid_epoch_resumes_with_bit_identical_losses(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import torch
-    from conftest import read_scalars
-
-    whole = run_cli([*EXACT, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("whole")
+    whole = run_cli([*EXACT, "checkpoint_every=5", f"hydra.run.dir={run_dir}"], cwd=run_dir)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    expected = dict(read_scalars(tmp_path / "whole")["train/loss"])
-    assert sorted(expected) == list(range(36))  # one loss per optimizer step
+    losses = dict(read_scalars(run_dir)["train/loss"])
+    assert sorted(losses) == list(range(36))  # one loss per optimizer step
+    return losses
 
-    run_dir = tmp_path / "killed"
-    args = [*EXACT, "ckpt_path=auto", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "llmtrain", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    saved_at = 0
-    while saved_at < 10 and proc.poll() is None and time.monotonic() < deadline:
+
+def _run_and_kill(args: list[str], cwd: Path, last: Path, after_step: int) -> int:
+    """Start a run, SIGKILL it once last.ckpt holds a step >= after_step; the step it holds then."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmtrain", *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, saved_at = time.monotonic() + 120, -1
+    while saved_at < after_step and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
         try:
             saved_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-        except Exception:  # not written yet
+        except Exception:  # not there yet, or being replaced
             pass
-    proc.send_signal(signal.SIGKILL)  # no chance to save anything more
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its DataLoader workers: no chance to save anything more
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
-    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-    assert 10 <= step < 36
+    return torch.load(last, map_location="cpu", weights_only=True)["global_step"]
 
-    again = run_cli(args, cwd=tmp_path)
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_killed_twice_resumes_with_bit_identical_losses(tmp_path, uninterrupted, workers):
+    """Killed right after the save at the end of epoch 0, resumed, killed again in the middle of epoch 1,
+    resumed to the end: every step's training loss equals the uninterrupted run's, bit for bit."""
+    run_dir = tmp_path / "killed"
+    args = [*EXACT, f"data.num_workers={workers}", "ckpt_path=auto", f"hydra.run.dir={run_dir}"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first = _run_and_kill([*args, "checkpoint_every=11"], tmp_path, last, after_step=11)
+    assert first in (11, 22)  # saved after the last batch of an epoch
+    second = _run_and_kill([*args, "checkpoint_every=5"], tmp_path, last, after_step=first + 4)
+    assert second % 5 == 0 and first < second < 33, second  # saved inside an epoch after the resume
+
+    again = run_cli([*args, "checkpoint_every=5"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "done: 36 steps" in again.stdout
-    got = read_scalars(run_dir)["train/loss"]  # the killed run's events, then the resumed run's
-    assert {s for s, _ in got} == set(expected)
-    mismatched = [(s, v, expected[s]) for s, v in got if v != expected[s]]
+    got = read_scalars(run_dir)["train/loss"]  # the killed runs' events, then the resumed run's
+    assert {s for s, _ in got} == set(uninterrupted)
+    mismatched = [(s, v, uninterrupted[s]) for s, v in got if v != uninterrupted[s]]
     assert not mismatched, mismatched[:5]
 
 
 def test_a_checkpoint_write_cut_short_leaves_the_previous_file_whole(tmp_path, monkeypatch):
-    import torch
-
     from llmtrain.callbacks import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
@@ -153,8 +165,6 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_file_whole(tmp_path, m
 
 def test_gpu_checks_with_a_simulated_gpu(tmp_path, monkeypatch):
     """More devices than GPUs, and bf16 on a GPU without it: rows that need a GPU, checked against a fake one."""
-    import pytest
-    import torch
     from conftest import compose
 
     from llmtrain.errors import UserError
