@@ -118,6 +118,8 @@ class LastCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = self.saved_step = trainer.global_step  # a resumed run does not re-save its start
+        if trainer.ckpt_path:  # ... whose newest state is the checkpoint it resumed from
+            self.saved_path = Path(trainer.ckpt_path)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step

@@ -88,7 +88,7 @@ class ResumableLoader(DataLoader):
         if saved != now:
             warnings.warn(f"resuming with (seed, batch size, ranks) = {now} where the checkpoint had {saved}: the "
                           f"data continues near, not exactly at, its position", stacklevel=2)
-        # Lightning builds the first iterator before it calls set_epoch: set the saved epoch here
+        # set the epoch here rather than rely on Lightning's set_epoch reaching the sampler before its first pass
         start = state["samples_done"] // sampler.num_replicas
         if start < min(sampler.num_samples, len(self) * self.batch_size):  # len(self): this rank's batches
             sampler.set_epoch(state["epoch"])

@@ -126,7 +126,6 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
         raise UserError(f"ckpt_path={ckpt_path!r}: no last.ckpt in {path}{hint}")
     if not path.is_file():
         raise UserError(f"ckpt_path={ckpt_path!r} does not exist: give a .ckpt file or a run dir")
-    checkpoint_meta(str(path), f"ckpt_path={ckpt_path}")  # unreadable: say so now, not deep inside fit
     return str(path)
 
 
@@ -269,7 +268,7 @@ def train(cfg: DictConfig) -> float:
     task = cfg.finetune.get("task", "lm")
     model, info = build_model(cfg)
     if ckpt_path is not None:
-        check_resume_fits(ckpt_path, model.config, cfg.finetune.name)
+        check_resume_fits(ckpt_path, model.config, cfg.finetune.name)  # and that it loads: not deep inside fit
     tokenizer = info.get("tokenizer") or cfg.data.tokenizer
     context_length = min(cfg.data.get("context_length") or model.config.context_length, model.config.context_length)
     datamodule = instantiate(cfg.data, context_length=context_length, tokenizer=tokenizer, seed=cfg.seed)
@@ -305,7 +304,7 @@ def train(cfg: DictConfig) -> float:
         sample_tokens=cfg.finetune.get("sample_tokens", 48),
         max_nonfinite_steps=cfg.get("max_nonfinite_steps", 0),
         checkpoint_info={"init_from": cfg.init_from, "stage": cfg.finetune.name,
-                         **({"prompt_template": "alpaca"} if task == "instruct" else {})},
+                         **_prompt_template(task)},
     )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["precision"] = _precision(cfg.trainer)
@@ -364,7 +363,7 @@ def train(cfg: DictConfig) -> float:
             save_adapter(module.model, run_dir / "adapter")
             (run_dir / "adapter" / "llmtrain_adapter.json").write_text(json.dumps(
                 {"base": cfg.init_from, "task": task, "label_names": label_names, "tokenizer": tokenizer,
-                 **({"prompt_template": "alpaca"} if task == "instruct" else {})}, indent=1))
+                 **_prompt_template(task)}, indent=1))
             summary += f"; adapter in {run_dir / 'adapter'}"
         if task == "instruct":
             n = write_test_generations(module, datamodule, run_dir / "test_generations.jsonl", cfg.finetune)
@@ -385,8 +384,13 @@ def export_final(module, trainer, out_dir: Path, cfg: DictConfig, tokenizer: str
     export_model(module.model, out_dir, {
         "tokenizer": tokenizer, "task": task, "label_names": label_names, "stage": cfg.finetune.name,
         "step": trainer.global_step, "init_from": cfg.init_from,
-        **({"prompt_template": "alpaca"} if task == "instruct" else {})})
+        **_prompt_template(task)})
     return f"model exported to {out_dir}"
+
+
+def _prompt_template(task: str) -> dict:
+    """What checkpoints, adapters and exports of a stage record about its prompts (read by generate.py)."""
+    return {"prompt_template": "alpaca"} if task == "instruct" else {}
 
 
 def _in_multirun() -> bool:
