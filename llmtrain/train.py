@@ -356,36 +356,38 @@ def train(cfg: DictConfig) -> float:
     else:
         summary += f", val/ppl {float(trainer.callback_metrics['val/ppl']):.2f}"
     if trainer.is_global_zero:
-        summary += f"; {export_final(module, trainer, run_dir / 'model', cfg, tokenizer, label_names)}"
-        if cfg.finetune.get("lora"):
-            from llmtrain.lora import save_adapter
-
-            save_adapter(module.model, run_dir / "adapter")
-            (run_dir / "adapter" / "llmtrain_adapter.json").write_text(json.dumps(
-                {"base": cfg.init_from, "task": task, "label_names": label_names, "tokenizer": tokenizer,
-                 **_prompt_template(task)}, indent=1))
-            summary += f"; adapter in {run_dir / 'adapter'}"
-        if task == "instruct":
-            n = write_test_generations(module, datamodule, run_dir / "test_generations.jsonl", cfg.finetune)
-            summary += f"; {n} test answers in {run_dir / 'test_generations.jsonl'}"
-        print(f"{summary}; run dir {run_dir}")
+        print("; ".join([summary, *write_outputs(module, trainer, datamodule, cfg, tokenizer, label_names),
+                         f"run dir {run_dir}"]))
     return float(val_loss)
 
 
-def export_final(module, trainer, out_dir: Path, cfg: DictConfig, tokenizer: str, label_names) -> str:
-    """The final weights as safetensors + config.json (LoRA merged): what generate.py and init_from read."""
+def write_outputs(module, trainer, datamodule, cfg: DictConfig, tokenizer: str, label_names) -> list[str]:
+    """What a finished run leaves beside its checkpoints (rank zero): the safetensors export of the final
+    weights, a LoRA stage's adapter, an instruct stage's answers to the test split; a phrase for each."""
     from lightning.pytorch.strategies import FSDPStrategy
 
+    run_dir, task = Path(cfg.run_dir), cfg.finetune.get("task", "lm")
+    meta = {"tokenizer": tokenizer, "task": task, "label_names": label_names, **_prompt_template(task)}
+    written = []
     if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded across ranks here
-        return f"no export under FSDP (the final state is in {out_dir.parent / 'checkpoints' / 'last.ckpt'})"
-    from llmtrain.export import export_model
+        written.append(f"no export under FSDP (the final state is in {run_dir / 'checkpoints' / 'last.ckpt'})")
+    else:  # LoRA merged: what generate.py and init_from read, without pickle
+        from llmtrain.export import export_model
 
-    task = cfg.finetune.get("task", "lm")
-    export_model(module.model, out_dir, {
-        "tokenizer": tokenizer, "task": task, "label_names": label_names, "stage": cfg.finetune.name,
-        "step": trainer.global_step, "init_from": cfg.init_from,
-        **_prompt_template(task)})
-    return f"model exported to {out_dir}"
+        export_model(module.model, run_dir / "model",
+                     {**meta, "stage": cfg.finetune.name, "step": trainer.global_step, "init_from": cfg.init_from})
+        written.append(f"model exported to {run_dir / 'model'}")
+    if cfg.finetune.get("lora"):
+        from llmtrain.lora import save_adapter
+
+        save_adapter(module.model, run_dir / "adapter")
+        (run_dir / "adapter" / "llmtrain_adapter.json").write_text(json.dumps({"base": cfg.init_from, **meta},
+                                                                              indent=1))
+        written.append(f"adapter in {run_dir / 'adapter'}")
+    if task == "instruct":
+        n = write_test_generations(module, datamodule, run_dir / "test_generations.jsonl", cfg.finetune)
+        written.append(f"{n} test answers in {run_dir / 'test_generations.jsonl'}")
+    return written
 
 
 def _prompt_template(task: str) -> dict:
