@@ -2,6 +2,7 @@
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ def test_the_catalogue_has_at_least_twenty_rows():
     assert len(ROWS) >= 20
 
 
-@pytest.fixture
-def files(tmp_path) -> Path:
+def make_files(tmp_path: Path) -> Path:
+    """The files the table's rows name, and an earlier run's output that no row may touch."""
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("A few words.")
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n\nd\xe9j\xe0 vu\n")
@@ -37,10 +38,24 @@ def files(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("kind,args,status,message", ROWS, ids=[r[1] for r in ROWS])
-def test_documented_error(files, kind, args, status, message):
-    result = run_cli(args.format(tmp=files).split(), cwd=files)
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list:
+    """Every row's command, each in its own folder, run two at a time: a row is one fresh Python process
+    that spends its few seconds starting up, and the 2-core CI machine can start two at once."""
+
+    def run(row):
+        folder = make_files(tmp_path_factory.mktemp("row"))
+        return folder, run_cli(row[1].format(tmp=folder).split(), cwd=folder)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(run, ROWS))
+
+
+@pytest.mark.parametrize("i", range(len(ROWS)), ids=[r[1] for r in ROWS])
+def test_documented_error(results, i):
+    kind, args, status, message = ROWS[i]
+    folder, result = results[i]
     assert result.returncode == int(status), result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == message.format(tmp=files)
+    assert result.stderr.strip().splitlines()[-1] == message.format(tmp=folder)
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in (files / "outputs").rglob("*")) == ["earlier", "keep.txt"]
+    assert sorted(p.name for p in (folder / "outputs").rglob("*")) == ["earlier", "keep.txt"]
