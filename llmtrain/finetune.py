@@ -169,6 +169,19 @@ def _load_export(path: Path, init_from: str) -> tuple[GPT, dict]:
         raise UserError(f"init_from={init_from}: {e}") from e
 
 
+def checkpoint_meta(path: str, what: str) -> dict:
+    """The llmtrain section of a checkpoint (model config, tokenizer, task), read without unpickling objects."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{what} cannot be read: it is truncated, corrupt or not a checkpoint ({type(e).__name__}); "
+                        f"pass another one (ckpt_path=auto hydra.run.dir=<its run dir> takes the newest one that "
+                        f"loads)") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{what} is not a Lightning checkpoint (no state_dict): pass a .ckpt written by llmtrain")
+    return checkpoint.get("llmtrain") or {}
+
+
 def _load_state(model: GPT, state_dict: dict[str, torch.Tensor], init_from: str) -> None:
     """Copy every tensor into the model; missing, unexpected and mis-shaped keys are one UserError."""
     own = model.state_dict()

@@ -21,7 +21,7 @@ import torch
 
 from llmtrain.errors import UserError
 from llmtrain.export import peek_config
-from llmtrain.finetune import load_pretrained
+from llmtrain.finetune import checkpoint_meta, load_pretrained
 from llmtrain.model import GPT
 from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer
 
@@ -177,10 +177,9 @@ def _peek_meta(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip checkpoint, not a checkpoint at all: load_pretrained says which
+        meta = checkpoint_meta(str(path), str(path))
+    except UserError:  # not a checkpoint at all: load_pretrained says why
         return {}
-    meta = ckpt.get("llmtrain") if isinstance(ckpt, dict) else None
     return meta if isinstance(meta, dict) else {}
 
 

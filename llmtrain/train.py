@@ -129,24 +129,11 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
     return str(path)
 
 
-def checkpoint_meta(path: str, what: str) -> dict:
-    """The llmtrain section of a checkpoint (model config, tokenizer, task), read without unpickling objects."""
-    import torch
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"{what} cannot be read: it is truncated, corrupt or not a checkpoint ({type(e).__name__}); "
-                        f"pass another one (ckpt_path=auto hydra.run.dir=<its run dir> takes the newest one that "
-                        f"loads)") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{what} is not a Lightning checkpoint (no state_dict): pass a .ckpt written by llmtrain")
-    return checkpoint.get("llmtrain") or {}
-
-
 def check_resume_fits(ckpt_path: str, model_config, stage: str) -> None:
     """Resuming needs the checkpoint's stage and architecture: name what differs, with the value to use."""
     from dataclasses import asdict
+
+    from llmtrain.finetune import checkpoint_meta
 
     meta = checkpoint_meta(ckpt_path, f"ckpt_path={ckpt_path}")
     if meta.get("stage", stage) != stage:
