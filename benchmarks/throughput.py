@@ -63,7 +63,7 @@ def compose_config(args: argparse.Namespace, run_dir: str, extra: list[str] = ()
     """The real config from conf/, as the command line composes it, shrunk for a timed run."""
     from hydra import compose, initialize_config_dir
 
-    from llmtrain.train import CONF_DIR
+    from llmtrain.cli import CONF_DIR
 
     overrides = [
         *MODELS[args.model],
@@ -238,9 +238,9 @@ def worker_plain(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from llmtrain.data import TextDataModule
     from llmtrain.model import GPT, GPTConfig
     from llmtrain.module import lr_factor, param_groups
+    from llmtrain.train import build
 
     base_rss = rss_mb()
     t_call = time.perf_counter()
@@ -252,10 +252,9 @@ def worker_plain(args: argparse.Namespace) -> dict:
     step_model = torch.compile(model) if args.compile else model
 
     T, B = model.config.context_length, cfg.data.batch_size
-    data_kwargs = {k: v for k, v in cfg.data.items() if k not in ("_target_", "context_length")}
-    dm = TextDataModule(**data_kwargs, context_length=T)  # for its cache folder (built by the parent)
+    dm = build(cfg.data, context_length=T, seed=args.seed)  # for its cache folder (built by the parent)
     tokens = np.memmap(dm.cache.dir / "train.bin", dtype=dm.cache.meta["dtype"], mode="r")
-    n_windows = (len(tokens) - 1) // T  # the non-overlapping windows of llmtrain.data.TokenWindows
+    n_windows = (len(tokens) - 1) // T  # the non-overlapping windows of llmtrain.data.tokens.TokenWindows
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(args.seed))
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,9 +265,9 @@ def worker_plain(args: argparse.Namespace) -> dict:
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(param_groups(model), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   weight_decay=o.weight_decay)
-    min_ratio = o.schedule.min_lr / o.lr
+    sched = cfg.scheduler
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, o.schedule.warmup_steps, args.steps, min_ratio))
+        optimizer, lambda s: lr_factor(s, sched.warmup_steps, args.steps, sched.min_lr_ratio))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
                 else contextlib.nullcontext())
 
@@ -342,7 +341,7 @@ def matmul_peak(dtype_name: str, device: str) -> float:
 
 def tokenization_mb_s(threads: int, repeats: int = 3) -> tuple[float, float, float]:
     """(median, min, max) MB/s of encode_ordinary_batch over the embedded corpus' documents."""
-    from llmtrain.data import embedded_path
+    from llmtrain.data.sources import embedded_path
     from llmtrain.tokenizer import build_tokenizer
 
     tok = build_tokenizer("gpt2")
@@ -360,10 +359,10 @@ def tokenization_mb_s(threads: int, repeats: int = 3) -> tuple[float, float, flo
 
 def ensure_token_cache(args: argparse.Namespace) -> None:
     """Tokenize the corpus once, before any timed run (train() would otherwise do it inside the first run)."""
-    from llmtrain.train import instantiate
+    from llmtrain.train import build
 
     cfg = compose_config(args, tempfile.gettempdir())
-    dm = instantiate(cfg.data, context_length=cfg.model.context_length, tokenizer=cfg.data.tokenizer)
+    dm = build(cfg.data, context_length=cfg.model.context_length, seed=args.seed)
     dm.prepare_data()
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # Dense peak FLOP/s per device from vendors' datasheets (no sparsity): bf16 and tf32 tensor-core rates.
 PEAK_FLOPS = {
@@ -41,9 +43,9 @@ class Throughput(L.Callback):
 
     The rate covers the optimizer steps since the previous log (every `log_every_n_steps`), so the first
     step (start-up, compilation) drops out of every figure after the first. MFU = achieved model FLOP/s
-    (flops_per_token x tokens/s) over the peak of all devices; train.py fills in flops_per_token from the
-    model's shape and peak_flops from `perf.peak_flops` or the table above. The means over the run are
-    printed at the end.
+    (flops_per_token x tokens/s) over the peak of all devices; the recipe (train.py) fills in flops_per_token
+    from the model's shape and peak_flops from `perf.peak_flops` or the table above. The means over the run
+    are printed at the end.
     """
 
     def __init__(self, log_every_n_steps: int | None = None, flops_per_token: float | None = None,
@@ -143,9 +145,6 @@ class LastCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """SIGTERM that Lightning raised elsewhere (during a validation inside fit): save if at a window end."""
-        from lightning.pytorch.trainer.states import TrainerFn
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         if self._at_window_end and self.saved_step != trainer.global_step:

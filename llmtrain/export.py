@@ -7,13 +7,13 @@ An export is a folder:
                           and the caller's meta: tokenizer, task, label_names, prompt_template, stage, step, ...}
       model.safetensors  the plain GPT's state dict, on the CPU, contiguous; a tied embedding/head is stored once
 
-"num_classes" is set for a classifier, whose `head` was replaced by `finetune.replace_head`; the loader rebuilds
+"num_classes" is set for a classifier, whose `head` was replaced by `GPT.replace_head`; the loader rebuilds
 that head before reading the weights. A LoRA model (peft) is exported with its adapters merged into a copy, so the
 folder always holds a plain GPT. `export_model` writes into a temporary sibling folder and renames it into place:
 out_dir is never half-written, and a newer export of the same run replaces the older one whole.
 
-`load_export` reads it back; `finetune.load_pretrained` (init_from=, ckpt_path=) sends such folders here.
-Plain PyTorch and safetensors: no Lightning or Hydra.
+`read_export_info` reads config.json alone, `load_export` the model too; `pretrained.load_pretrained` (init_from=,
+generate's ckpt_path=) sends such folders here. Plain PyTorch and safetensors: no Lightning or Hydra.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from llmtrain.checkpoints import ModelInfo
 from llmtrain.errors import UserError
-from llmtrain.finetune import replace_head
-from llmtrain.model import GPT, GPTConfig
+from llmtrain.lora import merge
+from llmtrain.model import GPT
 
 FORMAT = "llmtrain"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -71,39 +72,34 @@ def export_model(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
     return out
 
 
-def load_export(path: str | Path) -> tuple[GPT, dict]:
-    """An export folder -> (GPT in eval mode on the CPU, info).
-
-    info: {"kind": "llmtrain", "tokenizer", "task", "label_names", "prompt_template", "path"} and, where the export
-    recorded them, "stage", "step" and "init_from". Problems with the files are a UserError naming the path.
-    """
+def read_export_info(path: str | Path) -> ModelInfo:
+    """An export folder's ModelInfo, from its config.json alone; problems are a UserError naming the path."""
     path = Path(path).expanduser()
-    config = _read_config(path)
+    return ModelInfo.from_meta("llmtrain", path, _read_config(path), str(path / CONFIG))
+
+
+def load_export(path: str | Path) -> tuple[GPT, ModelInfo]:
+    """An export folder -> (GPT in eval mode on the CPU, its ModelInfo)."""
+    path = Path(path).expanduser()
+    info = read_export_info(path)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{path}: no {WEIGHTS} next to {CONFIG}: copy the whole export folder, or export again")
-    try:
-        model = GPT(GPTConfig(**config["model_config"]))
-        if config.get("num_classes"):  # a classifier: the head that finetune.replace_head made
-            replace_head(model, int(config["num_classes"]))
-    except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"{path / CONFIG}: the model it describes is unusable ({e}): export the model again") from e
+    model = GPT(info.model_config)
+    if info.num_classes:  # a classifier: the head that GPT.replace_head made
+        model.replace_head(info.num_classes)
     _check_weights(model, weights)
     load_model(model, str(weights), strict=True, device="cpu")
-    info = {"kind": "llmtrain", "tokenizer": config.get("tokenizer", "gpt2"), "task": config.get("task", "lm"),
-            "label_names": config.get("label_names"), "prompt_template": config.get("prompt_template"),
-            "path": str(path)}
-    info |= {k: config[k] for k in ("stage", "step", "init_from") if k in config}
     return model.eval(), info
 
 
-def peek_config(path: str | Path) -> dict | None:
-    """config.json of an export folder, without touching the weights; None if path is not one (or unreadable)."""
+def is_export(path: str | Path) -> bool:
+    """Whether path is a folder with an llmtrain export's config.json (the weights are not looked at)."""
     try:
         config = json.loads((Path(path).expanduser() / CONFIG).read_text())
     except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) and config.get("format") == FORMAT else None
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
@@ -114,8 +110,6 @@ def _plain_gpt(model: nn.Module) -> GPT:
     if isinstance(model, GPT):
         return model
     if hasattr(model, "merge_and_unload"):
-        from llmtrain.lora import merge
-
         merged = merge(copy.deepcopy(model))
         if isinstance(merged, GPT):
             return merged
@@ -137,7 +131,7 @@ def _is_replaceable(out: Path) -> bool:
     """An older export (or an empty folder, or one holding only an export's files): never a run dir by mistake."""
     if not out.is_dir():
         return False
-    return peek_config(out) is not None or {p.name for p in out.iterdir()} <= {CONFIG, WEIGHTS}
+    return is_export(out) or {p.name for p in out.iterdir()} <= {CONFIG, WEIGHTS}
 
 
 def _fsync(file: Path) -> None:

@@ -1,9 +1,9 @@
 """Generate text from a trained model: python -m llmtrain.generate ckpt_path=... prompt="Once upon a time"
 
 ckpt_path takes an llmtrain checkpoint (`.ckpt`) or run directory, an llmtrain export directory (config.json +
-model.safetensors), a Hugging Face GPT-2 directory or Hub name (anything `load_pretrained` reads), or a LoRA adapter
-directory (adapter_config.json; its base comes from llmtrain_adapter.json or `base=`), which is merged into the base
-before generating.
+model.safetensors), a Hugging Face GPT-2 directory or Hub name (anything `pretrained.load_pretrained` reads), or a
+LoRA adapter directory (adapter_config.json; its base comes from llmtrain_adapter.json or `base=`), which is merged
+into the base before generating.
 
 Arguments are `key=value` pairs, parsed here without Hydra so that the command starts in about a second.
 `show_top=K` prints the K likeliest next tokens instead of generating: a window into the model.
@@ -14,18 +14,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
+from llmtrain.checkpoints import ModelInfo
 from llmtrain.errors import UserError
-from llmtrain.export import peek_config
-from llmtrain.finetune import checkpoint_meta, load_pretrained
+from llmtrain.lora import load_adapter, merge
 from llmtrain.model import GPT
+from llmtrain.pretrained import describe, load_pretrained
+from llmtrain.prompts import format_prompt
 from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer
 
-ADAPTER_META = "llmtrain_adapter.json"  # written next to a LoRA adapter: {"base": <init_from of the base>}
+ADAPTER_META = "llmtrain_adapter.json"  # written next to a LoRA adapter: {"base": <init_from of the base>, ...}
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 NULL = ("null", "none", "~", "")
 
@@ -144,55 +146,29 @@ def resolve_device(device: str) -> torch.device:
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def load_model(ckpt_path: str, base: str | None = None) -> tuple[GPT, dict]:
-    """ckpt_path -> (GPT in eval mode on the CPU, info); info as load_pretrained's, plus prompt_template if any.
+def load_model(ckpt_path: str, base: str | None = None) -> tuple[GPT, ModelInfo]:
+    """ckpt_path -> (GPT in eval mode on the CPU, its ModelInfo).
 
-    Refuses classifier checkpoints before loading them: their head has one row per label, not per token.
+    Refuses classifiers before reading their weights: their head has one row per label, not per token.
     """
     path = Path(ckpt_path).expanduser()
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _load_adapter_dir(path, ckpt_path, base)
-    meta = _peek_meta(path)
-    _refuse_classifier(ckpt_path, meta)
-    try:
-        model, info = load_pretrained(ckpt_path)
-    except UserError as e:  # its messages speak of init_from, the training key; here the key is ckpt_path
-        raise UserError(str(e).replace("init_from", "ckpt_path")) from e
-    for key in ("prompt_template", "label_names"):
-        if meta.get(key) is not None:
-            info.setdefault(key, meta[key])
-    return model, info
+    info = describe(ckpt_path, key="ckpt_path")
+    _refuse_classifier(ckpt_path, info.task, info.label_names)
+    return load_pretrained(ckpt_path, key="ckpt_path")
 
 
-def _peek_meta(path: Path) -> dict:
-    """The `llmtrain` entry of a checkpoint (file or run dir), memory-mapped so that no weights are read, or the
-    config.json of an export (the dir itself, or a run dir's model/ when it has no checkpoint); {} if none."""
-    if path.is_dir():  # in load_pretrained's order: an export dir, the run's checkpoint, the run's export
-        if (export := peek_config(path)) is not None:
-            return export
-        last = next((p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()), None)
-        if last is None:
-            return peek_config(path / "model") or {}
-        path = last
-    if not path.is_file():
-        return {}
-    try:
-        meta = checkpoint_meta(str(path), str(path))
-    except UserError:  # not a checkpoint at all: load_pretrained says why
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _refuse_classifier(ckpt_path: str, meta: dict) -> None:
-    if meta.get("task") != "classify":
+def _refuse_classifier(ckpt_path: str, task: str | None, label_names: list | None) -> None:
+    if task != "classify":
         return
-    labels = [str(label) for label in meta.get("label_names") or []]
+    labels = [str(label) for label in label_names or []]
     shown = ", ".join(labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "") or "unknown"
     raise UserError(f"ckpt_path={ckpt_path} is a classifier (labels: {shown}): it predicts labels, it does not "
                     "generate text")
 
 
-def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT, dict]:
+def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT, ModelInfo]:
     """A LoRA adapter dir: load its base, put the adapter on, merge it into plain weights."""
     meta: dict = {}
     if (path / ADAPTER_META).is_file():
@@ -200,7 +176,7 @@ def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT
             meta = json.loads((path / ADAPTER_META).read_text())
         except ValueError as e:
             raise UserError(f"ckpt_path={ckpt_path}: {ADAPTER_META} is not readable JSON ({e})") from e
-    _refuse_classifier(ckpt_path, meta)
+    _refuse_classifier(ckpt_path, meta.get("task"), meta.get("label_names"))
     base = base or meta.get("base")
     if not base:
         raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter, but its base model is unknown (no 'base' in "
@@ -208,44 +184,36 @@ def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT
     if not Path(base).expanduser().exists() and (path / base).exists():  # a path relative to the adapter dir
         base = str(path / base)
     model, info = load_model(base)
-    from llmtrain.lora import load_adapter, merge  # imports peft (seconds): only for adapters
-
     try:
         merged = merge(load_adapter(model, path))
     except RuntimeError as e:  # peft's size mismatch: e.g. a classification head saved with the adapter
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"ckpt_path={ckpt_path}: the adapter does not fit its base {base} ({first}); a LoRA run "
                         "with a new head (modules_to_save) is a classifier, which does not generate text") from e
-    info = info | {"adapter": str(path), "base": base}
-    for key in ("prompt_template", "tokenizer"):
-        if meta.get(key):
-            info[key] = meta[key]
+    info = replace(info, path=str(path), task=meta.get("task") or info.task,
+                   prompt_template=meta.get("prompt_template") or info.prompt_template,
+                   tokenizer=meta.get("tokenizer") or info.tokenizer,
+                   extra={**info.extra, "adapter": str(path), "base": base})
     return merged.eval(), info
 
 
 # --- prompting and generation ---------------------------------------------------------------------------------
 
 
-def build_prompt(info: dict, prompt: str | None, instruction: str | None = None, input: str = "",
+def build_prompt(template: str | None, prompt: str | None, instruction: str | None = None, input: str = "",
                  raw: bool = False) -> str:
-    """The text the model continues: instruction (+ input) in the Alpaca template, or prompt, wrapped the same way
-    when the checkpoint was instruction-tuned (info prompt_template 'alpaca') unless raw."""
+    """The text the model continues: instruction (+ input) in the template (the checkpoint's, else Alpaca), or
+    prompt, wrapped the same way when the checkpoint was instruction-tuned (it names a template) unless raw."""
     if instruction is not None:
-        return _alpaca(instruction, input)
+        return format_prompt(instruction, input, template or "alpaca")
     if prompt is None:
         raise UserError('prompt is not set: give prompt="..." (or instruction="...")')
-    if info.get("prompt_template") == "alpaca" and not raw:
-        return _alpaca(prompt, input)
+    if template and not raw:
+        return format_prompt(prompt, input, template)
     if input:
         raise UserError("input= goes with instruction= (or with an instruction-tuned checkpoint): "
                         "give instruction=... input=..., or put the input into prompt=")
     return prompt
-
-
-def _alpaca(instruction: str, input: str) -> str:
-    from llmtrain.data import format_prompt  # data.py imports Lightning (seconds): only when a template is needed
-
-    return format_prompt(instruction, input)
 
 
 def encode_prompt(model: GPT, tokenizer, prompt: str) -> torch.Tensor:
@@ -303,10 +271,8 @@ def run(args: GenerateArgs) -> str:
     """Load, prompt, generate (or list candidates); returns what the command prints."""
     device = resolve_device(args.device)
     model, info = load_model(args.ckpt_path, args.base)
-    if info.get("task") == "classify":  # e.g. a Hub name cannot say; llmtrain checkpoints were refused before
-        raise UserError(f"ckpt_path={args.ckpt_path} is a classifier: it predicts labels, it does not generate text")
-    tokenizer = build_tokenizer(info["tokenizer"])
-    prompt = build_prompt(info, args.prompt, args.instruction, args.input, args.raw)
+    tokenizer = build_tokenizer(info.tokenizer)
+    prompt = build_prompt(info.prompt_template, args.prompt, args.instruction, args.input, args.raw)
     model = model.to(device)
     if args.show_top is not None:
         return format_candidates(top_candidates(model, tokenizer, prompt, args.show_top))

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import sys
 
+from llmtrain.data.sources import load_table_splits
+from llmtrain.data.tables import IGNORE_INDEX, encode_instruction
 from llmtrain.errors import UserError
+from llmtrain.tokenizer import build_tokenizer
 
 KEYS = {"instruction": None, "input": "", "output": None, "record": None, "split": "train", "max_length": 256,
         "mask_prompt": True, "tokenizer": "gpt2"}
@@ -33,11 +36,9 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def describe(args: dict) -> list[str]:
-    from llmtrain.data import encode_instruction, load_table_splits
-    from llmtrain.tokenizer import build_tokenizer
-
     if args["record"] is not None:
-        rows = load_table_splits("embedded", None, "instruct")[args["split"]]
+        rows = load_table_splits("embedded", None, "instruct", split="train", subset=None, val_fraction=0.1,
+                                 test_fraction=0.1)[args["split"]]
         if not 0 <= args["record"] < len(rows):
             raise UserError(f"record={args['record']} is out of range: the {args['split']} split has {len(rows)}")
         record = rows[args["record"]]
@@ -49,10 +50,11 @@ def describe(args: dict) -> list[str]:
     x, y = encode_instruction(tok, record, args["max_length"], args["mask_prompt"])
     lines = [f"{'pos':>4}  {'input':<20} {'target':<20} counts"]
     for i, (a, b) in enumerate(zip(x, y)):
-        shown = b if b != -100 else (x[i + 1] if i + 1 < len(x) else None)  # a masked target is still the next token
+        # a masked target is still the next token
+        shown = b if b != IGNORE_INDEX else (x[i + 1] if i + 1 < len(x) else None)
         target = tok.decode([shown]) if shown is not None else ""
-        lines.append(f"{i:>4}  {tok.decode([a])!r:<20} {target!r:<20} {'loss' if b != -100 else '-'}")
-    n_loss = sum(t != -100 for t in y)
+        lines.append(f"{i:>4}  {tok.decode([a])!r:<20} {target!r:<20} {'loss' if b != IGNORE_INDEX else '-'}")
+    n_loss = sum(t != IGNORE_INDEX for t in y)
     lines.append(f"{len(x)} positions, {n_loss} carry loss (max_length={args['max_length']}, "
                  f"mask_prompt={args['mask_prompt']})")
     return lines

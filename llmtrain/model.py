@@ -9,7 +9,7 @@ This file imports torch only. It knows nothing of training, configs, LoRA or che
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -156,6 +156,31 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def replace_head(self, num_classes: int) -> None:
+        """Turn the LM into a classifier: a new linear head to num_classes logits (untied from the embedding,
+        GPT-2's init). The classify stage reads its logits at the last real token of each sequence."""
+        head = nn.Linear(self.config.emb_dim, num_classes, bias=True, device=self.tok_emb.weight.device)
+        nn.init.normal_(head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(head.bias)
+        self.head = head
+
+    def crop_context(self, context_length: int) -> None:
+        """Keep the first context_length rows of the position table (nanoGPT's crop_block_size)."""
+        if not 1 <= context_length <= self.config.context_length:
+            raise ValueError(f"can only crop to 1..{self.config.context_length} positions, got {context_length}")
+        self.config = replace(self.config, context_length=context_length)
+        self.pos_emb.weight = nn.Parameter(self.pos_emb.weight[:context_length].detach().clone())
+        self.pos_emb.num_embeddings = context_length
+
+    def set_drop_rate(self, drop_rate: float) -> None:
+        """Every dropout of the model (embedding, attention weights, residual branches) at drop_rate."""
+        self.config = replace(self.config, drop_rate=drop_rate)
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = drop_rate
+            elif isinstance(module, CausalSelfAttention):
+                module.drop_rate = drop_rate
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters counted once each (a tied head is not counted twice)."""

@@ -1,7 +1,7 @@
 """The LightningModule: loss, metrics, optimizer and schedule around a plain nn.Module.
 
 It never reads the Hydra config: train.py hands it the model, an optimizer factory (a partial of the
-optimizer class) and the schedule's numbers.
+optimizer class) and the schedule's numbers. The losses themselves live in losses.py.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from llmtrain.callbacks import newest_checkpoint
+from llmtrain.errors import UserError
+from llmtrain.losses import last_token_logits, lm_loss_sum
 from llmtrain.model import GPT
 from llmtrain.resume import gather_rng_states, set_rng_states
-
-IGNORE_INDEX = -100
+from llmtrain.tokenizer import build_tokenizer
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -63,7 +65,7 @@ class LanguageModel(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_steps: int,
         max_steps: int,
-        min_lr: float,
+        min_lr_ratio: float,
         tokenizer: str = "gpt2",
         task: str = "lm",
         label_names: list[str] | None = None,
@@ -77,13 +79,14 @@ class LanguageModel(L.LightningModule):
             raise ValueError(f"task must be 'lm' or 'classify', got {task!r}")
         self.model = model
         self.optimizer_factory = optimizer
-        self.warmup_steps, self.max_steps, self.min_lr = warmup_steps, max_steps, min_lr
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
         self.tokenizer_name, self.task, self.label_names = tokenizer, task, label_names
         self.sample_prompts, self.sample_tokens = sample_prompts or [], sample_tokens
         self.checkpoint_info = checkpoint_info or {}
         self.max_nonfinite_steps, self.nonfinite_steps = max_nonfinite_steps, 0
         self._step_tokens = torch.zeros(())
         self._eval: dict[str, torch.Tensor] = {}
+        self.validated_at_step = -1  # global step of the last finished validation
 
     @property
     def gpt(self) -> GPT:
@@ -100,16 +103,10 @@ class LanguageModel(L.LightningModule):
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed token loss, number of tokens that carry loss)."""
-        logits = self.model(batch["input_ids"])  # (B, T, V)
-        labels = batch["labels"]
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
-        return loss_sum, (labels != IGNORE_INDEX).sum()
+        return lm_loss_sum(self.model(batch["input_ids"]), batch["labels"])
 
     def _class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.model(batch["input_ids"])  # (B, T, C)
-        last = batch["lengths"] - 1  # right padding: the last real token sees the whole text, and no padding
-        return logits[torch.arange(logits.size(0), device=logits.device), last].float()  # (B, C)
+        return last_token_logits(self.model(batch["input_ids"]), batch["lengths"])  # (B, C)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         bs = batch["input_ids"].size(0)
@@ -136,17 +133,12 @@ class LanguageModel(L.LightningModule):
             return False
         self.nonfinite_steps += 1
         if self.nonfinite_steps > self.max_nonfinite_steps:
-            from llmtrain.callbacks import newest_checkpoint
-            from llmtrain.errors import UserError
-
             ckpt = newest_checkpoint(self.trainer) or "none yet"
             raise UserError(
                 f"the training loss is {loss.item()} at step {self.global_step}; last good checkpoint: {ckpt}. "
                 f"Lower optimizer.lr or trainer.gradient_clip_val, or skip such batches with "
                 f"max_nonfinite_steps=K (skipped so far: {self.nonfinite_steps - 1})"
             )
-        from lightning.pytorch.utilities import rank_zero_warn
-
         rank_zero_warn(f"skipped a batch whose loss is {loss.item()} at step {self.global_step} "
                        f"({self.nonfinite_steps} of max_nonfinite_steps={self.max_nonfinite_steps})")
         self.log("train/skipped_nonfinite", float(self.nonfinite_steps))
@@ -212,6 +204,7 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
         if not self.trainer.sanity_checking:
+            self.validated_at_step = self.global_step
             self._log_samples()
 
     def on_test_epoch_start(self) -> None:
@@ -230,8 +223,6 @@ class LanguageModel(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if not hasattr(experiment, "add_text"):
             return
-        from llmtrain.tokenizer import build_tokenizer
-
         tok = build_tokenizer(self.tokenizer_name)
         was_training = self.model.training
         self.model.eval()
@@ -247,17 +238,17 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.model))
-        peak = optimizer.defaults["lr"]
-        min_ratio = self.min_lr / peak if peak else 0.0
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, self.warmup_steps, self.max_steps, min_ratio)
+            optimizer, lambda step: lr_factor(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # checkpoints describe themselves: the model config and tokenizer travel with the weights
-        checkpoint["llmtrain"] = {"model_config": asdict(self.gpt.config), "tokenizer": self.tokenizer_name,
-                                  "task": self.task, "label_names": self.label_names, **self.checkpoint_info}
+        num_classes = self.gpt.head.out_features if self.task == "classify" else None
+        checkpoint["llmtrain"] = {"tokenizer": self.tokenizer_name, "task": self.task, "label_names": self.label_names,
+                                  **self.checkpoint_info, "model_config": asdict(self.gpt.config),
+                                  "num_classes": num_classes, "step": self.global_step}
         # and what an exact resume needs beyond Lightning's own state: every rank's generators
         checkpoint["llmtrain_resume"] = {"rng": gather_rng_states(), "nonfinite_steps": self.nonfinite_steps}
 

@@ -28,12 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-
-def _world() -> tuple[int, int]:
-    """(world size, rank) of the process group, or (1, 0) outside one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+from llmtrain.distributed import world
 
 
 class EpochSampler(DistributedSampler):
@@ -44,7 +39,7 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, shuffle: bool, seed: int) -> None:
-        num_replicas, rank = _world()
+        num_replicas, rank = world()
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.resume_at: tuple[int, int] | None = None  # (epoch, samples of this rank's share to pass over)
 
@@ -62,7 +57,7 @@ class ResumableLoader(DataLoader):
     """A DataLoader whose position in the epoch travels in checkpoints.
 
     `batches_done()` says how many batches of the current epoch the training loop has finished (not how many
-    were fetched: workers and Lightning fetch ahead); train.py's data modules read it from the trainer.
+    were fetched: workers and Lightning fetch ahead); the data modules read it from the trainer.
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int,
@@ -131,10 +126,10 @@ def set_rng_states(states: dict) -> None:
 
 def gather_rng_states() -> list[dict]:
     """Every rank's generators, in rank order (a collective: all ranks call it, as they all save checkpoints)."""
-    world, _ = _world()
+    n_ranks, _ = world()
     mine = rng_states()
-    if world == 1:
+    if n_ranks == 1:
         return [mine]
-    out: list = [None] * world
+    out: list = [None] * n_ranks
     dist.all_gather_object(out, mine)
     return out

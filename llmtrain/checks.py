@@ -1,0 +1,222 @@
+"""Every check of a composed config, on the effective config, before anything is built.
+
+The effective config is what the run will really use: the model node resolved against `init_from` (its
+architecture, with the node's values applied where they change no weight shape), the tokenizer the weights
+were trained with, the window length, the accumulation that `tokens_per_step` implies, the precision `auto`
+stands for on this machine. `check_config` computes it and reports every problem at once, one line, each
+naming the key and the fix. Only `describe` of init_from is read here (its config, never its weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llmtrain.checkpoints import ModelInfo
+from llmtrain.errors import UserError
+from llmtrain.hardware import choose_precision, cuda_bf16, on_cuda
+from llmtrain.hub import GPT2_NAMES
+from llmtrain.model import GPTConfig
+from llmtrain.pretrained import describe
+from llmtrain.tokenizer import TOKENIZERS, build_tokenizer
+
+# model keys a checkpoint's weights do not fix: the run's value replaces the checkpoint's
+FREE_KEYS = ("drop_rate",)
+# the data module each task trains on, and the presets that provide one
+DATA_FOR_TASK = {"lm": ("TextDataModule", "data=embedded or data=text"),
+                 "instruct": ("InstructDataModule", "data=instruct_embedded or data=alpaca"),
+                 "classify": ("ClassifyDataModule", "data=classify_embedded or data=sms_spam")}
+TRAIN_BLOCKS_CHOICES = "all, last, head, none, or N (the last N blocks)"
+
+
+@dataclass(frozen=True)
+class Effective:
+    """The values a run uses that the composed config alone does not state."""
+
+    model_config: GPTConfig
+    start: ModelInfo | None  # what init_from holds (None: random weights)
+    tokenizer: str
+    context_length: int  # tokens per training sequence: the window (lm) or the longest record (tables)
+    accumulate: int  # micro-batches per optimizer step
+    precision: str | int  # as Lightning takes it
+
+
+def check_config(cfg: DictConfig) -> Effective:
+    """The effective config of `cfg`, or one UserError listing every problem (joined by '; ')."""
+    problems: list[str] = []
+    start = describe(str(cfg.init_from)) if cfg.init_from else None
+    model_config = effective_model_config(OmegaConf.to_container(cfg.model), start, cfg.init_from, problems)
+    tokenizer = effective_tokenizer(cfg.data.tokenizer, start, cfg.init_from, problems)
+    task = cfg.finetune.task
+    context_length = model_config.context_length if model_config else 1
+    if task in DATA_FOR_TASK:
+        wanted, examples = DATA_FOR_TASK[task]
+        if not str(cfg.data._target_).endswith(wanted):
+            problems.append(f"finetune.task={task} needs a {wanted} but data is {cfg.data._target_}: choose {examples}")
+        elif task == "lm" and cfg.data.context_length is not None:
+            context_length = cfg.data.context_length
+            if model_config and context_length > model_config.context_length:
+                problems.append(f"data.context_length={context_length} is larger than model.context_length="
+                                f"{model_config.context_length}: lower data.context_length or raise "
+                                f"model.context_length")
+            if context_length < 1:
+                problems.append(f"data.context_length must be positive, got {context_length}")
+    else:
+        problems.append(f"finetune.task={task!r} is not known: choose one of {', '.join(DATA_FOR_TASK)}")
+    if tokenizer in TOKENIZERS and model_config:
+        n_vocab = build_tokenizer(tokenizer).n_vocab
+        if model_config.vocab_size < n_vocab:
+            problems.append(f"model.vocab_size={model_config.vocab_size} is smaller than the {tokenizer} "
+                            f"tokenizer's {n_vocab} ids: set model.vocab_size={n_vocab} (or larger)")
+    train_blocks = cfg.finetune.train_blocks
+    if train_blocks not in ("all", "last", "head", "none") and not (
+            isinstance(train_blocks, int) and model_config and 0 <= train_blocks <= model_config.n_layers):
+        choices = f"0..{model_config.n_layers} or " if model_config and isinstance(train_blocks, int) else ""
+        problems.append(f"finetune.train_blocks={train_blocks!r} is not one of {choices}{TRAIN_BLOCKS_CHOICES}")
+    if cfg.data.batch_size < 1:
+        problems.append(f"data.batch_size must be positive, got {cfg.data.batch_size}")
+    if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps}")
+    if cfg.scheduler.warmup_steps < 0:
+        problems.append(f"scheduler.warmup_steps must be >= 0, got {cfg.scheduler.warmup_steps}")
+    if not 0 <= cfg.scheduler.min_lr_ratio <= 1:
+        problems.append(f"scheduler.min_lr_ratio must lie in [0, 1] (the lr at the end as a share of the peak), "
+                        f"got {cfg.scheduler.min_lr_ratio}")
+    if cfg.checkpoint_every is None or cfg.checkpoint_every < 1:
+        problems.append(f"checkpoint_every must be a positive number of optimizer steps, got {cfg.checkpoint_every}")
+    if "overfit_batches" in cfg.trainer:
+        problems.append("trainer.overfit_batches is not supported (llmtrain's loaders keep their place for exact "
+                        "resume): to train on a small subset, set data.max_documents=N")
+    accumulate = accumulation_steps(cfg, context_length, problems)
+    problems += hardware_problems(cfg.trainer)
+    if problems:
+        raise UserError("; ".join(problems))
+    precision = choose_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    return Effective(model_config, start, tokenizer, context_length, accumulate, precision)
+
+
+def effective_model_config(node: dict, start: ModelInfo | None, init_from: str | None,
+                           problems: list[str]) -> GPTConfig | None:
+    """cfg.model as a GPTConfig; with init_from, the checkpoint's architecture with the node's non-null values
+    applied where they change no weight shape (drop_rate, a shorter context_length) and refused where they would.
+    Problems are appended; None when no config can be made."""
+    settings = [f.name for f in fields(GPTConfig)]
+    unknown = [k for k in node if k not in settings]
+    if unknown:
+        problems.append(f"model.{unknown[0]} is not a model setting: drop it (the settings are {', '.join(settings)})")
+        return None
+    if start is None:
+        unset = [k for k, v in node.items() if v is None]
+        if unset:
+            problems.append(f"model.{unset[0]} is null: model=checkpoint takes the architecture of init_from, "
+                            f"which is not set: give init_from=<run dir, checkpoint, Hugging Face dir or gpt2>, "
+                            f"or choose a model to train from scratch (e.g. model=gpt_tiny)")
+            return None
+        return _config(node, problems)
+    saved = asdict(start.model_config)
+    changed, refused = {}, []
+    for key, value in node.items():
+        if value is None or value == saved[key]:
+            continue
+        if key in FREE_KEYS or (key == "context_length" and value < saved[key]):
+            changed[key] = value
+        else:
+            refused.append(f"model.{key}={value} but init_from={init_from} has {saved[key]}")
+    if refused:
+        preset = start.extra.get("model_name") or _gpt2_preset(start.model_config)
+        fix = f"model=checkpoint (its architecture){f' or model={preset}' if preset else ''}"
+        problems.append(f"{', '.join(refused)}: choose {fix}, or drop the model override")
+        return None
+    return _config({**saved, **changed}, problems)
+
+
+def _config(values: dict, problems: list[str]) -> GPTConfig | None:
+    try:
+        return GPTConfig(**values)
+    except ValueError as e:  # GPTConfig's own checks, one line each
+        problems += str(e).split("; ")
+    return None
+
+
+def _gpt2_preset(config: GPTConfig) -> str | None:
+    """The conf/model preset of a released GPT-2 with these shapes, if any."""
+    shapes = {"gpt124m": (768, 12, 12), "gpt355m": (1024, 24, 16), "gpt774m": (1280, 36, 20),
+              "gpt1558m": (1600, 48, 25)}
+    shape = (config.emb_dim, config.n_layers, config.n_heads)
+    return next((name for name in GPT2_NAMES.values() if shapes[name] == shape and config.vocab_size == 50257), None)
+
+
+def effective_tokenizer(requested: str | None, start: ModelInfo | None, init_from: str | None,
+                        problems: list[str]) -> str:
+    """data.tokenizer; null means the tokenizer of init_from's weights. Naming another one than the weights were
+    trained with is refused: the ids would mean other tokens."""
+    if start is not None and requested is not None and requested != start.tokenizer:
+        problems.append(f"data.tokenizer={requested} but init_from={init_from} was trained with "
+                        f"{start.tokenizer}: set data.tokenizer={start.tokenizer} (or null: the checkpoint's)")
+    tokenizer = requested if requested is not None else start.tokenizer if start else None
+    if tokenizer is None:
+        problems.append("data.tokenizer is null, which means init_from's tokenizer, but init_from is not set: "
+                        f"set data.tokenizer to one of {', '.join(TOKENIZERS)}")
+    elif tokenizer not in TOKENIZERS:
+        problems.append(f"data.tokenizer={tokenizer!r} is not known: choose one of {', '.join(TOKENIZERS)}")
+    return tokenizer
+
+
+def accumulation_steps(cfg: DictConfig, context_length: int, problems: list[str]) -> int:
+    """trainer.accumulate_grad_batches, or derived from tokens_per_step when that is set."""
+    target = cfg.tokens_per_step
+    if not target:
+        return cfg.trainer.accumulate_grad_batches
+    devices = cfg.trainer.devices
+    if not isinstance(devices, int) or devices < 1:
+        problems.append(f"tokens_per_step needs a number of devices, but trainer.devices={devices!r}: "
+                        f"set trainer.devices=N")
+        return 1
+    per_micro_step = devices * cfg.trainer.num_nodes * cfg.data.batch_size * context_length
+    if target % per_micro_step:
+        problems.append(
+            f"tokens_per_step={target} is not a multiple of devices x nodes x data.batch_size x context "
+            f"({devices} x {cfg.trainer.num_nodes} x {cfg.data.batch_size} x {context_length} = {per_micro_step}): "
+            f"choose a multiple of {per_micro_step} or change data.batch_size"
+        )
+        return 1
+    return target // per_micro_step
+
+
+def hardware_problems(trainer: DictConfig) -> list[str]:
+    """Devices and precisions this machine cannot train with."""
+    problems = []
+    accelerator = str(trainer.accelerator)
+    n_gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") and n_gpus == 0:
+        problems.append(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: "
+                        f"use trainer.accelerator=cpu (or auto)")
+    elif (accelerator in ("gpu", "cuda", "auto") and n_gpus and isinstance(trainer.devices, int)
+          and trainer.devices > n_gpus):
+        problems.append(f"trainer.devices={trainer.devices} but this machine has {n_gpus} GPUs: "
+                        f"set trainer.devices={n_gpus} or fewer")
+    precision = str(trainer.precision)
+    if precision.startswith("16") and not on_cuda(accelerator):
+        problems.append(f"trainer.precision={precision} needs a CUDA GPU (fp16 on CPU gives NaN losses or silently "
+                        f"becomes bf16): use trainer.precision=bf16-mixed or 32-true")
+    if precision.startswith("bf16") and on_cuda(accelerator) and not cuda_bf16():
+        problems.append(f"trainer.precision={precision} but {torch.cuda.get_device_name()} has no bf16 support "
+                        f"(it needs an Ampere or newer GPU): use trainer.precision=16-mixed or 32-true")
+    return problems
+
+
+def check_resume(info: ModelInfo, model_config: GPTConfig, stage: str, ckpt_path: str) -> None:
+    """Resuming needs the checkpoint's stage and architecture: name what differs, with the value to use."""
+    if info.stage is not None and info.stage != stage:
+        raise UserError(f"ckpt_path={ckpt_path} was written by finetune={info.stage}, this run is finetune={stage}: "
+                        f"resume with finetune={info.stage} (and its data), or use init_from= to start a new "
+                        f"stage from its weights")
+    saved, ours = asdict(info.model_config), asdict(model_config)
+    differ = [f"model.{k}={saved[k]} (this run: {ours[k]})" for k in ours
+              if saved[k] != ours[k] and k not in FREE_KEYS]  # dropout holds no weights
+    if differ:
+        raise UserError(f"ckpt_path={ckpt_path} holds another architecture: {', '.join(differ)}; resume with "
+                        f"the checkpoint's model settings, or use init_from= to fine-tune from its weights")
+

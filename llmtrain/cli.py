@@ -1,0 +1,47 @@
+"""The command line: `python -m llmtrain [overrides]` (and the `llmtrain` script) composes conf/ with Hydra,
+checks the config and runs the recipe in train.py; a mistake a user can make ends in one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from llmtrain.checks import check_config
+from llmtrain.distributed import is_launch_rank
+from llmtrain.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        eff = check_config(cfg)
+        # Lightning, datasets and peft take seconds to import: the recipe is imported only once the config is
+        # known to be good, so that `--help` and a mistaken override answer at once
+        from llmtrain.train import train
+
+        return train(cfg, eff)
+    except UserError as e:
+        if os.environ.get("LLMTRAIN_DEBUG"):
+            raise
+        remove_if_unused(Path(cfg.run_dir))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """A run that stopped on bad input leaves no run dir behind (unless something else is already in it)."""
+    if not is_launch_rank() or not run_dir.is_dir():
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in run_dir.resolve().parents:  # and the folders made for it, while they are empty
+            if parent == Path.cwd() or any(parent.iterdir()):
+                break
+            parent.rmdir()

@@ -1,0 +1,69 @@
+"""What a finished run leaves beside its checkpoints (rank zero): the final model as safetensors, a LoRA stage's
+adapter, an instruct stage's answers to the test split.
+
+Every file describes itself with the same record (`run_meta`): tokenizer, task, stage, labels, prompt template,
+the weights the run started from. Checkpoints carry it too (the LightningModule stores it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from omegaconf import DictConfig
+
+from llmtrain.export import export_model
+from llmtrain.lora import save_adapter
+from llmtrain.prompts import record_prompt, template_of
+
+ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: its base (init_from) and the run's record
+
+
+def run_meta(cfg: DictConfig, tokenizer: str, label_names: list[str] | None) -> dict:
+    """What checkpoints, exports and adapters of this run record about it (JSON-serialisable)."""
+    task = cfg.finetune.task
+    return {"tokenizer": tokenizer, "task": task, "stage": cfg.finetune.name, "label_names": label_names,
+            "prompt_template": template_of(task), "init_from": cfg.init_from}
+
+
+def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> list[str]:
+    """Write the run's outputs into its run dir; a phrase for the summary line per thing written."""
+    run_dir, written = Path(cfg.run_dir), []
+    if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded across ranks here
+        written.append(f"no export under FSDP (the final state is in {run_dir / 'checkpoints' / 'last.ckpt'})")
+    else:  # LoRA merged: what generate.py and init_from read, without pickle
+        export_model(module.model, run_dir / "model", {**meta, "step": trainer.global_step})
+        written.append(f"model exported to {run_dir / 'model'}")
+    if cfg.finetune.lora:
+        save_adapter(module.model, run_dir / "adapter")
+        (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
+        written.append(f"adapter in {run_dir / 'adapter'}")
+    if cfg.finetune.task == "instruct":
+        path = run_dir / "test_generations.jsonl"
+        n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,
+                                   cfg.finetune.max_new_tokens)
+        written.append(f"{n} test answers in {path}")
+    return written
+
+
+def write_test_generations(module, datamodule, path: Path, limit: int | None, max_new_tokens: int) -> int:
+    """Answer the test split's instructions greedily; write instruction, input, reference and answer as JSONL."""
+    tok, gpt = datamodule.tokenizer, module.gpt
+    records = datamodule.records["test"]
+    records = records[:limit] if limit is not None else records
+    was_training = module.model.training
+    module.model.eval()
+    with open(path, "w") as f:
+        for r in records:
+            prompt = tok.encode_ordinary(record_prompt(r, template_of("instruct")))
+            prompt = prompt[-(gpt.config.context_length - 1):]
+            n_new = min(max_new_tokens, gpt.config.context_length - len(prompt))
+            idx = torch.tensor([prompt], device=module.device)
+            out = gpt.generate(idx, n_new, temperature=0, eos_id=tok.eot_token)  # LoRA layers sit inside gpt
+            answer = tok.decode([t for t in out[0, len(prompt):].tolist() if t < tok.eot_token])
+            f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input") or "",
+                                "reference": r["output"], "generated": answer.strip()}) + "\n")
+    module.model.train(was_training)
+    return len(records)

@@ -1,0 +1,83 @@
+"""Weights to start from: one name (`init_from=`, generate's `ckpt_path=`) for every kind of pretrained model.
+
+Accepted, in this order:
+  - a directory with `config.json`: an llmtrain export (export.py) or a Hugging Face GPT-2 folder (hub.py);
+  - a run directory: its `checkpoints/last.ckpt`, else its export `model/`;
+  - an llmtrain `.ckpt` file (checkpoints.py);
+  - a Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`), downloaded.
+`describe` reads only what a source says about its model (config, tokenizer, task), so that the run's config can
+be checked against it before any weights are read; `load_pretrained` reads the weights too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from llmtrain.checkpoints import ModelInfo, load_checkpoint, read_info
+from llmtrain.errors import UserError
+from llmtrain.export import is_export, load_export, read_export_info
+from llmtrain.hub import GPT2_NAMES, download, hub_name, load_hf, read_hf_info
+from llmtrain.model import GPT
+
+ACCEPTS = ("an llmtrain .ckpt file, a run directory, an llmtrain export directory, a local Hugging Face GPT-2 "
+           f"directory (config.json + model.safetensors) or a Hub name ({', '.join(GPT2_NAMES)})")
+
+
+def describe(init_from: str, key: str = "init_from") -> ModelInfo:
+    """What init_from holds, without its weights (a Hub name is downloaded first)."""
+    kind, path = _locate(init_from, key)
+    what, hint = f"{key}={init_from}", f"; {key} accepts {ACCEPTS}"
+    if kind == "export":
+        return _named(read_export_info, path, what)
+    if kind == "hf":
+        return _hub_info(read_hf_info(path, what, hint), init_from)
+    return read_info(path, what, hint)
+
+
+def load_pretrained(init_from: str, key: str = "init_from") -> tuple[GPT, ModelInfo]:
+    """init_from -> (GPT with its config and weights, in eval mode on the CPU; its ModelInfo)."""
+    kind, path = _locate(init_from, key)
+    what, hint = f"{key}={init_from}", f"; {key} accepts {ACCEPTS}"
+    if kind == "export":
+        return _named(load_export, path, what)
+    if kind == "hf":
+        model, info = load_hf(path, what, hint)
+        return model, _hub_info(info, init_from)
+    return load_checkpoint(path, what, hint)
+
+
+def _locate(init_from: str, key: str) -> tuple[str, Path]:
+    """("export" | "hf" | "ckpt", the folder or file to read) for init_from; a Hub name is downloaded."""
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ("export" if is_export(path) else "hf"), path
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return "ckpt", candidate
+        if (path / "model" / "config.json").is_file():
+            return "export", path / "model"
+        raise UserError(f"{key}={init_from}: the directory holds neither config.json nor checkpoints/last.ckpt "
+                        f"nor model/config.json; {key} accepts {ACCEPTS}")
+    if path.is_file():
+        return "ckpt", path
+    if hub_name(init_from):
+        return "hf", download(init_from, f"{key}={init_from}")
+    raise UserError(f"{key}={init_from}: no such file or directory, nor a known Hub name; {key} accepts {ACCEPTS}")
+
+
+def _named(read, path: Path, what: str):
+    """An export's own messages name its folder; here they also name the key the user set."""
+    try:
+        return read(path)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from e
+
+
+def _hub_info(info: ModelInfo, init_from: str) -> ModelInfo:
+    """A Hub download also says which of our model presets has its shapes."""
+    name = hub_name(init_from)
+    if name is None:
+        return info
+    return replace(info, extra={"hub_name": init_from, "model_name": GPT2_NAMES[name]})
