@@ -6,10 +6,10 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: help install train test lint bench clean
+.PHONY: help install train test test-fast lint bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed  ## create .venv with torch ($(TORCH)) and llmtrain in editable mode
 
@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml
 train: install  ## pretrain the default tiny GPT on the embedded corpus (ARGS='key=value ...' to override)
 	$(BIN)/python -m llmtrain $(ARGS)
 
-test: install  ## run the test suite
+test: install  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install  ## the inner loop: every module, no real-process runs (tests marked slow), under 2 minutes
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 bench: install  ## print throughput of llmtrain vs a plain PyTorch loop, MFU, tokenization speed (~5 min on a CPU)
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

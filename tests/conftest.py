@@ -31,7 +31,7 @@ TINY = [
     "trainer.val_check_interval=15",
     "trainer.log_every_n_steps=5",
     "trainer.limit_val_batches=20",
-    "optimizer.schedule.warmup_steps=5",
+    "scheduler.warmup_steps=5",
     "callbacks.progress_bar=null",
     "finetune.sample_tokens=8",
 ]
@@ -49,19 +49,33 @@ def compose(overrides: list[str], run_dir: Path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from llmtrain.train import CONF_DIR
+    from llmtrain.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=[*overrides, f"run_dir={run_dir}"])
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def subprocess_env(extra_paths: tuple[Path, ...] = ()) -> dict[str, str]:
+    """The environment for a child process that runs this checkout's llmtrain (whatever is installed), with
+    extra_paths importable too (e.g. tests/ for a test's callback)."""
+    paths = [str(ROOT), *map(str, extra_paths), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "llmtrain",
+            extra_paths: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     """`python -m llmtrain ARGS` in a fresh process, as a user would type it."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "llmtrain", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-        timeout=timeout,
-    )
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=subprocess_env(extra_paths),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def make_datamodule(preset: str, **keys):
+    """The data module of conf/data/<preset>.yaml as the recipe builds it, with `keys` in place of the preset's
+    values (the recipe's own: context_length, tokenizer, seed)."""
+    from llmtrain.train import build
+
+    cfg = compose([f"data={preset}"], Path("unused"))
+    return build(cfg.data, **({"context_length": 128, "tokenizer": "gpt2", "seed": 0} | keys))
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

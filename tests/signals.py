@@ -1,15 +1,43 @@
-"""A callback the robustness tests add to a real run: it sends the run SIGTERM at a chosen batch."""
+"""Callbacks the robustness tests add to a real run (`+callbacks.x._target_=signals.X`): signals at chosen moments."""
 
+import io
 import os
 import signal
 
 import lightning as L
+import torch
 
 
 class SigtermAt(L.Callback):
+    """Sends its own process SIGTERM at the start of training batch `batch`."""
+
     def __init__(self, batch: int) -> None:
         self.batch = batch
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.fit_loop.total_batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class KillDuringSave(L.Callback):
+    """SIGKILLs its own process halfway through writing the checkpoint of optimizer step `step`: half of the
+    file's bytes reach the disk, then the process is gone, as with a kill or a power cut mid-save."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_step != self.step:
+            return
+        real_save = torch.save
+
+        def half_then_die(obj, f, *args, **kwargs):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = half_then_die  # the checkpoint writer calls torch.save(checkpoint, file) next

@@ -5,8 +5,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import make_datamodule
 
-from llmtrain.data import TextDataModule, TokenWindows
+from llmtrain.data.tokens import TextDataModule, TokenWindows
 from llmtrain.errors import UserError
 from llmtrain.tokenizer import build_tokenizer
 
@@ -19,7 +20,7 @@ def write_paragraphs(path, n=60):
 def make_dm(tmp_path, **kw) -> TextDataModule:
     args = dict(source="text", tokenizer="bytes", context_length=16, batch_size=4, num_proc=1,
                 cache_dir=str(tmp_path / "cache"), val_fraction=0.2) | kw
-    return TextDataModule(**args)
+    return make_datamodule("embedded", **args)
 
 
 def test_text_files_tokenize_to_windows_shifted_by_one(tmp_path):

@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # one process per row
+
 ROW = re.compile(r"^\| (\w+) \| `([^`]*)` \| (\d+) \| `(.*)` \|$")
 ROWS = [m.groups() for line in (ROOT / "docs" / "errors.md").read_text().splitlines() if (m := ROW.match(line))]
 
@@ -29,7 +31,8 @@ def make_files(tmp_path: Path) -> Path:
     torch.save({"state_dict": {"model.tok_emb.weight": torch.zeros(2, 2)}, "llmtrain": {"model_config": other}},
                tmp_path / "other.ckpt")
     pretrain = other | {"n_layers": 4, "tie_weights": True}  # conf/model/gpt_tiny.yaml
-    torch.save({"state_dict": {}, "llmtrain": {"model_config": pretrain, "stage": "pretrain", "task": "lm"}},
+    torch.save({"state_dict": {}, "llmtrain": {"model_config": pretrain, "stage": "pretrain", "task": "lm",
+                                               "tokenizer": "gpt2"}},
                tmp_path / "pretrain.ckpt")
     data = (tmp_path / "other.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -13,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 import llmtrain.export as export
+from llmtrain.checkpoints import ModelInfo
 from llmtrain.errors import UserError
 from llmtrain.export import export_model, load_export
-from llmtrain.finetune import load_pretrained, replace_head
 from llmtrain.model import GPT, GPTConfig
+from llmtrain.pretrained import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)
@@ -32,7 +33,7 @@ def tiny(seed: int = 0, **overrides) -> GPT:
 
 def classifier(seed: int = 0, n: int = 3) -> GPT:
     model = tiny(seed, tie_weights=True)
-    replace_head(model, n)
+    model.replace_head(n)
     with torch.no_grad():
         model.head.bias.normal_()  # zero at init: make it visible in the comparison
     return model
@@ -62,8 +63,8 @@ def test_round_trip_is_exact(tmp_path, tied):
     assert loaded.config == model.config and not loaded.training
     assert (loaded.head.weight is loaded.tok_emb.weight) == tied
     assert_same(model, loaded)
-    assert info == {"kind": "llmtrain", "tokenizer": "bytes", "task": "lm", "label_names": None,
-                    "prompt_template": None, "path": str(out), "stage": "pretrain", "step": 30, "init_from": None}
+    assert info == ModelInfo(kind="llmtrain", path=str(out), model_config=model.config, tokenizer="bytes", task="lm",
+                             stage="pretrain", step=30)
 
 
 def test_config_json_carries_the_model_config_and_meta(tmp_path):
@@ -74,7 +75,7 @@ def test_config_json_carries_the_model_config_and_meta(tmp_path):
     assert config == {"format": "llmtrain", "model_config": asdict(model.config), "num_classes": None,
                       "tokenizer": "bytes", "task": "instruct", "stage": "pretrain", "step": 30,
                       "init_from": "outputs/runs/base", "prompt_template": "alpaca"}
-    assert load_export(tmp_path / "model")[1]["prompt_template"] == "alpaca"
+    assert load_export(tmp_path / "model")[1].prompt_template == "alpaca"
 
 
 def test_classifier_head_round_trip(tmp_path):
@@ -85,12 +86,11 @@ def test_classifier_head_round_trip(tmp_path):
     assert loaded.head.out_features == 3 and loaded.head.bias is not None
     assert loaded.head.weight is not loaded.tok_emb.weight  # replace_head unties, also when the config ties
     assert_same(model, loaded)
-    assert info["task"] == "classify" and info["label_names"] == ["a", "b", "c"]
+    assert info.task == "classify" and info.label_names == ["a", "b", "c"] and info.num_classes == 3
 
 
 @pytest.mark.parametrize("task", ["lm", "classify"])
 def test_lora_model_exports_merged_weights_and_stays_wrapped(tmp_path, task):
-    pytest.importorskip("peft")
     from llmtrain.lora import apply_lora
 
     base = classifier() if task == "classify" else tiny(tie_weights=True)
@@ -129,14 +129,14 @@ def test_load_pretrained_reads_exports_and_prefers_a_runs_checkpoint(tmp_path):
     for init_from in (out, tmp_path / "run"):  # the export itself, a run dir that only has its export
         loaded, info = load_pretrained(str(init_from))
         assert_same(model, loaded)
-        assert info["kind"] == "llmtrain" and info["path"] == str(out) and info["tokenizer"] == "bytes"
+        assert info.kind == "llmtrain" and info.path == str(out) and info.tokenizer == "bytes"
     other = tiny(seed=1)
     (tmp_path / "run" / "checkpoints").mkdir()
     torch.save({"state_dict": {"model." + k: v for k, v in other.state_dict().items()},
                 "llmtrain": {"model_config": asdict(other.config), "tokenizer": "bytes"}},
                tmp_path / "run" / "checkpoints" / "last.ckpt")
     loaded, info = load_pretrained(str(tmp_path / "run"))
-    assert info["path"].endswith("last.ckpt")
+    assert info.path.endswith("last.ckpt")
     assert_same(other, loaded)
 
 
@@ -150,7 +150,7 @@ def test_second_export_replaces_the_first_whole(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     loaded, info = load_export(out)
     assert_same(second, loaded)
-    assert info["step"] == 20
+    assert info.step == 20
 
     def dies_half_way(model, filename, **kwargs):  # a crash while the weights are being written
         Path(filename).write_bytes(b"half")
@@ -203,12 +203,13 @@ def test_a_damaged_export_is_a_one_line_user_error(tmp_path, damage, words):
 
 
 def run_generate(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env()
     env.pop("LLMTRAIN_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "llmtrain.generate", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_generate_command_on_an_export(tmp_path):
     from llmtrain.generate import generate_text
     from llmtrain.tokenizer import build_tokenizer
@@ -221,6 +222,7 @@ def test_generate_command_on_an_export(tmp_path):
     assert result.stdout == expected + "\n"
 
 
+@pytest.mark.slow
 def test_generate_refuses_an_exported_classifier_and_wraps_instruct_prompts(tmp_path, monkeypatch):
     meta = META | {"task": "classify", "label_names": ["neg", "pos"]}
     export_model(classifier(n=2), tmp_path / "run" / "model", meta)
@@ -230,7 +232,7 @@ def test_generate_refuses_an_exported_classifier_and_wraps_instruct_prompts(tmp_
                              "labels, it does not generate text\n")
 
     import llmtrain.generate as gen
-    from llmtrain.data import format_prompt
+    from llmtrain.prompts import format_prompt
 
     out = export_model(tiny(), tmp_path / "instruct", META | {"task": "instruct", "prompt_template": "alpaca"})
     seen = []

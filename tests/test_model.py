@@ -102,16 +102,40 @@ def test_top_k_and_top_p_restrict_the_choice():
     assert sample_next(logits, 0.0).item() == 0
 
 
-def test_model_file_imports_only_torch():
-    import ast
-    from pathlib import Path
+def test_nucleus_keeps_the_smallest_set_that_reaches_p():
+    """Probabilities 0.4, 0.3, 0.2, 0.1: p=0.5 needs the first two (0.4 alone falls short), p=0.75 three."""
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    g = torch.Generator().manual_seed(0)
+    for p, kept in ((0.5, {0, 1}), (0.75, {0, 1, 2}), (0.7, {0, 1}), (1.0, {0, 1, 2, 3})):
+        picks = {sample_next(logits, 1.0, top_p=p, generator=g).item() for _ in range(300)}
+        assert picks == kept, (p, picks)
 
-    import llmtrain.model
 
-    tree = ast.parse(Path(llmtrain.model.__file__).read_text())
-    imported = {
-        (n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
-        for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-        for a in (n.names if isinstance(n, ast.Import) else [n])
-    }
-    assert imported <= {"torch", "math", "dataclasses", "__future__"}, imported
+def test_crop_context_keeps_the_first_positions():
+    m = tiny()
+    x = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = m(x)
+        m.crop_context(10)
+        torch.testing.assert_close(m(x), before)
+    assert m.config.context_length == 10 and m.pos_emb.weight.shape == (10, 32)
+    with pytest.raises(ValueError):
+        m(torch.zeros(1, 11, dtype=torch.long))
+
+
+def test_set_drop_rate_reaches_every_dropout():
+    m = tiny(drop_rate=0.0)
+    m.set_drop_rate(0.25)
+    assert m.config.drop_rate == 0.25
+    assert all(d.p == 0.25 for d in m.modules() if isinstance(d, torch.nn.Dropout))
+    assert all(b.attn.drop_rate == 0.25 for b in m.blocks)
+    x = torch.randint(0, 97, (2, 16))
+    m.train()
+    assert not torch.equal(m(x), m(x))  # dropout is on in training
+
+
+def test_replace_head_makes_a_classifier_untied_from_the_embedding():
+    m = tiny(tie_weights=True)
+    m.replace_head(3)
+    assert m(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 3)
+    assert m.head.weight is not m.tok_emb.weight and torch.equal(m.head.bias, torch.zeros(3))

@@ -34,7 +34,7 @@ def test_optimizer_partial_and_schedule_step_per_optimizer_step():
 
     m = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     module = LanguageModel(m, partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1), warmup_steps=4,
-                           max_steps=20, min_lr=1e-4)
+                           max_steps=20, min_lr_ratio=0.1)
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert conf["lr_scheduler"]["interval"] == "step"
@@ -45,3 +45,29 @@ def test_optimizer_partial_and_schedule_step_per_optimizer_step():
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(2.5e-4) and lrs[3] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+
+
+def test_a_checkpoint_restores_every_random_generator():
+    """on_save_checkpoint stores Python's, NumPy's and torch's generators; a resumed module puts them back at
+    on_train_start, so that the next random numbers (dropout, sampling) are those of the uninterrupted run."""
+    import random
+    from functools import partial
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), np.random.rand()
+
+    model = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    saved, checkpoint = LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1), {}
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    saved.on_save_checkpoint(checkpoint)
+    expected = draws()
+
+    torch.manual_seed(9), random.seed(9), np.random.seed(9)  # a new process: other states
+    resumed = LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1)
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    resumed.on_train_start()
+    assert draws() == expected

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, compose, read_scalars
 
+from llmtrain.checks import accumulation_steps, check_config
 from llmtrain.errors import UserError
 from llmtrain.model import GPT, GPTConfig
-from llmtrain.train import accumulation_steps, train
+from llmtrain.train import train
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -24,11 +25,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_tokens_per_step_sets_gradient_accumulation(tmp_path):
-    cfg = compose([*TINY, "optimizer.tokens_per_step=1024"], tmp_path)  # 1 device x 8 x 32 = 256 per micro-step
-    assert accumulation_steps(cfg, 32) == 4
-    cfg = compose([*TINY, "optimizer.tokens_per_step=1000"], tmp_path)
-    with pytest.raises(UserError, match=r"optimizer.tokens_per_step=1000 is not a multiple of .* = 256\)"):
-        accumulation_steps(cfg, 32)
+    cfg = compose([*TINY, "tokens_per_step=1024"], tmp_path)  # 1 device x 8 x 32 = 256 per micro-step
+    problems = []
+    assert accumulation_steps(cfg, 32, problems) == 4 and not problems
+    assert check_config(cfg).accumulate == 4
+    cfg = compose([*TINY, "tokens_per_step=1000"], tmp_path)
+    with pytest.raises(UserError, match=r"tokens_per_step=1000 is not a multiple of .* = 256\)"):
+        check_config(cfg)
 
 
 def test_flops_per_token_follows_the_model_shape():
@@ -38,10 +41,11 @@ def test_flops_per_token_follows_the_model_shape():
     assert m.flops_per_token() == 6 * non_embedding + 12 * 12 * 768 * 1024
 
 
+@pytest.mark.slow
 def test_compiled_run_with_mfu_and_accumulation(tmp_path):
     """torch.compile of the GPT inside a real run; checkpoints keep plain keys; MFU is logged from a given peak."""
     run_dir = tmp_path / "run"
-    cfg = compose([*TINY, "perf.compile=true", "perf.peak_flops=1e11", "optimizer.tokens_per_step=512",
+    cfg = compose([*TINY, "perf.compile=true", "perf.peak_flops=1e11", "tokens_per_step=512",
                    "trainer.max_steps=6", "trainer.val_check_interval=12", "trainer.log_every_n_steps=2"], run_dir)
     train(cfg)
     scalars = read_scalars(run_dir)
@@ -61,15 +65,14 @@ def test_scale_presets_compose_and_build_their_strategy(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
     from llmtrain.model import Block
-    from llmtrain.train import validate
 
     # accelerator=gpu, as the presets set it, is refused on a machine without CUDA; auto validates anywhere
     cfg = compose(["trainer=fsdp", "model=gpt1558m", "trainer.accelerator=auto"], tmp_path)
-    validate(cfg)
+    check_config(cfg)
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
     cfg = compose(["trainer=multinode", "trainer.accelerator=auto"], tmp_path)
-    validate(cfg)
+    check_config(cfg)
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"

@@ -9,12 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, read_scalars, run_cli
+from conftest import ROOT, TINY, read_scalars, run_cli, subprocess_env
 
-EXPLODE = ["optimizer.lr=1e30", "optimizer.schedule.min_lr=0", "optimizer.schedule.warmup_steps=0",
+
+def wait_until(ready, proc: subprocess.Popen, what: str, timeout_s: float = 120) -> None:
+    """Poll until ready() (a file written by the run, ...); fail with the run's output if it ends or times out."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"no {what} after {timeout_s:.0f} s (exit {proc.returncode}): {err[-2000:]}")
+        time.sleep(0.1)
+
+
+EXPLODE = ["optimizer.lr=1e30", "scheduler.min_lr_ratio=0", "scheduler.warmup_steps=0",
            "trainer.gradient_clip_val=null", "trainer.max_steps=20", "trainer.val_check_interval=10"]
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_at_that_step_with_one_line(tmp_path):
     result = run_cli([*TINY, *EXPLODE, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode == 2
@@ -23,6 +36,7 @@ def test_nonfinite_loss_stops_at_that_step_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_batches_can_be_skipped_up_to_a_limit(tmp_path):
     result = run_cli([*TINY, *EXPLODE, "max_nonfinite_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode == 2
@@ -30,16 +44,14 @@ def test_nonfinite_batches_can_be_skipped_up_to_a_limit(tmp_path):
     assert "(1 of max_nonfinite_steps=2)" in result.stderr and "(2 of max_nonfinite_steps=2)" in result.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_a_restart_with_ckpt_path_auto_resumes_in_place(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*TINY, "trainer.max_steps=100000", "trainer.val_check_interval=100000", "ckpt_path=auto",
-            f"hydra.run.dir={run_dir}"]
+    args = [*TINY, "trainer.max_steps=100000", "trainer.val_check_interval=100000", "checkpoint_every=5",
+            "ckpt_path=auto", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "llmtrain", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while not list(run_dir.glob("tensorboard/events.out.tfevents.*")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(4)  # well into training
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    wait_until(lambda: (run_dir / "checkpoints" / "last.ckpt").is_file(), proc, "a first checkpoint")  # training
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
@@ -60,12 +72,13 @@ def test_sigterm_saves_and_a_restart_with_ckpt_path_auto_resumes_in_place(tmp_pa
     assert max(steps) > stopped_at
 
 
+@pytest.mark.slow
 def test_sigterm_inside_an_accumulation_window_is_held_until_the_window_ends(tmp_path):
     """SIGTERM at the start of batch 7 (the 2nd of the window 6-8): the state is saved after batch 8's step."""
     run_dir = tmp_path / "run"
     result = run_cli([*TINY, "trainer.accumulate_grad_batches=3", "+callbacks.sigterm._target_=signals.SigtermAt",
                       "+callbacks.sigterm.batch=7", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                     env={"PYTHONPATH": str(ROOT / "tests")})
+                     extra_paths=(ROOT / "tests",))
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3
@@ -73,6 +86,7 @@ def test_sigterm_inside_an_accumulation_window_is_held_until_the_window_ends(tmp
     assert f"stopped by SIGTERM at step 3; newest checkpoint: {run_dir}/checkpoints/last.ckpt" in result.stdout
 
 
+@pytest.mark.slow
 def test_ckpt_path_auto_passes_over_a_truncated_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     first = run_cli([*TINY, "trainer.max_steps=10", "trainer.val_check_interval=5", f"hydra.run.dir={run_dir}"],
@@ -108,7 +122,7 @@ def uninterrupted(tmp_path_factory) -> dict[int, float]:
 def _run_and_kill(args: list[str], cwd: Path, last: Path, after_step: int) -> int:
     """Start a run, SIGKILL it once last.ckpt holds a step >= after_step; the step it holds then."""
     proc = subprocess.Popen([sys.executable, "-m", "llmtrain", *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=subprocess_env())
     deadline, saved_at = time.monotonic() + 120, -1
     while saved_at < after_step and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -122,6 +136,7 @@ def _run_and_kill(args: list[str], cwd: Path, last: Path, after_step: int) -> in
     return torch.load(last, map_location="cpu", weights_only=True)["global_step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_run_killed_twice_resumes_with_bit_identical_losses(tmp_path, uninterrupted, workers):
     """Killed right after the save at the end of epoch 0, resumed, killed again in the middle of epoch 1,
@@ -141,6 +156,23 @@ def test_a_run_killed_twice_resumes_with_bit_identical_losses(tmp_path, uninterr
     assert {s for s, _ in got} == set(uninterrupted)
     mismatched = [(s, v, uninterrupted[s]) for s, v in got if v != uninterrupted[s]]
     assert not mismatched, mismatched[:5]
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
+    """SIGKILL while half of step 10's checkpoint is on disk: last.ckpt still holds step 5, whole, and
+    ckpt_path=auto resumes from it."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=15", "checkpoint_every=5", "ckpt_path=auto", f"hydra.run.dir={run_dir}"]
+    killed = run_cli([*args, "+callbacks.kill._target_=signals.KillDuringSave", "+callbacks.kill.step=10"],
+                     cwd=tmp_path, extra_paths=(ROOT / "tests",))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 5
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "warning: skipping" not in again.stderr  # nothing cut short was left where a checkpoint belongs
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 15
 
 
 def test_a_checkpoint_write_cut_short_leaves_the_previous_file_whole(tmp_path, monkeypatch):
@@ -167,17 +199,17 @@ def test_gpu_checks_with_a_simulated_gpu(tmp_path, monkeypatch):
     """More devices than GPUs, and bf16 on a GPU without it: rows that need a GPU, checked against a fake one."""
     from conftest import compose
 
+    from llmtrain.checks import check_config
     from llmtrain.errors import UserError
-    from llmtrain.train import validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
     with pytest.raises(UserError) as e:
-        validate(compose(["trainer.devices=4", "trainer.precision=bf16-mixed"], tmp_path))
+        check_config(compose(["trainer.devices=4", "trainer.precision=bf16-mixed"], tmp_path))
     assert str(e.value) == (
         "trainer.devices=4 but this machine has 2 GPUs: set trainer.devices=2 or fewer; "
         "trainer.precision=bf16-mixed but Tesla V100-SXM2-16GB has no bf16 support (it needs an Ampere or newer "
         "GPU): use trainer.precision=16-mixed or 32-true")
-    validate(compose(["trainer.devices=2", "trainer.precision=16-mixed"], tmp_path))  # what the message proposes
+    check_config(compose(["trainer.devices=2", "trainer.precision=16-mixed"], tmp_path))  # what the message proposes

@@ -7,14 +7,20 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, read_scalars, run_cli
+from conftest import TINY, make_datamodule, read_scalars, run_cli
 from torch.utils.data import DataLoader
 
-from llmtrain.data import ClassifyDataModule, InstructDataModule, encode_instruction, format_prompt
-from llmtrain.finetune import replace_head, set_trainable
+from llmtrain.data.tables import encode_instruction
 from llmtrain.model import GPT, GPTConfig
 from llmtrain.module import LanguageModel
+from llmtrain.prompts import format_prompt
+from llmtrain.stages import set_trainable
 from llmtrain.tokenizer import build_tokenizer
+
+
+def replace_head(model: GPT, n: int) -> GPT:
+    model.replace_head(n)
+    return model
 
 
 def tiny_gpt(**kw) -> GPT:
@@ -43,8 +49,8 @@ def test_classification_does_not_depend_on_padding(tmp_path):
     rows = [{"text": "short", "label": "a"}, {"text": "a much longer text than the other one", "label": "b"}]
     for split in ("train", "val", "test"):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    dm = ClassifyDataModule(source="json", path=str(tmp_path / "train.jsonl"), tokenizer="bytes",
-                            context_length=64, val_fraction=0.0, test_fraction=0.0)
+    dm = make_datamodule("classify_embedded", source="json", path=str(tmp_path / "train.jsonl"), tokenizer="bytes",
+                         context_length=64, val_fraction=0.0, test_fraction=0.0)
     dm.sets = {}
     tok = build_tokenizer("bytes")
     items = [(tok.encode_ordinary(r["text"]), i) for i, r in enumerate(rows)]
@@ -57,7 +63,7 @@ def test_classification_does_not_depend_on_padding(tmp_path):
 
 
 def test_embedded_classify_data_maps_labels_and_has_splits():
-    dm = ClassifyDataModule(tokenizer="gpt2", context_length=128, max_length=64)
+    dm = make_datamodule("classify_embedded", tokenizer="gpt2", context_length=128, max_length=64)
     dm.setup()
     assert dm.label_names == ["devil", "jargon"]
     assert {len(dm.sets[s]) for s in ("train", "val", "test")} and all(len(dm.sets[s]) > 100 for s in dm.sets)
@@ -70,16 +76,18 @@ def test_unseen_label_and_missing_column_are_user_errors(tmp_path):
 
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}", "label": "x" if i else "only-once"})
                                                 for i in range(40)))
-    dm = ClassifyDataModule(source="json", path=str(tmp_path / "d.jsonl"), tokenizer="bytes", context_length=32,
-                            val_fraction=0.5, test_fraction=0.0)
+    dm = make_datamodule("classify_embedded", source="json", path=str(tmp_path / "d.jsonl"), tokenizer="bytes",
+                         context_length=32, val_fraction=0.5, test_fraction=0.0)
     with pytest.raises(UserError):
         dm.setup()
     (tmp_path / "e.jsonl").write_text("\n".join(json.dumps({"body": f"t{i}", "label": "x"}) for i in range(40)))
-    dm = ClassifyDataModule(source="json", path=str(tmp_path / "e.jsonl"), tokenizer="bytes", context_length=32)
+    dm = make_datamodule("classify_embedded", source="json", path=str(tmp_path / "e.jsonl"), tokenizer="bytes",
+                         context_length=32)
     with pytest.raises(UserError, match="no column 'text'"):
         dm.setup()
     (tmp_path / "f.jsonl").write_text("\n".join(json.dumps({"instruction": f"i{i}"}) for i in range(40)))
-    dm = InstructDataModule(source="json", path=str(tmp_path / "f.jsonl"), tokenizer="bytes", context_length=32)
+    dm = make_datamodule("instruct_embedded", source="json", path=str(tmp_path / "f.jsonl"), tokenizer="bytes",
+                         context_length=32)
     with pytest.raises(UserError, match="no column 'output'"):
         dm.setup()
 
@@ -95,14 +103,14 @@ def test_prompt_masking_and_a_single_end_of_text_target():
     assert y[len(prompt) - 1:] == response + [tok.eot_token]
     _, y_all = encode_instruction(tok, record, max_length=256, mask_prompt=False)
     assert -100 not in y_all
-    x_short, y_short = encode_instruction(tok, record, max_length=len(prompt) + 2)
+    x_short, y_short = encode_instruction(tok, record, max_length=len(prompt) + 2, mask_prompt=True)
     assert len(x_short) == len(prompt) + 2 and y_short[-3:] == response[:3]
 
 
 def test_masked_positions_contribute_nothing_to_the_loss():
     module = LanguageModel(tiny_gpt(context_length=256), partial(torch.optim.AdamW), 0, 10, 0.0)
     tok = build_tokenizer("bytes")
-    x, y = encode_instruction(tok, {"instruction": "Say hi", "output": "hi"}, 256)
+    x, y = encode_instruction(tok, {"instruction": "Say hi", "output": "hi"}, 256, mask_prompt=True)
     batch = {"input_ids": torch.tensor([x]), "labels": torch.tensor([y])}
     logits = module.model(batch["input_ids"]).detach().requires_grad_(True)
     loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
@@ -143,6 +151,7 @@ def test_loss_is_averaged_over_response_tokens_of_the_whole_accumulated_step():
         assert torch.allclose(p.detach() - before[n], expected[n], atol=1e-5), n
 
 
+@pytest.mark.slow
 def test_every_stage_runs_from_the_command_line_and_the_chain_pretrain_to_instruct(tmp_path):
     small = [o for o in TINY if not o.startswith(("model.context_length", "data.max_documents"))]
     pre = run_cli([*small, "model.context_length=320", "trainer.max_steps=10", "trainer.val_check_interval=10",
@@ -170,6 +179,7 @@ def test_every_stage_runs_from_the_command_line_and_the_chain_pretrain_to_instru
     assert info["task"] == "classify" and info["label_names"] == ["devil", "jargon"]
 
 
+@pytest.mark.slow
 def test_stage_and_data_must_agree(tmp_path):
     result = run_cli(["finetune=classify", "data=embedded"], cwd=tmp_path)
     assert result.returncode == 2
@@ -188,8 +198,7 @@ def test_hub_presets_load_local_folders_of_the_same_shape(tmp_path):
     rows = {"sms": [f"message {i} {'WIN A PRIZE' if i % 4 == 0 else 'see you'}" for i in range(200)],
             "label": [int(i % 4 == 0) for i in range(200)]}
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(spam / "train-00000-of-00001.parquet"))
-    dm = ClassifyDataModule(source="hub", path=str(tmp_path / "sms_spam"), text_column="sms", tokenizer="bytes",
-                            context_length=64, balance=True)
+    dm = make_datamodule("sms_spam", path=str(tmp_path / "sms_spam"), tokenizer="bytes", context_length=64)
     dm.setup()
     assert dm.label_names == ["ham", "spam"]
     train_labels = [label for _, label in dm.sets["train"].items]
@@ -200,11 +209,12 @@ def test_hub_presets_load_local_folders_of_the_same_shape(tmp_path):
     recs = {"instruction": [f"Add {i} and 1." for i in range(100)], "input": ["" if i % 2 else "x" for i in range(100)],
             "output": [str(i + 1) for i in range(100)], "text": ["..."] * 100}
     datasets.Dataset.from_dict(recs).to_parquet(str(alpaca / "train-00000-of-00001.parquet"))
-    dm = InstructDataModule(source="hub", path=str(tmp_path / "alpaca"), tokenizer="gpt2", context_length=128)
+    dm = make_datamodule("alpaca", path=str(tmp_path / "alpaca"), tokenizer="gpt2", context_length=128)
     dm.setup()
     assert sum(len(dm.sets[s]) for s in ("train", "val", "test")) == 100
 
 
+@pytest.mark.slow
 def test_loss_tokens_command_shows_what_carries_loss(tmp_path):
     import subprocess
     import sys
@@ -220,6 +230,7 @@ def test_loss_tokens_command_shows_what_carries_loss(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: record=99999 is out of range")
 
 
+@pytest.mark.slow
 def test_lora_stage_trains_adapters_only_and_saves_them(tmp_path):
     small = [o for o in TINY if not o.startswith(("model.context_length", "data.max_documents"))]
     pre = run_cli([*small, "model.context_length=320", "trainer.max_steps=4", "trainer.val_check_interval=4",
@@ -230,7 +241,7 @@ def test_lora_stage_trains_adapters_only_and_saves_them(tmp_path):
             "data.batch_size=4", "finetune.test_generations=2", "finetune.max_new_tokens=4"]
     ins = run_cli([*args, f"hydra.run.dir={tmp_path / 'lora'}"], cwd=tmp_path)
     assert ins.returncode == 0, ins.stderr[-3000:]
-    assert "LoRA: trainable params" in ins.stdout + ins.stderr
+    assert "lora: trainable params" in ins.stdout + ins.stderr
     fraction = read_scalars(tmp_path / "lora")["model/trainable_fraction"][0][1]
     assert 0 < fraction < 0.2
     adapter = tmp_path / "lora" / "adapter"
