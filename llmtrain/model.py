@@ -198,6 +198,12 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size); with a cache, positions continue from cache.pos."""
+        return self.head(self.hidden(idx, cache))
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> the final hidden states (B, T, emb_dim), after the last LayerNorm: what the head reads.
+
+        A loss over a large vocabulary can apply the head in chunks of these instead of building all logits."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.context_length:
@@ -213,7 +219,7 @@ class GPT(nn.Module):
                 x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
 
     @torch.no_grad()
     def generate(
