@@ -55,7 +55,8 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
     label_names = datamodule.label_names if task == "classify" else None
 
     model = build_model(cfg.finetune, eff, cfg.init_from, len(label_names) if label_names else None)
-    rank_zero_info(f"{cfg.finetune.name}: {format_trainable(model)}")
+    rank_zero_info(f"{cfg.finetune.name}: {format_trainable(model)}; precision {eff.precision} "
+                   f"({eff.precision_reason})")
     meta = run_meta(cfg, eff.tokenizer, label_names)
     module = LanguageModel(
         model, optimizer=build(cfg.optimizer, **fused_on_cuda(cfg)), warmup_steps=cfg.scheduler.warmup_steps,
