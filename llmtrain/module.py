@@ -18,7 +18,7 @@ from torch import nn
 
 from llmtrain.callbacks import newest_checkpoint
 from llmtrain.errors import UserError
-from llmtrain.losses import last_token_logits, lm_loss_sum
+from llmtrain.losses import chunked_lm_loss_sum, last_token_logits, lm_loss_sum
 from llmtrain.model import GPT
 from llmtrain.resume import gather_rng_states, set_rng_states
 from llmtrain.tokenizer import build_tokenizer
@@ -73,6 +73,7 @@ class LanguageModel(L.LightningModule):
         sample_tokens: int = 48,
         checkpoint_info: dict | None = None,
         max_nonfinite_steps: int = 0,
+        loss_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if task not in ("lm", "classify"):
@@ -84,6 +85,7 @@ class LanguageModel(L.LightningModule):
         self.sample_prompts, self.sample_tokens = sample_prompts or [], sample_tokens
         self.checkpoint_info = checkpoint_info or {}
         self.max_nonfinite_steps, self.nonfinite_steps = max_nonfinite_steps, 0
+        self.loss_chunk = loss_chunk  # tokens per chunk of the LM head + loss (None: all logits at once)
         self._step_tokens = torch.zeros(())
         self._eval: dict[str, torch.Tensor] = {}
         self.validated_at_step = -1  # global step of the last finished validation
@@ -102,7 +104,11 @@ class LanguageModel(L.LightningModule):
     # ---- losses ----
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed token loss, number of tokens that carry loss)."""
+        """(summed token loss, number of tokens that carry loss). With loss_chunk, the head is applied to the
+        final hidden states a chunk of tokens at a time inside the loss (a LoRA-adapted head takes the plain path)."""
+        if self.loss_chunk and type(self.gpt.head) is nn.Linear and self.gpt.head.bias is None:
+            hidden = self.gpt.hidden(batch["input_ids"])  # (B, T, C)
+            return chunked_lm_loss_sum(hidden, self.gpt.head.weight, batch["labels"], self.loss_chunk)
         return lm_loss_sum(self.model(batch["input_ids"]), batch["labels"])
 
     def _class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

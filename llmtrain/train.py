@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
@@ -64,13 +65,14 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
         task="classify" if task == "classify" else "lm", label_names=label_names,
         sample_prompts=sample_prompts(cfg.finetune, datamodule.records["val"] if task == "instruct" else None),
         sample_tokens=cfg.finetune.sample_tokens if task != "classify" else 0,
-        max_nonfinite_steps=cfg.max_nonfinite_steps, checkpoint_info=meta,
+        max_nonfinite_steps=cfg.max_nonfinite_steps, checkpoint_info=meta, loss_chunk=cfg.perf.loss_chunk,
     )
     module.gpt.gradient_checkpointing = cfg.perf.activation_checkpointing
     if on_cuda(cfg.trainer.accelerator):
         allow_tf32(cfg.perf.tf32)
-    if cfg.perf.compile:
-        module.gpt.compile()  # in place: the state dict keeps its keys (no _orig_mod. prefix in checkpoints)
+    if cfg.perf.compile:  # in place: the state dict keeps its keys (no _orig_mod. prefix in checkpoints)
+        module.gpt.compile()
+        module.gpt.hidden = torch.compile(module.gpt.hidden)  # what the chunked loss calls
     trainer = build_trainer(cfg, eff, module)
     if trainer.logger:  # what this stage trains, next to the curves
         trainable, _, fraction = trainable_summary(model)

@@ -71,3 +71,26 @@ def test_a_checkpoint_restores_every_random_generator():
     resumed.trainer = SimpleNamespace(world_size=1, global_rank=0)
     resumed.on_train_start()
     assert draws() == expected
+
+
+def test_the_chunked_head_and_loss_give_the_plain_loss_and_gradients():
+    """LanguageModel's lm loss through GPT.hidden + the chunked head equals the plain path through the logits,
+    on a GPT with a tied head (the embedding gets both gradients)."""
+    from functools import partial
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, tie_weights=True))
+    batch = {"input_ids": torch.randint(0, 97, (3, 16)), "labels": torch.randint(0, 97, (3, 16))}
+    batch["labels"][1, :5] = -100
+    results = []
+    for chunk in (None, 7):
+        model.zero_grad()
+        module = LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1, loss_chunk=chunk)
+        loss, n = module._lm_loss(batch)
+        loss.backward()
+        results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (plain, n_plain, grads_plain), (chunked, n_chunked, grads_chunked) = results
+    assert n_plain == n_chunked == 43
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_chunked[name], grad, atol=1e-5, rtol=1e-4, msg=name)
