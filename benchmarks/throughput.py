@@ -239,7 +239,7 @@ def worker_plain(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from llmtrain.model import GPT, GPTConfig
-    from llmtrain.module import lr_factor, param_groups
+    from llmtrain.optim import lr_factor, param_groups
     from llmtrain.train import build
 
     base_rss = rss_mb()

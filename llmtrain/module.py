@@ -6,7 +6,6 @@ optimizer class) and the schedule's numbers. The losses themselves live in losse
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -20,30 +19,9 @@ from llmtrain.callbacks import newest_checkpoint
 from llmtrain.errors import UserError
 from llmtrain.losses import chunked_lm_loss_sum, last_token_logits, lm_loss_sum
 from llmtrain.model import GPT
+from llmtrain.optim import lr_factor, param_groups
 from llmtrain.resume import gather_rng_states, set_rng_states
 from llmtrain.tokenizer import build_tokenizer
-
-
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_ratio of the peak at max_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights) only, not on biases or LayerNorm gains."""
-    decay, no_decay = [], []
-    for p in model.parameters():  # shared (tied) parameters are yielded once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
 
 
 class LanguageModel(L.LightningModule):
