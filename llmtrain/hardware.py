@@ -57,6 +57,14 @@ def choose_precision(requested: str | int, accelerator: str) -> tuple[str | int,
     return "32-true", "auto: this CPU has no native bf16 (no avx512_bf16, amx_bf16 or bf16 flag)"
 
 
+def fused_optimizer(accelerator: str) -> bool:
+    """Whether torch's fused optimizer kernels (one kernel for the whole AdamW update) run where this trains:
+    CUDA and CPU have them."""
+    if on_cuda(accelerator):
+        return True
+    return str(accelerator) == "cpu" or (str(accelerator) == "auto" and not torch.backends.mps.is_available())
+
+
 def allow_tf32(enabled: bool) -> None:
     """TF32 tensor-core matmuls (Ampere and newer GPUs): ~8x the fp32 rate at a 10-bit mantissa."""
     torch.backends.cuda.matmul.allow_tf32 = enabled

@@ -23,7 +23,7 @@ from llmtrain.checkpoints import read_info, resolve_ckpt_path
 from llmtrain.checks import Effective, check_config, check_resume
 from llmtrain.distributed import ddp_job_of_a_sweep, is_launch_rank, wait_for
 from llmtrain.errors import UserError
-from llmtrain.hardware import allow_tf32, on_cuda
+from llmtrain.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.lora import format_trainable, trainable_summary
 from llmtrain.module import LanguageModel
 from llmtrain.outputs import run_meta, write_outputs
@@ -60,7 +60,7 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
                    f"({eff.precision_reason})")
     meta = run_meta(cfg, eff.tokenizer, label_names)
     module = LanguageModel(
-        model, optimizer=build(cfg.optimizer, **fused_on_cuda(cfg)), warmup_steps=cfg.scheduler.warmup_steps,
+        model, optimizer=build(cfg.optimizer, **fused_where_supported(cfg)), warmup_steps=cfg.scheduler.warmup_steps,
         max_steps=cfg.trainer.max_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio, tokenizer=eff.tokenizer,
         task="classify" if task == "classify" else "lm", label_names=label_names,
         sample_prompts=sample_prompts(cfg.finetune, datamodule.records["val"] if task == "instruct" else None),
@@ -122,9 +122,9 @@ def build_trainer(cfg: DictConfig, eff: Effective, module: LanguageModel) -> L.T
     return L.Trainer(**kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
 
 
-def fused_on_cuda(cfg: DictConfig) -> dict:
-    """AdamW's fused kernel (one kernel for the whole update) on CUDA when optimizer.fused is left null."""
-    wants = "fused" in cfg.optimizer and cfg.optimizer.fused is None and on_cuda(cfg.trainer.accelerator)
+def fused_where_supported(cfg: DictConfig) -> dict:
+    """AdamW's fused kernel (one kernel for the whole update) on CUDA and CPU when optimizer.fused is null."""
+    wants = "fused" in cfg.optimizer and cfg.optimizer.fused is None and fused_optimizer(cfg.trainer.accelerator)
     return {"fused": True} if wants else {}
 
 

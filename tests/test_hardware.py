@@ -52,3 +52,26 @@ def test_cpu_flags_reads_this_machine():
     assert isinstance(flags, frozenset)
     if hw.platform.system() == "Linux" and hw.platform.machine() == "x86_64":
         assert "sse2" in flags  # every x86-64 CPU has it: the parser found the flags line
+
+
+def test_the_fused_optimizer_runs_on_cuda_and_cpu_but_not_mps(machine, monkeypatch):
+    machine(gpu=None)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert hw.fused_optimizer("cpu") and hw.fused_optimizer("auto")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac: auto trains on MPS
+    assert not hw.fused_optimizer("auto") and hw.fused_optimizer("cpu")
+    machine(gpu="NVIDIA H100 80GB HBM3", gpu_bf16=True)
+    assert hw.fused_optimizer("gpu") and hw.fused_optimizer("auto")
+
+
+def test_a_run_on_this_cpu_builds_a_fused_adamw(tmp_path):
+    from conftest import TINY, compose
+
+    from llmtrain.train import build, fused_where_supported
+
+    cfg = compose(TINY, tmp_path)
+    opt = build(cfg.optimizer, **fused_where_supported(cfg))([torch.nn.Parameter(torch.zeros(2))])
+    assert opt.defaults["fused"] is True
+    cfg = compose([*TINY, "optimizer.fused=false"], tmp_path)
+    assert build(cfg.optimizer, **fused_where_supported(cfg))([torch.nn.Parameter(torch.zeros(2))]).defaults[
+        "fused"] is False
