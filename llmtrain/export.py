@@ -7,7 +7,7 @@ An export is a folder:
                           and the caller's meta: tokenizer, task, label_names, prompt_template, stage, step, ...}
       model.safetensors  the plain GPT's state dict, on the CPU, contiguous; a tied embedding/head is stored once
 
-"num_classes" is set for a classifier, whose `head` was replaced by `GPT.replace_head`; the loader rebuilds
+"num_classes" is set for a classifier, whose bias-free `head` was made by `GPT.replace_head`; the loader rebuilds
 that head before reading the weights. A LoRA model (peft) is exported with its adapters merged into a copy, so the
 folder always holds a plain GPT. `export_model` writes into a temporary sibling folder and renames it into place:
 out_dir is never half-written, and a newer export of the same run replaces the older one whole.
@@ -117,14 +117,8 @@ def _plain_gpt(model: nn.Module) -> GPT:
 
 
 def _num_classes(gpt: GPT) -> int | None:
-    """None for the LM head (no bias, a row per token); the row count of a classifier head from replace_head."""
-    head = gpt.head
-    if head.bias is not None:
-        return head.out_features
-    if head.out_features != gpt.config.vocab_size:
-        raise ValueError(f"the head maps to {head.out_features} outputs without a bias: neither the LM head "
-                         f"({gpt.config.vocab_size} tokens) nor a replace_head classifier")
-    return None
+    """None for the LM head (a row per token); the row count of a classifier head from replace_head."""
+    return None if gpt.head.out_features == gpt.config.vocab_size else gpt.head.out_features
 
 
 def _is_replaceable(out: Path) -> bool:

@@ -38,7 +38,7 @@ def test_classify_trains_last_block_final_norm_and_head_by_default():
     names = trainable_names(m)
     assert names == {n for n, _ in m.named_parameters() if n.startswith(("blocks.2.", "ln_f.", "head."))}
     set_trainable(m, "head")
-    assert trainable_names(m) == {"head.weight", "head.bias"}
+    assert trainable_names(m) == {"head.weight"}
     set_trainable(m, 2)
     assert {n.split(".")[1] for n in trainable_names(m) if n.startswith("blocks.")} == {"1", "2"}
     set_trainable(m, "all")
