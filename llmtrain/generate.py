@@ -12,7 +12,6 @@ Arguments are `key=value` pairs, parsed here without Hydra so that the command s
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from llmtrain.checkpoints import ModelInfo
-from llmtrain.errors import UserError
+from llmtrain.errors import UserError, one_line_errors
 from llmtrain.lora import load_adapter, merge
 from llmtrain.model import GPT
 from llmtrain.pretrained import describe, load_pretrained
@@ -282,13 +281,8 @@ def run(args: GenerateArgs) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with one_line_errors():
         print(run(parse_args(sys.argv[1:] if argv is None else argv)))
-    except UserError as e:
-        if os.environ.get("LLMTRAIN_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

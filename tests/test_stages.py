@@ -256,3 +256,4 @@ def test_lora_stage_trains_adapters_only_and_saves_them(tmp_path):
     bad = run_cli([*args, "finetune.lora.target_modules=[attn.qkvv]", f"hydra.run.dir={tmp_path / 'bad'}"],
                   cwd=tmp_path)
     assert bad.returncode == 2 and "'attn.qkvv' matches no linear layer" in bad.stderr.strip().splitlines()[-1]
+
