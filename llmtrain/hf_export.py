@@ -1,4 +1,5 @@
-"""Hugging Face out: a model as a GPT-2 folder that transformers loads offline.
+"""Hugging Face out: a model as a GPT-2 folder that transformers loads offline, and a LoRA adapter that peft puts
+on transformers' GPT-2.
 
     hf/
       config.json             GPT2Config: GPT2LMHeadModel, or GPT2ForSequenceClassification with id2label
@@ -12,10 +13,11 @@
 Our GPT is GPT-2's architecture, so the translation is names and transposes only (the tables in hub.py, read
 backwards): a model without a qkv bias gets zeros in its place, and a classifier's head is bias-free like
 GPT-2's `score`. hub.py reads the folder back into the very same GPT (init_from=, generate's ckpt_path=). A LoRA
-model is exported merged.
+model is exported merged; `export_hf_adapter` writes the adapter alone, under the names peft gives transformers'
+GPT-2 modules, with fan_in_fan_out for its Conv1D layers.
 
 Folders are written beside their destination and renamed into place: out_dir is never half-written, and an
-existing out_dir is replaced only when it is an export (or empty), never a run dir by mistake.
+existing out_dir is replaced only when it is an export or an adapter (or empty), never a run dir by mistake.
 No Lightning or Hydra, and no transformers: only safetensors and JSON.
 """
 
@@ -31,18 +33,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmtrain.errors import UserError
 from llmtrain.hf_tokenizer import tokenizer_files
 from llmtrain.hub import CLASSIFIER, LAYER_NAMES, LLMTRAIN_JSON, TOP_NAMES, TRANSPOSED
-from llmtrain.lora import merge
+from llmtrain.lora import merge, save_adapter
 from llmtrain.model import GPT
 from llmtrain.native import is_export
 from llmtrain.tokenizer import build_tokenizer
 
 CONFIG, WEIGHTS, GENERATION = "config.json", "model.safetensors", "generation_config.json"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 RESERVED = ("format", "model_config", "num_classes")  # llmtrain.json keys that the model decides, not the meta
 HF_MODULES = {ours: hf for hf, ours in LAYER_NAMES.items()} | {"head": "lm_head"}  # attn.qkv -> attn.c_attn, ...
 HF_LEAVES = {ours.split(".")[-1]: hf for ours, hf in HF_MODULES.items()}  # qkv -> attn.c_attn: a bare name is
@@ -129,6 +132,35 @@ def hf_config(gpt: GPT, eot: int, label_names: list[str] | None = None) -> dict:
         config |= {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)},
                    "pad_token_id": eot}
     return config
+
+
+def export_hf_adapter(peft_model: nn.Module, out_dir: str | Path, base: str | None, task: str) -> Path:
+    """Write a LoRA model's adapter for transformers' GPT-2: `PeftModel.from_pretrained(<GPT2LMHeadModel, or
+    GPT2ForSequenceClassification for task=classify, of the base's weights>, out_dir)` computes what the peft model
+    does. `base` (a Hugging Face folder or Hub name) becomes base_model_name_or_path."""
+    out = Path(out_dir)
+
+    def write(tmp: Path) -> None:
+        save_adapter(peft_model, tmp)  # peft's own files, under our module names
+        tensors = load_file(tmp / ADAPTER_WEIGHTS)
+        renamed = {}
+        for key, tensor in tensors.items():  # base_model.model.blocks.0.attn.qkv.lora_A.weight, ....head.weight
+            inner = key.removeprefix("base_model.model.")
+            module, sep, rest = inner.partition(".lora_")
+            rest = "lora_" + rest if sep else inner.rpartition(".")[2]
+            module = module if sep else inner.rpartition(".")[0]  # a module saved whole (modules_to_save)
+            renamed[f"base_model.model.{hf_module_name(module, task == 'classify')}.{rest}"] = tensor
+        save_file(renamed, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        config = json.loads((tmp / ADAPTER_CONFIG).read_text())
+        saved = [hf_module_name(m, task == "classify") for m in config.get("modules_to_save") or []]
+        config |= {"target_modules": sorted(hf_module_name(t) for t in config["target_modules"]),
+                   "modules_to_save": saved or None, "fan_in_fan_out": True,  # GPT-2's Conv1D stores (in, out)
+                   "task_type": "SEQ_CLS" if task == "classify" else "CAUSAL_LM",
+                   "base_model_name_or_path": base, "auto_mapping": None}  # not llmtrain's GPT class
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's model card names our class: not this adapter's base
+
+    return write_folder(out, write, lambda p: (p / ADAPTER_CONFIG).is_file(), "a LoRA adapter")
 
 
 def is_hf_export(path: str | Path) -> bool:

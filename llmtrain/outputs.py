@@ -1,5 +1,6 @@
 """What a finished run leaves beside its checkpoints (rank zero): the final model as a Hugging Face GPT-2 folder
-(`hf/`, which llmtrain reads back exactly), a LoRA stage's adapter, an instruct stage's answers to the test split.
+(`hf/`, which llmtrain reads back exactly), a LoRA stage's adapter (`adapter/` for llmtrain's GPT, `hf_adapter/`
+for transformers' GPT-2), an instruct stage's answers to the test split.
 
 Every file describes itself with the same record (`run_meta`): tokenizer, task, stage, labels, prompt template,
 the weights the run started from. Checkpoints carry it too (the LightningModule stores it).
@@ -14,8 +15,9 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
-from llmtrain.hf_export import export_hf
+from llmtrain.hf_export import export_hf, export_hf_adapter
 from llmtrain.lora import save_adapter
+from llmtrain.pretrained import hf_folder
 from llmtrain.prompts import record_prompt, template_of
 
 ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: its base (init_from) and the run's record
@@ -39,7 +41,10 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
     if cfg.finetune.lora:
         save_adapter(module.model, run_dir / "adapter")
         (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
-        written.append(f"adapter in {run_dir / 'adapter'}")
+        base = hf_folder(cfg.init_from)
+        export_hf_adapter(module.model, run_dir / "hf_adapter", base, cfg.finetune.task)
+        written.append(f"adapter in {run_dir / 'adapter'} and, for peft on transformers' GPT-2 "
+                       f"{base or '(export the base with python -m llmtrain.export)'}, in {run_dir / 'hf_adapter'}")
     if cfg.finetune.task == "instruct":
         path = run_dir / "test_generations.jsonl"
         n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,

@@ -85,3 +85,15 @@ def _hub_info(info: ModelInfo, init_from: str) -> ModelInfo:
         return info
     return replace(info, extra={"hub_name": init_from, "model_name": GPT2_NAMES[name]})
 
+
+def hf_folder(init_from: str) -> str | None:
+    """Where init_from's weights are in Hugging Face's layout, for an adapter's base_model_name_or_path: a Hub
+    name, a Hugging Face folder (absolute), a run dir's export hf/; None when they are only in llmtrain's own files
+    (a .ckpt), which `python -m llmtrain.export` turns into such a folder."""
+    if hub_name(init_from):
+        return init_from
+    path = Path(init_from).expanduser()
+    for folder in (path, path / "hf"):
+        if (folder / "config.json").is_file() and not is_export(folder):
+            return str(folder.resolve())
+    return None
