@@ -20,6 +20,7 @@ import torch
 
 from llmtrain.checkpoints import ModelInfo
 from llmtrain.errors import UserError, one_line_errors
+from llmtrain.hf_export import is_hf_adapter
 from llmtrain.lora import load_adapter, merge
 from llmtrain.model import GPT
 from llmtrain.pretrained import describe, load_pretrained
@@ -169,6 +170,9 @@ def _refuse_classifier(ckpt_path: str, task: str | None, label_names: list | Non
 
 def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT, ModelInfo]:
     """A LoRA adapter dir: load its base, put the adapter on, merge it into plain weights."""
+    if is_hf_adapter(path):
+        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter for transformers' GPT-2 (its layers have GPT-2's "
+                        "names): give the run's adapter/ (llmtrain's names) or its merged model hf/ instead")
     meta: dict = {}
     if (path / ADAPTER_META).is_file():
         try:

@@ -172,6 +172,15 @@ def is_hf_export(path: str | Path) -> bool:
     return isinstance(record, dict) and record.get("format") == "llmtrain"
 
 
+def is_hf_adapter(path: str | Path) -> bool:
+    """Whether path holds an adapter for transformers' GPT-2 (fan_in_fan_out: its layers are Conv1D), such as
+    export_hf_adapter writes, rather than one for llmtrain's GPT."""
+    try:
+        return bool(json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("fan_in_fan_out"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_folder(out: Path, write: Callable[[Path], None], replaceable: Callable[[Path], bool], what: str) -> Path:
     """Call write(tmp) on a new folder beside out, sync its files, and rename it to out (replacing an older out
     only if replaceable(out) or it is empty); a folder left by a killed writer is cleaned up. Returns out."""

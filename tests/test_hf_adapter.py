@@ -104,3 +104,16 @@ def test_an_adapter_never_replaces_another_folder(tmp_path):
     with pytest.raises(UserError, match="hf_adapter exists and is not a LoRA adapter"):
         export_hf_adapter(ours, tmp_path / "hf_adapter", None, "lm")
     assert (tmp_path / "hf_adapter" / "notes.txt").read_text() == "mine"
+
+
+def test_generate_tells_an_adapter_for_transformers_from_ours(tmp_path):
+    from llmtrain.generate import load_model
+    from llmtrain.hf_export import is_hf_adapter
+    from llmtrain.lora import save_adapter
+
+    ours = adapted(base_model(tied=True), ["attn.qkv"])
+    hf = export_hf_adapter(ours, tmp_path / "hf_adapter", None, "lm")
+    assert is_hf_adapter(hf) and not is_hf_adapter(save_adapter(ours, tmp_path / "adapter"))
+    with pytest.raises(UserError, match=r"^ckpt_path=\S+hf_adapter is a LoRA adapter for transformers' GPT-2 "
+                                        r"\(its layers have GPT-2's names\): give the run's adapter/"):
+        load_model(str(hf))
