@@ -95,6 +95,7 @@ def test_a_pipeline_on_the_folder_continues_text_as_our_generate_does(tmp_path):
     model = tiny(vocab_size=50304, tie_weights=True)  # the GPT-2 tokenizer, a vocabulary padded to 64
     out = export_hf(model, tmp_path / "hf", META | {"tokenizer": "gpt2"})
     pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    assert pipe.tokenizer("The devil is")["input_ids"] == build_tokenizer("gpt2").encode("The devil is")
     theirs = pipe("The devil is", max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
     assert theirs == generate_text(model, build_tokenizer("gpt2"), "The devil is", max_new_tokens=8, temperature=0)
 

@@ -71,10 +71,16 @@ def test_bytes_files_have_one_token_per_byte_and_no_merges():
     assert vocab == {**{byte_chars()[b]: b for b in range(256)}, ENDOFTEXT: 256}
 
 
-def test_byte_chars_are_printable_and_distinct():
+def test_byte_chars_are_gpt2s_spelling_of_bytes():
+    """transformers' byte-level pre-tokenizer spells bytes with its own fixed table: vocab.json must use the same."""
+    from tokenizers import pre_tokenizers
+
     chars = byte_chars()
-    assert len(set(chars)) == 256 and all(c.isprintable() and not c.isspace() for c in chars)
-    assert chars[ord("a")] == "a" and chars[ord(" ")] == "Ġ" and chars[ord("\n")] == "Ċ"
+    assert len(set(chars)) == 256 and set(chars) == set(pre_tokenizers.ByteLevel.alphabet())
+    spelled = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(
+        "".join(map(chr, range(128))))[0][0]  # the ASCII bytes, as transformers spells them
+    assert spelled == "".join(chars[:128])
+    assert [chars[b] for b in (0x20, 0x7E, 0x7F, 0xA0, 0xAD, 0xFF)] == ["Ġ", "~", "ġ", "ł", "Ń", "ÿ"]
 
 
 def test_merges_are_recovered_from_ranks_and_a_broken_table_is_refused():
