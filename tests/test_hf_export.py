@@ -149,12 +149,13 @@ def test_a_classifier_predicts_the_same_classes_in_transformers(tmp_path):
 
 def test_a_classifier_saved_by_transformers_reads_as_one(tmp_path):
     torch.manual_seed(0)
+    labels = [f"class {i}" for i in range(12)]  # "10" sorts before "2" as text: the ids are numbers
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=257,
-                                     id2label={0: "neg", 1: "pos"}, pad_token_id=256)
+                                     id2label=dict(enumerate(labels)), pad_token_id=256)
     hf = transformers.GPT2ForSequenceClassification(config).eval()
     hf.save_pretrained(tmp_path / "clf")
     model, info = load_pretrained(str(tmp_path / "clf"))
-    assert (info.task, info.label_names, info.num_classes) == ("classify", ["neg", "pos"], 2)
+    assert (info.task, info.label_names, info.num_classes) == ("classify", labels, 12)
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x)[:, -1], hf(x).logits, atol=1e-4, rtol=0)
