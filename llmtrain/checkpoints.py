@@ -27,7 +27,7 @@ WRAPPER_PREFIXES = ("model.", "_orig_mod.", "base_model.model.")
 class ModelInfo:
     """What a checkpoint, an export or a Hugging Face folder says about the model it holds (read once)."""
 
-    kind: str  # "llmtrain" (a .ckpt or an export folder) or "hf" (a Hugging Face GPT-2 folder)
+    kind: str  # "llmtrain" (a .ckpt, an export of the earlier format) or "hf" (a Hugging Face GPT-2 folder, ours too)
     path: str  # the file or folder read
     model_config: GPTConfig
     tokenizer: str = "gpt2"

@@ -43,8 +43,9 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
         (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
         base = hf_folder(cfg.init_from)
         export_hf_adapter(module.model, run_dir / "hf_adapter", base, cfg.finetune.task)
-        written.append(f"adapter in {run_dir / 'adapter'} and, for peft on transformers' GPT-2 "
-                       f"{base or '(export the base with python -m llmtrain.export)'}, in {run_dir / 'hf_adapter'}")
+        on = base or f"{cfg.init_from} once exported (python -m llmtrain.export {cfg.init_from} DIR)"
+        written.append(f"adapter in {run_dir / 'adapter'}, and in {run_dir / 'hf_adapter'} for peft on "
+                       f"transformers' GPT-2 of {on}")
     if cfg.finetune.task == "instruct":
         path = run_dir / "test_generations.jsonl"
         n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,

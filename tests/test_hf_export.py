@@ -247,3 +247,25 @@ def test_a_tampered_export_is_a_one_line_error(tmp_path, damage, words):
     if damage is _nonzero_qkv_bias:
         (out / "llmtrain.json").unlink()  # the fix the message names: the folder reads as plain GPT-2
         assert load_pretrained(str(out))[0].config.qkv_bias
+
+
+def test_generate_reads_the_export_refuses_a_classifier_and_wraps_instruct_prompts(tmp_path, monkeypatch):
+    import llmtrain.generate as gen
+    from llmtrain.prompts import format_prompt
+
+    model = tiny()
+    out = export_hf(model, tmp_path / "run" / "hf", META)
+    args = gen.parse_args([f"ckpt_path={tmp_path / 'run'}", "prompt=Hello", "max_new_tokens=5", "temperature=0",
+                           "device=cpu"])  # a run dir that holds only its export
+    assert gen.run(args) == gen.generate_text(model, build_tokenizer("bytes"), "Hello", 5, temperature=0)
+    assert gen.load_model(str(out))[1].path == str(out)
+
+    export_hf(classifier(n=2), tmp_path / "clf", META | {"task": "classify", "label_names": ["neg", "pos"]})
+    with pytest.raises(UserError, match=r"is a classifier \(labels: neg, pos\): it predicts labels, it does not"):
+        gen.load_model(str(tmp_path / "clf"))
+
+    out = export_hf(model, tmp_path / "instruct", META | {"task": "instruct", "prompt_template": "alpaca"})
+    seen = []
+    monkeypatch.setattr(gen, "generate_text", lambda model, tok, prompt, *a, **k: seen.append(prompt) or "ok")
+    assert gen.run(gen.parse_args([f"ckpt_path={out}", "prompt=Name a colour", "device=cpu"])) == "ok"
+    assert seen == [format_prompt("Name a colour")]
