@@ -12,7 +12,6 @@ Arguments are `key=value` pairs, parsed here without Hydra so that the command s
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -21,7 +20,8 @@ import torch
 
 from llmtrain.checkpoints import ModelInfo
 from llmtrain.decoding import PRECISIONS, decode_precision, prepare_for_decoding, resolve_device
-from llmtrain.errors import UserError
+from llmtrain.errors import UserError, one_line_errors
+from llmtrain.hf_export import is_hf_adapter
 from llmtrain.lora import load_adapter, merge
 from llmtrain.model import GPT
 from llmtrain.pretrained import describe, load_pretrained
@@ -164,6 +164,9 @@ def _refuse_classifier(ckpt_path: str, task: str | None, label_names: list | Non
 
 def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT, ModelInfo]:
     """A LoRA adapter dir: load its base, put the adapter on, merge it into plain weights."""
+    if is_hf_adapter(path):
+        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter for transformers' GPT-2 (its layers have GPT-2's "
+                        "names): give the run's adapter/ (llmtrain's names) or its merged model hf/ instead")
     meta: dict = {}
     if (path / ADAPTER_META).is_file():
         try:
@@ -276,13 +279,8 @@ def run(args: GenerateArgs) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with one_line_errors():
         print(run(parse_args(sys.argv[1:] if argv is None else argv)))
-    except UserError as e:
-        if os.environ.get("LLMTRAIN_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

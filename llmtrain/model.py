@@ -159,10 +159,13 @@ class GPT(nn.Module):
 
     def replace_head(self, num_classes: int) -> None:
         """Turn the LM into a classifier: a new linear head to num_classes logits (untied from the embedding,
-        GPT-2's init). The classify stage reads its logits at the last real token of each sequence."""
-        head = nn.Linear(self.config.emb_dim, num_classes, bias=True, device=self.tok_emb.weight.device)
+        GPT-2's init). The classify stage reads its logits at the last real token of each sequence.
+
+        The head has no bias, as GPT-2's own classifier (transformers' GPT2ForSequenceClassification.score) has
+        none, so that the model exports to it unchanged; the final LayerNorm's shift, which only the head reads,
+        can play a bias's part when it trains."""
+        head = nn.Linear(self.config.emb_dim, num_classes, bias=False, device=self.tok_emb.weight.device)
         nn.init.normal_(head.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(head.bias)
         self.head = head
 
     def crop_context(self, context_length: int) -> None:

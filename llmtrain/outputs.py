@@ -1,5 +1,6 @@
-"""What a finished run leaves beside its checkpoints (rank zero): the final model as safetensors, a LoRA stage's
-adapter, an instruct stage's answers to the test split.
+"""What a finished run leaves beside its checkpoints (rank zero): the final model as a Hugging Face GPT-2 folder
+(`hf/`, which llmtrain reads back exactly), a LoRA stage's adapter (`adapter/` for llmtrain's GPT, `hf_adapter/`
+for transformers' GPT-2), an instruct stage's answers to the test split.
 
 Every file describes itself with the same record (`run_meta`): tokenizer, task, stage, labels, prompt template,
 the weights the run started from. Checkpoints carry it too (the LightningModule stores it).
@@ -14,8 +15,9 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
-from llmtrain.export import export_model
+from llmtrain.hf_export import export_hf, export_hf_adapter
 from llmtrain.lora import save_adapter
+from llmtrain.pretrained import hf_folder
 from llmtrain.prompts import record_prompt, template_of
 
 ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: its base (init_from) and the run's record
@@ -33,13 +35,17 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
     run_dir, written = Path(cfg.run_dir), []
     if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded across ranks here
         written.append(f"no export under FSDP (the final state is in {run_dir / 'checkpoints' / 'last.ckpt'})")
-    else:  # LoRA merged: what generate.py and init_from read, without pickle
-        export_model(module.model, run_dir / "model", {**meta, "step": trainer.global_step})
-        written.append(f"model exported to {run_dir / 'model'}")
+    else:  # LoRA merged: what transformers, init_from= and generate.py read, without pickle
+        export_hf(module.model, run_dir / "hf", {**meta, "step": trainer.global_step})
+        written.append(f"model exported to {run_dir / 'hf'} (Hugging Face GPT-2 layout)")
     if cfg.finetune.lora:
         save_adapter(module.model, run_dir / "adapter")
         (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
-        written.append(f"adapter in {run_dir / 'adapter'}")
+        base = hf_folder(cfg.init_from)
+        export_hf_adapter(module.model, run_dir / "hf_adapter", base, cfg.finetune.task)
+        on = base or f"{cfg.init_from} once exported (python -m llmtrain.export {cfg.init_from} DIR)"
+        written.append(f"adapter in {run_dir / 'adapter'}, and in {run_dir / 'hf_adapter'} for peft on "
+                       f"transformers' GPT-2 of {on}")
     if cfg.finetune.task == "instruct":
         path = run_dir / "test_generations.jsonl"
         n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,

@@ -110,7 +110,7 @@ def test_cached_and_uncached_greedy_agree(model):
 def test_classifier_checkpoint_is_refused(tmp_path):
     torch.manual_seed(0)
     classifier = GPT(TINY)
-    classifier.head = torch.nn.Linear(TINY.emb_dim, 2, bias=True)  # one row per label, as the classify stage makes
+    classifier.replace_head(2)  # one row per label, as the classify stage makes
     path = save_checkpoint(tmp_path / "clf.ckpt", classifier, task="classify", label_names=["neg", "pos"])
     result = run_generate(f"ckpt_path={path}", "prompt=great film")
     assert result.returncode == 2
