@@ -22,8 +22,11 @@ from llmtrain.model import GPTConfig
 from llmtrain.pretrained import describe
 from llmtrain.tokenizer import TOKENIZERS, build_tokenizer
 
-# model keys a checkpoint's weights do not fix: the run's value replaces the checkpoint's
+# model keys a checkpoint's weights do not fix: the run's value replaces the checkpoint's. rope_theta and norm_eps
+# change no weight's shape either, but the function the weights were trained for: like shapes, they are refused.
 FREE_KEYS = ("drop_rate",)
+# model keys whose null means a value derived from the others (when there is no init_from to take it from)
+DERIVED_KEYS = ("n_kv_heads", "mlp_hidden")
 # the data module each task trains on, and the presets that provide one
 DATA_FOR_TASK = {"lm": ("TextDataModule", "data=embedded or data=text"),
                  "instruct": ("InstructDataModule", "data=instruct_embedded or data=alpaca"),
@@ -108,7 +111,7 @@ def effective_model_config(node: dict, start: ModelInfo | None, init_from: str |
         problems.append(f"model.{unknown[0]} is not a model setting: drop it (the settings are {', '.join(settings)})")
         return None
     if start is None:
-        unset = [k for k, v in node.items() if v is None]
+        unset = [k for k, v in node.items() if v is None and k not in DERIVED_KEYS]
         if unset:
             problems.append(f"model.{unset[0]} is null: model=checkpoint takes the architecture of init_from, "
                             f"which is not set: give init_from=<run dir, checkpoint, Hugging Face dir or gpt2>, "
@@ -145,6 +148,8 @@ def _gpt2_preset(config: GPTConfig) -> str | None:
     shapes = {"gpt124m": (768, 12, 12), "gpt355m": (1024, 24, 16), "gpt774m": (1280, 36, 20),
               "gpt1558m": (1600, 48, 25)}
     shape = (config.emb_dim, config.n_layers, config.n_heads)
+    if (config.pos_emb, config.norm, config.mlp, config.n_kv_heads) != ("learned", "layernorm", "gelu", config.n_heads):
+        return None
     return next((name for name in GPT2_NAMES.values() if shapes[name] == shape and config.vocab_size == 50257), None)
 
 
