@@ -6,6 +6,8 @@ An export is a folder:
       config.json        {"format": "llmtrain", "model_config": {GPTConfig's fields}, "num_classes": null or N,
                           and the caller's meta: tokenizer, task, label_names, prompt_template, stage, step, ...}
       model.safetensors  the plain GPT's state dict, on the CPU, contiguous; a tied embedding/head is stored once
+      tokenizer.json     a copy of the run's tokenizer when that is a Hugging Face tokenizer.json (config.json then
+                         says "tokenizer": "tokenizer.json", relative to the folder)
 
 "num_classes" is set for a classifier, whose `head` was replaced by `GPT.replace_head`; the loader rebuilds
 that head before reading the weights. A LoRA model (peft) is exported with its adapters merged into a copy, so the
@@ -24,6 +26,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import safe_open
@@ -34,6 +38,7 @@ from llmtrain.checkpoints import ModelInfo
 from llmtrain.errors import UserError
 from llmtrain.lora import merge
 from llmtrain.model import GPT
+from llmtrain.tokenizer import TOKENIZER_FILE, is_file_tokenizer, tokenizer_path
 
 FORMAT = "llmtrain"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -50,18 +55,31 @@ def export_model(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
     if out.exists() and not _is_replaceable(out):
         raise UserError(f"{out} exists and is not an llmtrain export (no config.json with \"format\": \"llmtrain\"): "
                         "export into a new folder, or move this one away")
-    gpt = _plain_gpt(model)
+    gpt = plain_gpt(model)
     config = {"format": FORMAT, "model_config": dataclasses.asdict(gpt.config), "num_classes": _num_classes(gpt)}
     config |= {k: v for k, v in meta.items() if k not in RESERVED}
+    source = None
+    if is_file_tokenizer(config.get("tokenizer")):  # a tokenizer.json travels with the weights, named relative to
+        source, config["tokenizer"] = tokenizer_path(config["tokenizer"]), TOKENIZER_FILE  # the folder
     text = json.dumps(config, indent=1) + "\n"  # a meta value JSON cannot hold fails here, before any file exists
+    with atomic_folder(out) as tmp:
+        save_model(gpt, str(tmp / WEIGHTS), force_contiguous=True)  # safetensors copies each tensor to the CPU
+        (tmp / CONFIG).write_text(text)
+        if source is not None:
+            shutil.copyfile(source, tmp / TOKENIZER_FILE)
+    return out
 
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A new temporary folder beside out to write into; when the block ends, its files are synced and it replaces
+    out whole (an older out is removed); when the block fails, it is deleted and out is left as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_model(gpt, str(tmp / WEIGHTS), force_contiguous=True)  # safetensors copies each tensor to the CPU
-        (tmp / CONFIG).write_text(text)
-        for name in (WEIGHTS, CONFIG):
-            _fsync(tmp / name)
+        yield tmp
+        for file in tmp.iterdir():
+            _fsync(file)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -69,7 +87,6 @@ def export_model(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
     for stale in out.parent.iterdir():  # left behind by an export that was killed
         if stale.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")):
             shutil.rmtree(stale, ignore_errors=True)
-    return out
 
 
 def read_export_info(path: str | Path) -> ModelInfo:
@@ -105,7 +122,7 @@ def is_export(path: str | Path) -> bool:
 # --- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _plain_gpt(model: nn.Module) -> GPT:
+def plain_gpt(model: nn.Module) -> GPT:
     """The GPT itself, or for a peft model a merged copy (the wrapped model keeps its adapters)."""
     if isinstance(model, GPT):
         return model
@@ -131,7 +148,7 @@ def _is_replaceable(out: Path) -> bool:
     """An older export (or an empty folder, or one holding only an export's files): never a run dir by mistake."""
     if not out.is_dir():
         return False
-    return is_export(out) or {p.name for p in out.iterdir()} <= {CONFIG, WEIGHTS}
+    return is_export(out) or {p.name for p in out.iterdir()} <= {CONFIG, WEIGHTS, TOKENIZER_FILE}
 
 
 def _fsync(file: Path) -> None:

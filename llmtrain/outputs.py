@@ -8,6 +8,9 @@ the weights the run started from. Checkpoints carry it too (the LightningModule 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ from omegaconf import DictConfig
 from llmtrain.export import export_model
 from llmtrain.lora import save_adapter
 from llmtrain.prompts import record_prompt, template_of
+from llmtrain.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 
 ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: its base (init_from) and the run's record
 
@@ -26,6 +30,21 @@ def run_meta(cfg: DictConfig, tokenizer: str, label_names: list[str] | None) -> 
     task = cfg.finetune.task
     return {"tokenizer": tokenizer, "task": task, "stage": cfg.finetune.name, "label_names": label_names,
             "prompt_template": template_of(task), "init_from": cfg.init_from}
+
+
+def keep_tokenizer(tokenizer: str, run_dir: Path, write: bool = True) -> str:
+    """The tokenizer name this run's checkpoints record: a built-in name as is; a tokenizer.json is copied into the
+    run dir (when `write`: on the launching rank), so that the run keeps working wherever its source goes."""
+    if not is_file_tokenizer(tokenizer):
+        return tokenizer
+    kept = run_dir / TOKENIZER_FILE
+    if write and Path(tokenizer).resolve() != kept.resolve():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{TOKENIZER_FILE}.", dir=run_dir)
+        os.close(fd)
+        shutil.copyfile(tokenizer, tmp)
+        os.replace(tmp, kept)
+    return str(kept.resolve())
 
 
 def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> list[str]:
