@@ -113,7 +113,7 @@ def effective_model_config(node: dict, start: ModelInfo | None, init_from: str |
         unset = [k for k, v in node.items() if v is None and k not in DERIVED_KEYS]
         if unset:
             problems.append(f"model.{unset[0]} is null: model=checkpoint takes the architecture of init_from, "
-                            f"which is not set: give init_from=<run dir, checkpoint, Hugging Face dir or gpt2>, "
+                            f"which is not set: give init_from=<run dir, checkpoint, Hugging Face dir or Hub name>, "
                             f"or choose a model to train from scratch (e.g. model=gpt_tiny)")
             return None
         return _config(node, problems)
@@ -161,9 +161,12 @@ def effective_tokenizer(requested: str | None, start: ModelInfo | None, init_fro
         problems.append(f"data.tokenizer={requested} but init_from={init_from} was trained with "
                         f"{start.tokenizer}: set data.tokenizer={start.tokenizer} (or null: the checkpoint's)")
     tokenizer = requested if requested is not None else start.tokenizer if start else None
-    if tokenizer is None:
+    if tokenizer is None and start is None:
         problems.append(f"data.tokenizer is null, which means init_from's tokenizer, but init_from is not set: "
                         f"set data.tokenizer to {CHOOSE}")
+    elif tokenizer is None:
+        problems.append(f"data.tokenizer is null, which means init_from's tokenizer, but init_from={init_from} has "
+                        f"no tokenizer.json: set data.tokenizer to the path of the tokenizer.json it was trained with")
     elif is_file_tokenizer(tokenizer):
         try:
             return str(tokenizer_path(tokenizer))

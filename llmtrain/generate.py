@@ -1,9 +1,9 @@
 """Generate text from a trained model: python -m llmtrain.generate ckpt_path=... prompt="Once upon a time"
 
 ckpt_path takes an llmtrain checkpoint (`.ckpt`) or run directory, an llmtrain export directory (config.json +
-model.safetensors), a Hugging Face GPT-2 directory or Hub name (anything `pretrained.load_pretrained` reads), or a
-LoRA adapter directory (adapter_config.json; its base comes from llmtrain_adapter.json or `base=`), which is merged
-into the base before generating.
+model.safetensors), a Hugging Face GPT-2 or Llama directory or Hub name (anything `pretrained.load_pretrained`
+reads; a Llama folder brings its tokenizer.json), or a LoRA adapter directory (adapter_config.json; its base comes
+from llmtrain_adapter.json or `base=`), which is merged into the base before generating.
 
 Arguments are `key=value` pairs, parsed here without Hydra so that the command starts in about a second.
 `show_top=K` prints the K likeliest next tokens instead of generating: a window into the model.

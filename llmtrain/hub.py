@@ -48,16 +48,22 @@ def download(repo_id: str, what: str) -> Path:
         ) from e
 
 
-def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
-    """The ModelInfo of a Hugging Face GPT-2 folder, from its config.json alone."""
+def read_config_json(path: Path, what: str) -> dict:
+    """A Hugging Face folder's config.json as a dict ({} if it holds no JSON object)."""
     try:
         hf = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{what}: {path / 'config.json'} is not readable JSON ({e})") from e
-    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
-        found = hf.get("model_type") if isinstance(hf, dict) else None
-        raise UserError(f"{what}: config.json has model_type={found!r}, but only GPT-2 (model_type "
-                        f"'gpt2') maps onto llmtrain's GPT{hint}")
+    return hf if isinstance(hf, dict) else {}
+
+
+def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
+    """The ModelInfo of a Hugging Face GPT-2 folder, from its config.json alone."""
+    hf = read_config_json(path, what)
+    if hf.get("model_type") != "gpt2":
+        found = hf.get("model_type")
+        raise UserError(f"{what}: config.json has model_type={found!r}, but only GPT-2 ('gpt2') and Llama "
+                        f"('llama') map onto llmtrain's GPT{hint}")
     return ModelInfo(kind="hf", path=str(path), model_config=config_from_hf(hf, what), tokenizer="gpt2")
 
 

@@ -22,6 +22,18 @@ def preset(name: str) -> GPTConfig:
     return GPTConfig(**yaml.safe_load((CONF / f"{name}.yaml").read_text()))
 
 
+def test_smollm_135m_preset_has_the_released_parameter_count():
+    """SmolLM-135M as released: 134,515,008 parameters; each piece counted from its shape."""
+    config = preset("smollm_135m")
+    with torch.device("meta"):
+        model = GPT(config)
+    d, kv, h = 576, 3 * 64, 1536
+    per_layer = d * d + 2 * d * kv + d * d + 3 * d * h + 2 * d  # q, k, v, o; gate, up, down; two RMSNorm gains
+    assert model.num_params() == 49152 * d + 30 * per_layer + d == 134_515_008
+    assert model.pos_emb is None and not any(n.endswith(".bias") for n, _ in model.named_parameters())
+    assert (config.n_kv_heads, config.mlp_hidden, config.rope_theta, config.norm_eps) == (3, 1536, 10000.0, 1e-5)
+
+
 def test_llama_tiny_is_about_gpt_tinys_size():
     with torch.device("meta"):
         gpt, llama = GPT(preset("gpt_tiny")), GPT(preset("llama_tiny"))
