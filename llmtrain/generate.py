@@ -25,7 +25,7 @@ from llmtrain.lora import load_adapter, merge
 from llmtrain.model import GPT
 from llmtrain.pretrained import describe, load_pretrained
 from llmtrain.prompts import format_prompt
-from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer
+from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer, continuation_text
 
 ADAPTER_META = "llmtrain_adapter.json"  # written next to a LoRA adapter: {"base": <init_from of the base>, ...}
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -224,11 +224,6 @@ def encode_prompt(model: GPT, tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
 
 
-def decode(tokenizer, ids: list[int]) -> str:
-    """Ids the tokenizer does not know (a vocabulary padded past it) are dropped rather than raising."""
-    return tokenizer.decode([i for i in ids if i < tokenizer.n_vocab])
-
-
 def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = None, seed: int = 1234,
                   use_cache: bool = True) -> str:
@@ -237,10 +232,7 @@ def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 80, 
     generator = torch.Generator(device=idx.device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
                          eos_id=tokenizer.eot_token, use_cache=use_cache, generator=generator)  # (1, T + n)
-    new = out[0, idx.size(1) :].tolist()
-    if tokenizer.eot_token in new:
-        new = new[: new.index(tokenizer.eot_token)]
-    return decode(tokenizer, new)
+    return continuation_text(tokenizer, out[0, idx.size(1) :].tolist())
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from llmtrain.export import export_model
 from llmtrain.lora import save_adapter
 from llmtrain.prompts import record_prompt, template_of
-from llmtrain.tokenizer import TOKENIZER_FILE, is_file_tokenizer
+from llmtrain.tokenizer import TOKENIZER_FILE, continuation_text, is_file_tokenizer
 
 ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: its base (init_from) and the run's record
 
@@ -81,7 +81,7 @@ def write_test_generations(module, datamodule, path: Path, limit: int | None, ma
             n_new = min(max_new_tokens, gpt.config.context_length - len(prompt))
             idx = torch.tensor([prompt], device=module.device)
             out = gpt.generate(idx, n_new, temperature=0, eos_id=tok.eot_token)  # LoRA layers sit inside gpt
-            answer = tok.decode([t for t in out[0, len(prompt):].tolist() if t < tok.eot_token])
+            answer = continuation_text(tok, out[0, len(prompt):].tolist())
             f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input") or "",
                                 "reference": r["output"], "generated": answer.strip()}) + "\n")
     module.model.train(was_training)

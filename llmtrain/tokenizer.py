@@ -74,6 +74,14 @@ def build_tokenizer(name: str | None) -> tiktoken.Encoding | JSONTokenizer:
     return JSONTokenizer(tokenizer_path(name))
 
 
+def continuation_text(tok, ids: list[int]) -> str:
+    """Generated ids as text: up to the first end-of-text id (which need not be the last id of the vocabulary, as
+    GPT-2's is); ids past the tokenizer's vocabulary (a model vocabulary padded beyond it) dropped, not raising."""
+    if tok.eot_token in ids:
+        ids = ids[: ids.index(tok.eot_token)]
+    return tok.decode([i for i in ids if i < tok.n_vocab])
+
+
 def tokenizer_path(name: str | Path) -> Path:
     """The tokenizer.json that name points at (the file, or a folder holding it), absolute."""
     path = Path(name).expanduser()

@@ -7,12 +7,14 @@ import shutil
 
 import pytest
 from conftest import make_datamodule
-from tokenizers import Tokenizer, decoders, models, normalizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from llmtrain.errors import UserError
 from llmtrain.tokenizer import (
     JSONTokenizer,
     build_tokenizer,
+    byte_decoder,
+    continuation_text,
     find_tokenizer,
     same_tokenizer,
     tokenizer_json,
@@ -212,3 +214,64 @@ def test_checks_take_a_copy_of_the_checkpoints_tokenizer_and_refuse_another(tmp_
         check_config(compose([*stage, "data.tokenizer=gpt2"], tmp_path))
     with pytest.raises(UserError, match=r"model.vocab_size=100 is smaller than the .*tokenizer.json tokenizer's 50257"):
         check_config(compose(["model.vocab_size=100", f"data.tokenizer={copy}"], tmp_path))
+
+
+@pytest.fixture
+def eot_first(tmp_path):
+    """A byte-level tokenizer.json whose end-of-text id is 0, as SmolLM's is (GPT-2's is its last id, 50256)."""
+    table = {b: c for c, b in byte_decoder().items()}
+    tok = Tokenizer(models.BPE(vocab={"<|endoftext|>": 0} | {table[b]: b + 1 for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return build_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def always_x(vocab_size: int = 257):
+    """A tiny GPT whose every next token is 'x' (id 121 under eot_first)."""
+    import torch
+
+    from llmtrain.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=vocab_size, context_length=256, emb_dim=16, n_heads=2, n_layers=1)).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.weight[121] = 100.0
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+    return model
+
+
+def test_continuations_end_at_the_end_of_text_id_wherever_it_lies(eot_first):
+    assert eot_first.eot_token == 0 and eot_first.encode_ordinary("xy") == [121, 122]
+    assert continuation_text(eot_first, [121, 122, 0, 121]) == "xy"
+    assert continuation_text(eot_first, [121, 300, 122]) == "xy"  # an id of a padded vocabulary: dropped
+    assert continuation_text(build_tokenizer("bytes"), [120, 256, 121]) == "x"
+
+
+def test_test_answers_and_tensorboard_samples_use_the_tokenizers_end_of_text(eot_first, tmp_path):
+    """write_test_generations and the LanguageModel's samples decode what the model generated, also when the
+    end-of-text id is 0 (a filter `id < eot_token` would keep nothing)."""
+    from types import SimpleNamespace
+
+    from llmtrain.module import LanguageModel
+    from llmtrain.outputs import write_test_generations
+
+    model = always_x()
+    module = SimpleNamespace(gpt=model, model=model, device="cpu")
+    records = [{"instruction": "Say x.", "input": "", "output": "x"}]
+    write_test_generations(module, SimpleNamespace(tokenizer=eot_first, records={"test": records}),
+                           tmp_path / "answers.jsonl", None, 3)
+    assert json.loads((tmp_path / "answers.jsonl").read_text())["generated"] == "xxx"
+
+    texts = []
+
+    class Probe(LanguageModel):  # a module with a logger, outside a Trainer
+        logger = SimpleNamespace(experiment=SimpleNamespace(add_text=lambda tag, text, step: texts.append(text)))
+        global_rank, global_step = 0, 0
+
+    probe = Probe(model, optimizer=None, warmup_steps=0, max_steps=1, min_lr_ratio=0.1,
+                  tokenizer=str(tmp_path / "tokenizer.json"), sample_prompts=["ab"], sample_tokens=4)
+    probe._log_samples()
+    assert texts == ["ab**xxxx**"]
