@@ -25,7 +25,7 @@ from llmtrain.lora import load_adapter, merge
 from llmtrain.model import GPT
 from llmtrain.pretrained import describe, load_pretrained
 from llmtrain.prompts import format_prompt
-from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer, continuation_text
+from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer, continuation_text, find_tokenizer
 
 ADAPTER_META = "llmtrain_adapter.json"  # written next to a LoRA adapter: {"base": <init_from of the base>, ...}
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -192,7 +192,7 @@ def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT
                         "with a new head (modules_to_save) is a classifier, which does not generate text") from e
     info = replace(info, path=str(path), task=meta.get("task") or info.task,
                    prompt_template=meta.get("prompt_template") or info.prompt_template,
-                   tokenizer=meta.get("tokenizer") or info.tokenizer,
+                   tokenizer=find_tokenizer(meta["tokenizer"], path) if meta.get("tokenizer") else info.tokenizer,
                    extra={**info.extra, "adapter": str(path), "base": base})
     return merged.eval(), info
 

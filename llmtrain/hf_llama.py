@@ -139,6 +139,17 @@ def state_dict_from_llama(tensors: dict[str, torch.Tensor], config: GPTConfig) -
     return out
 
 
+def llama_mismatches(gpt: GPT) -> list[str]:
+    """What keeps a GPT from the LlamaForCausalLM layout (empty: export_llama can write it)."""
+    c = gpt.config
+    differ = [f"model.{k}={getattr(c, k)}" for k, v in LLAMA_OPTIONS.items() if getattr(c, k) != v]
+    if c.qkv_bias != c.bias:
+        differ.append(f"model.qkv_bias={c.qkv_bias} with model.bias={c.bias}")
+    if gpt.head.bias is not None or gpt.head.out_features != c.vocab_size:
+        differ.append("a classification head")
+    return differ
+
+
 def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path) -> Path:
     """Write model (a GPT with Llama's options, or a peft model around one, merged into a copy) as a Hugging Face
     LlamaForCausalLM folder: config.json, model.safetensors, generation_config.json, tokenizer.json and
@@ -146,11 +157,7 @@ def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path) -> Path:
     replaced only if it holds nothing but such files. Returns out_dir."""
     gpt = plain_gpt(model)
     c = gpt.config
-    differ = [f"model.{k}={getattr(c, k)}" for k, v in LLAMA_OPTIONS.items() if getattr(c, k) != v]
-    if c.qkv_bias != c.bias:
-        differ.append(f"model.qkv_bias={c.qkv_bias} with model.bias={c.bias}")
-    if gpt.head.bias is not None or gpt.head.out_features != c.vocab_size:
-        differ.append("a classification head")
+    differ = llama_mismatches(gpt)
     if differ:
         raise UserError(f"the model cannot be written as a LlamaForCausalLM: it has {', '.join(differ)} (Llama: "
                         f"{', '.join(f'{k}={v}' for k, v in LLAMA_OPTIONS.items())}, one bias setting, an LM head)")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import llmtrain.pretrained as pretrained
 from llmtrain.errors import UserError
 from llmtrain.generate import generate_text
-from llmtrain.hf_llama import export_llama
+from llmtrain.hf_llama import export_llama, llama_mismatches
 from llmtrain.model import GPT, GPTConfig
 from llmtrain.pretrained import describe, load_pretrained
 from llmtrain.tokenizer import build_tokenizer, tokenizer_json
@@ -196,6 +196,7 @@ def test_export_of_a_loaded_llama_reproduces_its_files(tmp_path):
 
 def test_export_refuses_models_llama_cannot_express_and_folders_it_did_not_write(tmp_path):
     gpt2 = GPT(GPTConfig(vocab_size=VOCAB, context_length=16, emb_dim=32, n_heads=2, n_layers=1))
+    assert llama_mismatches(llama_gpt()) == [] and len(llama_mismatches(gpt2)) == 4  # what the wiring asks
     with pytest.raises(UserError, match=r"cannot be written as a LlamaForCausalLM: it has model.pos_emb=learned, "
                                         r"model.norm=layernorm, model.mlp=gelu, model.qkv_bias=False with "
                                         r"model.bias=True"):

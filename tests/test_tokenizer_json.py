@@ -275,3 +275,25 @@ def test_test_answers_and_tensorboard_samples_use_the_tokenizers_end_of_text(eot
                   tokenizer=str(tmp_path / "tokenizer.json"), sample_prompts=["ab"], sample_tokens=4)
     probe._log_samples()
     assert texts == ["ab**xxxx**"]
+
+
+def test_a_lora_adapter_of_a_moved_run_finds_the_runs_tokenizer(tmp_path):
+    """llmtrain_adapter.json records the run's copy of its tokenizer.json; moved with the run, it is found there."""
+    import torch
+
+    from llmtrain.generate import load_model
+    from llmtrain.lora import apply_lora, save_adapter
+    from llmtrain.model import GPT, GPTConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.json").write_text(tokenizer_json("bytes"))
+    base = GPT(GPTConfig(vocab_size=257, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
+    torch.save({"state_dict": {"model." + k: v for k, v in base.state_dict().items()},
+                "llmtrain": {"model_config": base.config.__dict__, "tokenizer": "bytes", "task": "lm"}},
+               tmp_path / "base.ckpt")
+    adapter = save_adapter(apply_lora(base, r=2, dropout=0.0), run / "adapter")
+    (adapter / "llmtrain_adapter.json").write_text(json.dumps(
+        {"base": str(tmp_path / "base.ckpt"), "tokenizer": "/where/the/run/was/tokenizer.json", "task": "lm"}))
+    _, info = load_model(str(adapter))
+    assert info.tokenizer == str((run / "tokenizer.json").resolve())
