@@ -64,16 +64,17 @@ def test_transformers_reads_the_written_tokenizer_json_alike(gpt2_json):
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode_ordinary(text)
 
 
-def test_end_of_text_comes_from_the_configs_beside_the_file(tmp_path, gpt2_json):
+def test_end_of_text_comes_from_the_configs_beside_the_file(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
-    shutil.copy(gpt2_json, folder / "tokenizer.json")
-    (folder / "config.json").write_text(json.dumps({"eos_token_id": [13, 50256]}))
+    (folder / "tokenizer.json").write_text(tokenizer_json("bytes"))
+    assert JSONTokenizer(folder / "tokenizer.json").eot_token == 256  # <|endoftext|>, by its name
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": [13, 256]}))
     assert JSONTokenizer(folder / "tokenizer.json").eot_token == 13  # the first of a list
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "!", "special": True}}))
-    assert JSONTokenizer(folder / "tokenizer.json").eot_token == 0  # tokenizer_config.json comes first
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "Hello"}))
-    assert JSONTokenizer(folder / "tokenizer.json").eot_token == 15496
+    assert JSONTokenizer(folder / "tokenizer.json").eot_token == 33  # tokenizer_config.json comes first
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "H"}))
+    assert JSONTokenizer(folder / "tokenizer.json").eot_token == 72
 
 
 def test_a_tokenizer_without_end_of_text_is_a_user_error(tmp_path):
