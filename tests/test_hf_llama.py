@@ -237,3 +237,19 @@ def test_instruct_from_a_llama_folder_through_the_command_line(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_llama(model, info.tokenizer, tmp_path / "hf"))
     with torch.no_grad():
         torch.testing.assert_close(model(ids()), hf.eval()(ids()).logits, atol=1e-4, rtol=0)
+
+
+def test_a_lora_model_is_exported_merged(tmp_path):
+    """finetune=lora on a Llama-option model: its adapters (q/k/v, o and the gated MLP) are merged into the export."""
+    from llmtrain.lora import apply_lora
+
+    wrapped = apply_lora(llama_gpt(), r=4, dropout=0.0,
+                         target_modules=["attn.qkv", "attn.out_proj", "mlp.gate", "mlp.fc1", "mlp.fc2"]).eval()
+    with torch.no_grad():  # B starts at zero: give the adapters an effect
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_llama(wrapped, "bytes", tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids()).logits, wrapped(ids()), atol=1e-4, rtol=0)
+        assert not torch.allclose(hf(ids()).logits, llama_gpt()(ids()), atol=1e-2)
