@@ -18,6 +18,7 @@ import torch
 
 from llmtrain.errors import UserError
 from llmtrain.model import GPT, GPTConfig
+from llmtrain.tokenizer import find_tokenizer
 
 # prefixes that wrappers put in front of the GPT's own keys: the LightningModule, torch.compile, peft
 WRAPPER_PREFIXES = ("model.", "_orig_mod.", "base_model.model.")
@@ -27,10 +28,10 @@ WRAPPER_PREFIXES = ("model.", "_orig_mod.", "base_model.model.")
 class ModelInfo:
     """What a checkpoint, an export or a Hugging Face folder says about the model it holds (read once)."""
 
-    kind: str  # "llmtrain" (a .ckpt, an export of the earlier format) or "hf" (a Hugging Face GPT-2 folder, ours too)
+    kind: str  # "llmtrain" (a .ckpt, an export of the earlier format) or "hf" (a Hugging Face GPT-2 or Llama folder)
     path: str  # the file or folder read
     model_config: GPTConfig
-    tokenizer: str = "gpt2"
+    tokenizer: str | None = "gpt2"  # gpt2, bytes or a tokenizer.json's path; None: a Hugging Face folder without one
     task: str = "lm"  # lm | instruct | classify
     stage: str | None = None  # the finetune stage that wrote it
     label_names: list[str] | None = None  # a classifier's classes, in head order
@@ -48,7 +49,9 @@ class ModelInfo:
         except (TypeError, ValueError, KeyError) as e:
             raise UserError(f"{what}: the model config it holds is unusable ({e})") from e
         labels = meta.get("label_names")
-        return cls(kind=kind, path=str(path), model_config=config, tokenizer=meta.get("tokenizer") or "gpt2",
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent  # where a copied tokenizer.json lies
+        tokenizer = find_tokenizer(meta.get("tokenizer") or "gpt2", folder)
+        return cls(kind=kind, path=str(path), model_config=config, tokenizer=tokenizer,
                    task=meta.get("task") or "lm", stage=meta.get("stage"), label_names=labels,
                    prompt_template=meta.get("prompt_template"),
                    num_classes=meta.get("num_classes") or (len(labels) if labels else None),

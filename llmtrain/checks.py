@@ -20,10 +20,13 @@ from llmtrain.hardware import choose_precision, cuda_bf16, on_cuda
 from llmtrain.hub import GPT2_NAMES
 from llmtrain.model import GPTConfig
 from llmtrain.pretrained import describe
-from llmtrain.tokenizer import TOKENIZERS, build_tokenizer
+from llmtrain.tokenizer import CHOOSE, build_tokenizer, is_file_tokenizer, same_tokenizer, tokenizer_path
 
-# model keys a checkpoint's weights do not fix: the run's value replaces the checkpoint's
+# model keys a checkpoint's weights do not fix: the run's value replaces the checkpoint's. rope_theta and norm_eps
+# change no weight's shape either, but the function the weights were trained for: like shapes, they are refused.
 FREE_KEYS = ("drop_rate",)
+# model keys whose null means a value derived from the others (when there is no init_from to take it from)
+DERIVED_KEYS = ("n_kv_heads", "mlp_hidden")
 # the data module each task trains on, and the presets that provide one
 DATA_FOR_TASK = {"lm": ("TextDataModule", "data=embedded or data=text"),
                  "instruct": ("InstructDataModule", "data=instruct_embedded or data=alpaca"),
@@ -37,7 +40,7 @@ class Effective:
 
     model_config: GPTConfig
     start: ModelInfo | None  # what init_from holds (None: random weights)
-    tokenizer: str
+    tokenizer: str  # gpt2, bytes, or the absolute path of a tokenizer.json
     context_length: int  # tokens per training sequence: the window (lm) or the longest record (tables)
     accumulate: int  # micro-batches per optimizer step
     precision: str | int  # as Lightning takes it
@@ -66,11 +69,10 @@ def check_config(cfg: DictConfig) -> Effective:
                 problems.append(f"data.context_length must be positive, got {context_length}")
     else:
         problems.append(f"finetune.task={task!r} is not known: choose one of {', '.join(DATA_FOR_TASK)}")
-    if tokenizer in TOKENIZERS and model_config:
-        n_vocab = build_tokenizer(tokenizer).n_vocab
-        if model_config.vocab_size < n_vocab:
-            problems.append(f"model.vocab_size={model_config.vocab_size} is smaller than the {tokenizer} "
-                            f"tokenizer's {n_vocab} ids: set model.vocab_size={n_vocab} (or larger)")
+    n_vocab = _vocabulary_size(tokenizer, problems) if tokenizer and model_config else None
+    if n_vocab is not None and model_config.vocab_size < n_vocab:
+        problems.append(f"model.vocab_size={model_config.vocab_size} is smaller than the {tokenizer} "
+                        f"tokenizer's {n_vocab} ids: set model.vocab_size={n_vocab} (or larger)")
     train_blocks = cfg.finetune.train_blocks
     if train_blocks not in ("all", "last", "head", "none") and not (
             isinstance(train_blocks, int) and model_config and 0 <= train_blocks <= model_config.n_layers):
@@ -109,10 +111,10 @@ def effective_model_config(node: dict, start: ModelInfo | None, init_from: str |
         problems.append(f"model.{unknown[0]} is not a model setting: drop it (the settings are {', '.join(settings)})")
         return None
     if start is None:
-        unset = [k for k, v in node.items() if v is None]
+        unset = [k for k, v in node.items() if v is None and k not in DERIVED_KEYS]
         if unset:
             problems.append(f"model.{unset[0]} is null: model=checkpoint takes the architecture of init_from, "
-                            f"which is not set: give init_from=<run dir, checkpoint, Hugging Face dir or gpt2>, "
+                            f"which is not set: give init_from=<run dir, checkpoint, Hugging Face dir or Hub name>, "
                             f"or choose a model to train from scratch (e.g. model=gpt_tiny)")
             return None
         return _config(node, problems)
@@ -146,23 +148,42 @@ def _gpt2_preset(config: GPTConfig) -> str | None:
     shapes = {"gpt124m": (768, 12, 12), "gpt355m": (1024, 24, 16), "gpt774m": (1280, 36, 20),
               "gpt1558m": (1600, 48, 25)}
     shape = (config.emb_dim, config.n_layers, config.n_heads)
+    if (config.pos_emb, config.norm, config.mlp, config.n_kv_heads) != ("learned", "layernorm", "gelu", config.n_heads):
+        return None
     return next((name for name in GPT2_NAMES.values() if shapes[name] == shape and config.vocab_size == 50257), None)
 
 
 def effective_tokenizer(requested: str | None, start: ModelInfo | None, init_from: str | None,
-                        problems: list[str]) -> str:
+                        problems: list[str]) -> str | None:
     """data.tokenizer; null means the tokenizer of init_from's weights. Naming another one than the weights were
-    trained with is refused: the ids would mean other tokens."""
-    if start is not None and requested is not None and requested != start.tokenizer:
+    trained with is refused: the ids would mean other tokens. A tokenizer.json is returned as an absolute path."""
+    if (start is not None and requested is not None and start.tokenizer is not None
+            and not same_tokenizer(requested, start.tokenizer)):
         problems.append(f"data.tokenizer={requested} but init_from={init_from} was trained with "
                         f"{start.tokenizer}: set data.tokenizer={start.tokenizer} (or null: the checkpoint's)")
     tokenizer = requested if requested is not None else start.tokenizer if start else None
-    if tokenizer is None:
-        problems.append("data.tokenizer is null, which means init_from's tokenizer, but init_from is not set: "
-                        f"set data.tokenizer to one of {', '.join(TOKENIZERS)}")
-    elif tokenizer not in TOKENIZERS:
-        problems.append(f"data.tokenizer={tokenizer!r} is not known: choose one of {', '.join(TOKENIZERS)}")
+    if tokenizer is None and start is None:
+        problems.append(f"data.tokenizer is null, which means init_from's tokenizer, but init_from is not set: "
+                        f"set data.tokenizer to {CHOOSE}")
+    elif tokenizer is None:
+        problems.append(f"data.tokenizer is null, which means init_from's tokenizer, but init_from={init_from} has "
+                        f"no tokenizer.json: set data.tokenizer to the path of the tokenizer.json it was trained with")
+    elif is_file_tokenizer(tokenizer):
+        try:
+            return str(tokenizer_path(tokenizer))
+        except UserError:
+            problems.append(f"data.tokenizer={tokenizer!r} is not known: choose {CHOOSE}")
+            return None
     return tokenizer
+
+
+def _vocabulary_size(tokenizer: str, problems: list[str]) -> int | None:
+    """The number of ids of a tokenizer that effective_tokenizer accepted (None if it cannot be opened)."""
+    try:
+        return build_tokenizer(tokenizer).n_vocab
+    except UserError as e:  # a tokenizer.json that is not one, or has no end-of-text token
+        problems.append(str(e))
+        return None
 
 
 def accumulation_steps(cfg: DictConfig, context_length: int, problems: list[str]) -> int:

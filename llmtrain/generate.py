@@ -1,9 +1,9 @@
 """Generate text from a trained model: python -m llmtrain.generate ckpt_path=... prompt="Once upon a time"
 
 ckpt_path takes an llmtrain checkpoint (`.ckpt`) or run directory, an llmtrain export directory (config.json +
-model.safetensors), a Hugging Face GPT-2 directory or Hub name (anything `pretrained.load_pretrained` reads), or a
-LoRA adapter directory (adapter_config.json; its base comes from llmtrain_adapter.json or `base=`), which is merged
-into the base before generating.
+model.safetensors), a Hugging Face GPT-2 or Llama directory or Hub name (anything `pretrained.load_pretrained`
+reads; a Llama folder brings its tokenizer.json), or a LoRA adapter directory (adapter_config.json; its base comes
+from llmtrain_adapter.json or `base=`), which is merged into the base before generating.
 
 Arguments are `key=value` pairs, parsed here without Hydra so that the command starts in about a second.
 `show_top=K` prints the K likeliest next tokens instead of generating: a window into the model.
@@ -26,7 +26,7 @@ from llmtrain.lora import load_adapter, merge
 from llmtrain.model import GPT
 from llmtrain.pretrained import describe, load_pretrained
 from llmtrain.prompts import format_prompt
-from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer
+from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer, continuation_text, find_tokenizer
 
 ADAPTER_META = "llmtrain_adapter.json"  # written next to a LoRA adapter: {"base": <init_from of the base>, ...}
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -189,7 +189,7 @@ def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT
                         "with a new head (modules_to_save) is a classifier, which does not generate text") from e
     info = replace(info, path=str(path), task=meta.get("task") or info.task,
                    prompt_template=meta.get("prompt_template") or info.prompt_template,
-                   tokenizer=meta.get("tokenizer") or info.tokenizer,
+                   tokenizer=find_tokenizer(meta["tokenizer"], path) if meta.get("tokenizer") else info.tokenizer,
                    extra={**info.extra, "adapter": str(path), "base": base})
     return merged.eval(), info
 
@@ -221,11 +221,6 @@ def encode_prompt(model: GPT, tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
 
 
-def decode(tokenizer, ids: list[int]) -> str:
-    """Ids the tokenizer does not know (a vocabulary padded past it) are dropped rather than raising."""
-    return tokenizer.decode([i for i in ids if i < tokenizer.n_vocab])
-
-
 def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = None, seed: int = 1234,
                   use_cache: bool = True) -> str:
@@ -234,10 +229,7 @@ def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 80, 
     generator = torch.Generator(device=idx.device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
                          eos_id=tokenizer.eot_token, use_cache=use_cache, generator=generator)  # (1, T + n)
-    new = out[0, idx.size(1) :].tolist()
-    if tokenizer.eot_token in new:
-        new = new[: new.index(tokenizer.eot_token)]
-    return decode(tokenizer, new)
+    return continuation_text(tokenizer, out[0, idx.size(1) :].tolist())
 
 
 @torch.no_grad()

@@ -23,13 +23,8 @@ No Lightning or Hydra, and no transformers: only safetensors and JSON.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,13 +32,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmtrain.errors import UserError
+from llmtrain.folders import write_folder
+from llmtrain.hf_llama import LLAMA_OPTIONS, export_llama, llama_mismatches
 from llmtrain.hf_tokenizer import tokenizer_files
 from llmtrain.hub import CLASSIFIER, LAYER_NAMES, LLMTRAIN_JSON, TOP_NAMES, TRANSPOSED
-from llmtrain.lora import merge, save_adapter
+from llmtrain.lora import plain_gpt, save_adapter
 from llmtrain.model import GPT
 from llmtrain.native import is_export
-from llmtrain.tokenizer import build_tokenizer
+from llmtrain.tokenizer import TOKENIZER_FILE, build_tokenizer, is_file_tokenizer
 
+GPT2_OPTIONS = {"pos_emb": "learned", "norm": "layernorm", "norm_eps": 1e-5, "mlp": "gelu", "bias": True}
 CONFIG, WEIGHTS, GENERATION = "config.json", "model.safetensors", "generation_config.json"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 RESERVED = ("format", "model_config", "num_classes")  # llmtrain.json keys that the model decides, not the meta
@@ -59,13 +57,22 @@ def export_hf(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
     llmtrain.json, and decides the tokenizer files and, with task=classify, the classifier layout. The model is
     not modified. Returns out_dir.
     """
-    gpt = _plain_gpt(model)
+    gpt = plain_gpt(model)
     classifier = meta.get("task") == "classify"
+    if not classifier and not llama_mismatches(gpt):  # Llama's options: LlamaForCausalLM's layout
+        return export_llama(gpt, meta.get("tokenizer") or "gpt2", out_dir, meta)
+    differ = gpt2_mismatches(gpt)
+    if differ:
+        raise UserError(f"the model has no Hugging Face layout: {', '.join(differ)} is neither GPT-2's nor (with "
+                        f"{', '.join(f'{k}={v}' for k, v in LLAMA_OPTIONS.items())}) Llama's; llmtrain reads its "
+                        f"checkpoints (init_from=, generate's ckpt_path=)")
     labels = _labels(gpt, classifier, meta.get("label_names"))
     tokenizer = meta.get("tokenizer") or "gpt2"
     eot = build_tokenizer(tokenizer).eot_token
     record = {"format": "llmtrain", **{k: v for k, v in meta.items() if k not in RESERVED},
               "model_config": dataclasses.asdict(gpt.config), "num_classes": len(labels) if labels else None}
+    if is_file_tokenizer(tokenizer):  # the copy in the folder, found wherever the folder goes
+        record["tokenizer"] = TOKENIZER_FILE
     files = {CONFIG: hf_config(gpt, eot, labels), LLMTRAIN_JSON: record}
     if not classifier:
         files[GENERATION] = {"bos_token_id": eot, "eos_token_id": eot}
@@ -79,6 +86,17 @@ def export_hf(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
             (tmp / name).write_text(text, encoding="utf-8")
 
     return write_folder(Path(out_dir), write, is_hf_export, "an llmtrain export")
+
+
+def gpt2_mismatches(gpt: GPT) -> list[str]:
+    """What keeps a GPT from GPT-2's layout (empty: export_hf writes it as GPT2LMHeadModel or a classifier)."""
+    c = gpt.config
+    differ = [f"model.{k}={getattr(c, k)}" for k, v in GPT2_OPTIONS.items() if getattr(c, k) != v]
+    if c.n_kv_heads != c.n_heads:
+        differ.append(f"model.n_kv_heads={c.n_kv_heads}")
+    if c.mlp_hidden != 4 * c.emb_dim:
+        differ.append(f"model.mlp_hidden={c.mlp_hidden}")
+    return differ
 
 
 def hf_state_dict(gpt: GPT, classifier: bool = False) -> dict[str, torch.Tensor]:
@@ -181,40 +199,7 @@ def is_hf_adapter(path: str | Path) -> bool:
         return False
 
 
-def write_folder(out: Path, write: Callable[[Path], None], replaceable: Callable[[Path], bool], what: str) -> Path:
-    """Call write(tmp) on a new folder beside out, sync its files, and rename it to out (replacing an older out
-    only if replaceable(out) or it is empty); a folder left by a killed writer is cleaned up. Returns out."""
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or replaceable(out))):
-        raise UserError(f"{out} exists and is not {what}: export into a new folder, or move this one away")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for stale in out.parent.iterdir():  # left behind by a writer that was killed
-        if stale.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")):
-            shutil.rmtree(stale, ignore_errors=True)
-    return out
-
-
 # --- helpers ----------------------------------------------------------------------------------------------------
-
-
-def _plain_gpt(model: nn.Module) -> GPT:
-    """The GPT itself, or for a peft model a merged copy (the wrapped model keeps its adapters)."""
-    if isinstance(model, GPT):
-        return model
-    if hasattr(model, "merge_and_unload"):
-        merged = merge(copy.deepcopy(model))
-        if isinstance(merged, GPT):
-            return merged
-    raise TypeError(f"export_hf takes an llmtrain GPT or a peft model around one, got {type(model).__name__}")
 
 
 def _labels(gpt: GPT, classifier: bool, label_names: list[str] | None) -> list[str] | None:
@@ -235,18 +220,3 @@ def _prefixes(name: str) -> list[str]:
     """'blocks.0.attn.qkv.lora_A.weight' -> ['blocks.0.attn.qkv.lora_A', 'blocks.0.attn.qkv', ...], longest first."""
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an older out is moved aside first and deleted after (a directory cannot be renamed over)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)  # put the previous folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,7 @@ reading it back gives the very model that was exported. No Lightning or Hydra.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from llmtrain.checkpoints import ModelInfo, few
 from llmtrain.errors import UserError
 from llmtrain.model import GPT, GPTConfig
+from llmtrain.tokenizer import find_tokenizer
 
 # Hub name -> our model config (conf/model/<name>.yaml) with the same shapes
 GPT2_NAMES = {"gpt2": "gpt124m", "gpt2-medium": "gpt355m", "gpt2-large": "gpt774m", "gpt2-xl": "gpt1558m"}
@@ -57,13 +59,18 @@ def download(repo_id: str, what: str) -> Path:
         ) from e
 
 
+def read_config_json(path: Path, what: str) -> dict:
+    """A Hugging Face folder's config.json as a dict ({} if it holds no JSON object)."""
+    hf = _read_json(path / "config.json", what)
+    return hf if isinstance(hf, dict) else {}
+
+
 def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
     """The ModelInfo of a Hugging Face GPT-2 folder, from its config.json (and llmtrain.json, if beside) alone."""
-    hf = _read_json(path / "config.json", what)
-    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
-        found = hf.get("model_type") if isinstance(hf, dict) else None
-        raise UserError(f"{what}: config.json has model_type={found!r}, but only GPT-2 (model_type "
-                        f"'gpt2') maps onto llmtrain's GPT{hint}")
+    hf = read_config_json(path, what)
+    if hf.get("model_type") != "gpt2":
+        raise UserError(f"{what}: config.json has model_type={hf.get('model_type')!r}, but only GPT-2 ('gpt2') and "
+                        f"Llama ('llama') map onto llmtrain's GPT{hint}")
     config = config_from_hf(hf, what)
     labels = None
     if CLASSIFIER in (hf.get("architectures") or []):  # id2label: {"0": "ham", "1": "spam"}
@@ -81,7 +88,7 @@ def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
         differ += [] if ours.num_classes == info.num_classes else [f"classes {ours.num_classes} vs {info.num_classes}"]
         raise UserError(f"{what}: {LLMTRAIN_JSON} and config.json disagree ({', '.join(differ)}): restore the files "
                         f"that were exported together, or delete {LLMTRAIN_JSON} to read the folder as plain GPT-2")
-    return ours
+    return replace(ours, tokenizer=find_tokenizer(ours.tokenizer, path))  # a tokenizer.json travels with the folder
 
 
 def load_hf(path: Path, what: str, hint: str = "") -> tuple[GPT, ModelInfo]:

@@ -10,6 +10,7 @@ expect Hugging Face model attributes that the handwritten GPT does not have.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -172,3 +173,10 @@ def merge(peft_model: PeftModel) -> nn.Module:
     replace the originals.
     """
     return peft_model.merge_and_unload()
+
+
+def plain_gpt(model: nn.Module) -> nn.Module:
+    """The model itself when it is no peft model, else a merged copy (the wrapped model keeps its adapters)."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    return merge(copy.deepcopy(model))

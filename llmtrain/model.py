@@ -1,9 +1,10 @@
-"""A GPT in plain PyTorch: the architecture of GPT-2 (Radford et al., 2019), written to be read.
+"""A GPT in plain PyTorch, written to be read: GPT-2 (Radford et al., 2019) by default, the Llama family's choices
+as options (GPTConfig): rotary positions, grouped-query attention, RMSNorm, a SwiGLU MLP, no biases.
 
-token + position embeddings -> n_layers x [pre-LN attention, pre-LN MLP] -> final LayerNorm -> linear head.
+token embedding (+ learned positions) -> n_layers x [pre-norm attention, pre-norm MLP] -> final norm -> linear head.
 
-This file imports torch only. It knows nothing of training, configs, LoRA or checkpoints;
-`forward` returns logits and the loss lives with the caller.
+The layers themselves are in layers.py. These two files import torch only. They know nothing of training, configs,
+LoRA or checkpoints; `forward` returns logits and the loss lives with the caller.
 """
 
 from __future__ import annotations
@@ -13,31 +14,61 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from llmtrain.layers import MLP, CausalSelfAttention, make_norm, rope_angles
+
+CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
-    context_length: int = 1024  # longest sequence the position table covers
+    context_length: int = 1024  # longest sequence: the rows of a learned position table, or the RoPE positions used
     emb_dim: int = 768
     n_heads: int = 12
     n_layers: int = 12
     drop_rate: float = 0.0  # embedding, attention-weight and residual dropout
-    qkv_bias: bool = False  # GPT-2's released weights have one; many reimplementations drop it
+    qkv_bias: bool = False  # a bias on q, k, v: GPT-2's released weights (and Qwen2's) have one, Llama's not
     tie_weights: bool = False  # share the token embedding with the output head (GPT-2 does)
+    pos_emb: str = "learned"  # learned (a table of context_length rows) | rope (no weights: rotations of q and k)
+    rope_theta: float = 10000.0  # RoPE's base: pair i of a head turns by position * rope_theta^(-2i / head_dim)
+    n_kv_heads: int | None = None  # key/value heads: n_heads is multi-head, 1 multi-query, between: GQA; None: n_heads
+    norm: str = "layernorm"  # layernorm | rmsnorm (no centring, no bias: Llama's)
+    norm_eps: float = 1e-5  # added to the variance in every norm (GPT-2, SmolLM: 1e-5; LlamaConfig's default: 1e-6)
+    mlp: str = "gelu"  # gelu: fc2(gelu(fc1 x)) | swiglu: fc2(silu(gate x) * fc1 x)
+    mlp_hidden: int | None = None  # None: 4 * emb_dim (gelu), 8/3 * emb_dim up to a multiple of 64 (swiglu: as costly)
+    bias: bool = True  # biases of the attention output, the MLP and LayerNorm (GPT-2 has them, Llama not)
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if getattr(self, name) < 1:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_kv_heads", "mlp_hidden"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("rope_theta", "norm_eps"):
+            if getattr(self, name) <= 0:
+                problems.append(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_kv_heads is None:  # derived values are stored, so that a saved config says what was built
+            self.n_kv_heads = self.n_heads
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.emb_dim if self.mlp == "gelu" else 64 * math.ceil(8 * self.emb_dim / 3 / 64)
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                problems.append(f"model.{name}={getattr(self, name)!r} is not known: choose {' or '.join(choices)}")
         if self.n_heads >= 1 and self.emb_dim % self.n_heads:
             near = _nearest_divisor(self.emb_dim, self.n_heads)
             problems.append(
                 f"model.emb_dim={self.emb_dim} is not divisible by model.n_heads={self.n_heads}: "
                 f"choose n_heads among the divisors of emb_dim (e.g. model.n_heads={near})"
+            )
+        elif self.pos_emb == "rope" and self.n_heads >= 1 and self.head_dim % 2:
+            problems.append(f"model.pos_emb=rope turns pairs of dimensions, but a head has emb_dim / n_heads = "
+                            f"{self.head_dim}, an odd number: change model.emb_dim or model.n_heads")
+        if self.n_kv_heads >= 1 and self.n_heads >= 1 and self.n_heads % self.n_kv_heads:
+            near = _nearest_divisor(self.n_heads, self.n_kv_heads)
+            problems.append(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}: each key/value "
+                f"head serves a group of query heads; choose a divisor of n_heads (e.g. model.n_kv_heads={near})"
             )
         if not 0.0 <= self.drop_rate < 1.0:
             problems.append(f"model.drop_rate must lie in [0, 1), got {self.drop_rate}")
@@ -56,78 +87,39 @@ def _nearest_divisor(n: int, near: int) -> int:
 class KVCache:
     """Keys and values of every layer for the positions seen so far, so that each new token costs one position.
 
-    Tensors are allocated once, (B, n_heads, max_len, head_dim) per layer, and filled in place.
+    Tensors are allocated once, (B, n_kv_heads, max_len, head_dim) per layer, and filled in place: with GQA the
+    cache holds only the key/value heads, n_heads / n_kv_heads times less memory than multi-head attention.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
-        shape = (batch_size, config.n_heads, max_len, config.head_dim)
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.pos = 0  # number of positions already stored
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
+        """Store k, v (B, nkv, T, hs) at the current position; return all keys and values so far."""
         T = k.size(2)
         self.k[layer][:, :, self.pos : self.pos + T] = k
         self.v[layer][:, :, self.pos : self.pos + T] = v
         return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
-        self.out_proj = nn.Linear(config.emb_dim, config.emb_dim)
-        self.drop_rate = config.drop_rate
-        self.resid_drop = nn.Dropout(config.drop_rate)
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        mask, is_causal = None, True
-        if cache is not None:
-            past = cache.pos
-            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
-            if past and T > 1:  # new queries see all the past and the causal part of themselves
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                is_causal = False
-            elif past:  # one new query sees everything
-                is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.drop_rate if self.training else 0.0, is_causal=is_causal
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_drop(self.out_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(config.emb_dim, 4 * config.emb_dim)
-        self.fc2 = nn.Linear(4 * config.emb_dim, config.emb_dim)
-        self.drop = nn.Dropout(config.drop_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 used the tanh approximation of GELU; keep it so that its weights give its outputs
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
-
-
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.emb_dim)
-        self.attn = CausalSelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.emb_dim)
-        self.mlp = MLP(config)
+        c = config
+        self.ln1 = make_norm(c.norm, c.emb_dim, c.norm_eps, c.bias)
+        self.attn = CausalSelfAttention(c.emb_dim, c.n_heads, c.n_kv_heads, c.qkv_bias, c.bias, c.drop_rate)
+        self.ln2 = make_norm(c.norm, c.emb_dim, c.norm_eps, c.bias)
+        self.mlp = MLP(c.emb_dim, c.mlp_hidden, c.mlp, c.bias, c.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer)
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), rope, cache, layer)
         return x + self.mlp(self.ln2(x))
 
 
@@ -136,10 +128,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
-        self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
+        # RoPE models have no position table: positions are rotations inside attention
+        self.pos_emb = nn.Embedding(config.context_length, config.emb_dim) if config.pos_emb == "learned" else None
         self.drop = nn.Dropout(config.drop_rate)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.ln_f = nn.LayerNorm(config.emb_dim)
+        self.ln_f = make_norm(config.norm, config.emb_dim, config.norm_eps, config.bias)
         self.head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_weights:
             self.head.weight = self.tok_emb.weight
@@ -169,10 +162,13 @@ class GPT(nn.Module):
         self.head = head
 
     def crop_context(self, context_length: int) -> None:
-        """Keep the first context_length rows of the position table (nanoGPT's crop_block_size)."""
+        """Keep the first context_length rows of the position table (nanoGPT's crop_block_size); RoPE: lower the
+        limit."""
         if not 1 <= context_length <= self.config.context_length:
             raise ValueError(f"can only crop to 1..{self.config.context_length} positions, got {context_length}")
         self.config = replace(self.config, context_length=context_length)
+        if self.pos_emb is None:
+            return
         self.pos_emb.weight = nn.Parameter(self.pos_emb.weight[:context_length].detach().clone())
         self.pos_emb.num_embeddings = context_length
 
@@ -188,11 +184,12 @@ class GPT(nn.Module):
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters counted once each (a tied head is not counted twice)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.pos_emb.weight.numel() if exclude_embeddings else n
+        return n - self.pos_emb.weight.numel() if exclude_embeddings and self.pos_emb is not None else n
 
     def flops_per_token(self, context_length: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 per weight (Kaplan et al., 2020) plus attention's
-        12 * n_layers * emb_dim * T (PaLM, appendix B). Position embeddings do no multiplications."""
+        12 * n_layers * emb_dim * T (PaLM, appendix B; emb_dim = n_heads * head_dim: the query heads, with GQA too).
+        Position embeddings do no multiplications; RoPE's few elementwise ones are not counted."""
         T = context_length or self.config.context_length
         n = self.num_params(exclude_embeddings=True)  # a tied embedding counts once: as the head's matmul
         if self.head.weight is not self.tok_emb.weight:
@@ -204,7 +201,7 @@ class GPT(nn.Module):
         return self.head(self.hidden(idx, cache))
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) -> the final hidden states (B, T, emb_dim), after the last LayerNorm: what the head reads.
+        """idx (B, T) -> the final hidden states (B, T, emb_dim), after the last norm: what the head reads.
 
         A loss over a large vocabulary can apply the head in chunks of these instead of building all logits."""
         B, T = idx.shape
@@ -213,13 +210,17 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds the model's context_length={self.config.context_length}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
+        c = self.config
+        rope = rope_angles(c.head_dim, c.rope_theta, start, T, idx.device) if c.pos_emb == "rope" else None
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, cache, i)
+                x = block(x, rope, cache, i)
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)

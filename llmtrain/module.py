@@ -21,7 +21,7 @@ from llmtrain.losses import chunked_lm_loss_sum, last_token_logits, lm_loss_sum
 from llmtrain.model import GPT
 from llmtrain.optim import lr_factor, param_groups
 from llmtrain.resume import gather_rng_states, set_rng_states
-from llmtrain.tokenizer import build_tokenizer
+from llmtrain.tokenizer import build_tokenizer, continuation_text
 
 
 class LanguageModel(L.LightningModule):
@@ -216,8 +216,8 @@ class LanguageModel(L.LightningModule):
             generator = torch.Generator(device=self.device).manual_seed(i)
             out = self.gpt.generate(prompt, n_new, temperature=0.8, top_k=50, eos_id=tok.eot_token,
                                     generator=generator)
-            new = [t for t in out[0, prompt.size(1):].tolist() if t < tok.eot_token]
-            experiment.add_text(f"samples/{i}", f"{prompt_text}**{tok.decode(new)}**", self.global_step)
+            new = continuation_text(tok, out[0, prompt.size(1):].tolist())
+            experiment.add_text(f"samples/{i}", f"{prompt_text}**{new}**", self.global_step)
         self.model.train(was_training)
 
     def configure_optimizers(self):

@@ -9,16 +9,21 @@ the weights the run started from. Checkpoints carry it too (the LightningModule 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
-from llmtrain.hf_export import export_hf, export_hf_adapter
+from llmtrain.errors import UserError
+from llmtrain.hf_export import export_hf, export_hf_adapter, gpt2_mismatches
 from llmtrain.lora import save_adapter
 from llmtrain.pretrained import hf_folder
 from llmtrain.prompts import record_prompt, template_of
+from llmtrain.tokenizer import TOKENIZER_FILE, continuation_text, is_file_tokenizer
 
 ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: its base (init_from) and the run's record
 
@@ -30,22 +35,42 @@ def run_meta(cfg: DictConfig, tokenizer: str, label_names: list[str] | None) -> 
             "prompt_template": template_of(task), "init_from": cfg.init_from}
 
 
+def keep_tokenizer(tokenizer: str, run_dir: Path, write: bool = True) -> str:
+    """The tokenizer name this run's checkpoints record: a built-in name as is; a tokenizer.json is copied into the
+    run dir (when `write`: on the launching rank), so that the run keeps working wherever its source goes."""
+    if not is_file_tokenizer(tokenizer):
+        return tokenizer
+    kept = run_dir / TOKENIZER_FILE
+    if write and Path(tokenizer).resolve() != kept.resolve():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{TOKENIZER_FILE}.", dir=run_dir)
+        os.close(fd)
+        shutil.copyfile(tokenizer, tmp)
+        os.replace(tmp, kept)
+    return str(kept.resolve())
+
+
 def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> list[str]:
     """Write the run's outputs into its run dir; a phrase for the summary line per thing written."""
     run_dir, written = Path(cfg.run_dir), []
     if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded across ranks here
         written.append(f"no export under FSDP (the final state is in {run_dir / 'checkpoints' / 'last.ckpt'})")
     else:  # LoRA merged: what transformers, init_from= and generate.py read, without pickle
-        export_hf(module.model, run_dir / "hf", {**meta, "step": trainer.global_step})
-        written.append(f"model exported to {run_dir / 'hf'} (Hugging Face GPT-2 layout)")
+        try:
+            export_hf(module.model, run_dir / "hf", {**meta, "step": trainer.global_step})
+            layout = "GPT-2" if not gpt2_mismatches(module.gpt) else "Llama"
+            written.append(f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout)")
+        except UserError as e:  # an architecture that no Hugging Face class computes
+            written.append(f"no export: {e}")
     if cfg.finetune.lora:
         save_adapter(module.model, run_dir / "adapter")
         (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
-        base = hf_folder(cfg.init_from)
-        export_hf_adapter(module.model, run_dir / "hf_adapter", base, cfg.finetune.task)
-        on = base or f"{cfg.init_from} once exported (python -m llmtrain.export {cfg.init_from} DIR)"
-        written.append(f"adapter in {run_dir / 'adapter'}, and in {run_dir / 'hf_adapter'} for peft on "
-                       f"transformers' GPT-2 of {on}")
+        written.append(f"adapter in {run_dir / 'adapter'}")
+        if not gpt2_mismatches(module.gpt):  # peft's names for transformers' GPT-2
+            base = hf_folder(cfg.init_from)
+            export_hf_adapter(module.model, run_dir / "hf_adapter", base, cfg.finetune.task)
+            on = base or f"{cfg.init_from} once exported (python -m llmtrain.export {cfg.init_from} DIR)"
+            written[-1] += f", and in {run_dir / 'hf_adapter'} for peft on transformers' GPT-2 of {on}"
     if cfg.finetune.task == "instruct":
         path = run_dir / "test_generations.jsonl"
         n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,
@@ -68,7 +93,7 @@ def write_test_generations(module, datamodule, path: Path, limit: int | None, ma
             n_new = min(max_new_tokens, gpt.config.context_length - len(prompt))
             idx = torch.tensor([prompt], device=module.device)
             out = gpt.generate(idx, n_new, temperature=0, eos_id=tok.eot_token)  # LoRA layers sit inside gpt
-            answer = tok.decode([t for t in out[0, len(prompt):].tolist() if t < tok.eot_token])
+            answer = continuation_text(tok, out[0, len(prompt):].tolist())
             f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input") or "",
                                 "reference": r["output"], "generated": answer.strip()}) + "\n")
     module.model.train(was_training)

@@ -26,7 +26,7 @@ from llmtrain.errors import UserError
 from llmtrain.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.lora import format_trainable, trainable_summary
 from llmtrain.module import LanguageModel
-from llmtrain.outputs import run_meta, write_outputs
+from llmtrain.outputs import keep_tokenizer, run_meta, write_outputs
 from llmtrain.stages import build_model, sample_prompts
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -58,7 +58,7 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
     model = build_model(cfg.finetune, eff, cfg.init_from, len(label_names) if label_names else None)
     rank_zero_info(f"{cfg.finetune.name}: {format_trainable(model)}; precision {eff.precision} "
                    f"({eff.precision_reason})")
-    meta = run_meta(cfg, eff.tokenizer, label_names)
+    meta = run_meta(cfg, keep_tokenizer(eff.tokenizer, run_dir, write=is_launch_rank()), label_names)
     module = LanguageModel(
         model, optimizer=build(cfg.optimizer, **fused_where_supported(cfg)), warmup_steps=cfg.scheduler.warmup_steps,
         max_steps=cfg.trainer.max_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio, tokenizer=eff.tokenizer,

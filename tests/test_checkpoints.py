@@ -131,7 +131,9 @@ def test_checkpoint_with_unexpected_and_missing_keys(tmp_path):
 def test_bad_inputs_name_init_from(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "llama").mkdir()
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "llama").mkdir()  # a model type llmtrain reads, without its sizes
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
     data = (tmp_path / "plain.pt").read_bytes()
@@ -141,7 +143,8 @@ def test_bad_inputs_name_init_from(tmp_path):
         str(tmp_path / "notes.txt"): "cannot be read: it is truncated, corrupt or not a checkpoint",
         str(tmp_path / "cut.ckpt"): "cannot be read: it is truncated, corrupt or not a checkpoint",
         str(tmp_path / "empty"): "neither config.json nor checkpoints/last.ckpt",
-        str(tmp_path / "llama"): "model_type='llama'",
+        str(tmp_path / "bert"): "model_type='bert', but only GPT-2 ('gpt2') and Llama ('llama') map onto",
+        str(tmp_path / "llama"): "config.json lacks or mis-sets a Llama size (KeyError('vocab_size'))",
         str(tmp_path / "plain.pt"): "not an llmtrain checkpoint",
     }
     for init_from, what in cases.items():

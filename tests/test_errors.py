@@ -34,6 +34,10 @@ def make_files(tmp_path: Path) -> Path:
     torch.save({"state_dict": {}, "llmtrain": {"model_config": pretrain, "stage": "pretrain", "task": "lm",
                                                "tokenizer": "gpt2"}},
                tmp_path / "pretrain.ckpt")
+    (tmp_path / "llama").mkdir()  # what init_from= reads first of a Hugging Face folder: its config.json
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "vocab_size": 257, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}))
     data = (tmp_path / "other.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "outputs" / "earlier").mkdir(parents=True)

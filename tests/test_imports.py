@@ -70,14 +70,19 @@ def test_the_cycle_finder_finds_a_circle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_model_file_imports_only_torch():
-    tree = ast.parse((PACKAGE / "model.py").read_text())
-    imported = {
-        (n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
-        for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-        for a in (n.names if isinstance(n, ast.Import) else [n])
-    }
-    assert imported <= {"torch", "math", "dataclasses", "__future__"}, imported
+def test_model_files_import_only_torch():
+    """model.py and the layers it is built of (layers.py) import torch, the standard library's basics and each
+    other: nothing of training, configs or LoRA."""
+    for name, allowed in (("model.py", {"llmtrain.layers"}), ("layers.py", set())):
+        tree = ast.parse((PACKAGE / name).read_text())
+        imported = {
+            (n.module if isinstance(n, ast.ImportFrom) else a.name)
+            for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in (n.names if isinstance(n, ast.Import) else [n])
+        }
+        outside = {m for m in imported if m not in allowed and m.split(".")[0] not in
+                   {"torch", "math", "dataclasses", "__future__"}}
+        assert not outside, (name, outside)
 
 
 def test_no_file_is_over_300_lines():

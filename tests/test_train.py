@@ -165,6 +165,7 @@ def test_a_typo_in_a_key_is_caught_at_compose_time(tmp_path):
 def test_every_config_option_composes_and_validates(tmp_path):
     from llmtrain.checks import check_config
     from llmtrain.cli import CONF_DIR
+    from llmtrain.hf_tokenizer import tokenizer_json
 
     (tmp_path / "x.txt").write_text("some text")
     stage_for_data = {"ClassifyDataModule": "classify", "InstructDataModule": "instruct"}
@@ -179,6 +180,10 @@ def test_every_config_option_composes_and_validates(tmp_path):
                 extra += from_scratch
             if group == "model" and option.stem == "checkpoint":
                 continue  # takes its values from init_from: tests/test_checks.py
+            if group == "model" and compose([f"model={option.stem}"], tmp_path).model.vocab_size < 50257:
+                small = tmp_path / "tokenizer.json"  # a vocabulary smaller than gpt2's: a tokenizer.json that fits
+                small.write_text(tokenizer_json("bytes"))
+                extra.append(f"data.tokenizer={small}")
             if group == "trainer" and option.stem in ("fsdp", "multinode"):
                 extra.append("trainer.accelerator=auto")  # their accelerator=gpu is refused on a CPU machine
             cfg = compose([f"{group}={option.stem}", *extra], tmp_path)

@@ -4,7 +4,7 @@ Documents come from `sources.py` (the corpus shipped in the package, local text/
 dataset, optionally streamed). They are tokenized in batches (several processes for map-style datasets),
 joined with <|endoftext|>, split into train and validation by document, and written incrementally to two flat
 token files (uint16 when the vocabulary fits) under a cache folder keyed by the source and the tokenizer, so
-that a second run starts at once and no corpus is ever held in RAM.
+that a second run starts at once and no corpus is ever held in RAM. A tokenizer.json is keyed by its content.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from llmtrain.data.sources import SOURCES, choose_source, embedded_path, load_documents, resolve_files, weyl
 from llmtrain.errors import UserError
 from llmtrain.resume import ResumableLoader, eval_loader, trainer_batches_done
-from llmtrain.tokenizer import build_tokenizer
+from llmtrain.tokenizer import build_tokenizer, tokenizer_key
 
 CACHE_VERSION = 1
 _WRITE_BATCH = 1000  # documents per tokenization batch
@@ -143,7 +143,8 @@ class TextDataModule(L.LightningDataModule):
     def _cache_key(self) -> dict:
         key = {
             "version": CACHE_VERSION, "source": self.source, "subset": self.subset, "split": self.split,
-            "text_column": self.text_column, "tokenizer": self.tokenizer_name, "val_fraction": self.val_fraction,
+            "text_column": self.text_column, "tokenizer": tokenizer_key(self.tokenizer_name),
+            "val_fraction": self.val_fraction,
             "max_documents": self.max_documents,
         }
         if self.source == "text":
