@@ -127,13 +127,19 @@ def read_jobs(sweep_dir: Path, keys: set[str]) -> list[dict]:
     return sorted(jobs, key=lambda j: (math.isnan(loss(j)), loss(j), j["job"]))
 
 
+def cell(metrics: dict, name: str) -> str:
+    if name not in metrics:
+        return "-" if metrics else "not finished"
+    return f"{metrics[name]:.2f}" if name.endswith("ppl") else f"{metrics[name]:.4f}"
+
+
 def format_table(jobs: list[dict]) -> str:
     """The jobs as a Markdown table (aligned, so that it reads in a terminal too)."""
     metrics = [m for m in ("val/loss", "val/ppl", "val/acc", "val/f1", "test/acc")
                if any(m in j["metrics"] for j in jobs)]
     header = ["rank", "job", "overrides", *metrics, "run dir"]
     rows = [[str(i), j["job"], j["overrides"] or "(none)",
-             *(f"{j['metrics'][m]:.4f}" if m in j["metrics"] else "not finished" for m in metrics), j["run_dir"]]
+             *(cell(j["metrics"], m) for m in metrics), j["run_dir"]]
             for i, j in enumerate(jobs, 1)]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

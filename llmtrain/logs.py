@@ -4,8 +4,9 @@ that states the parameters and the training FLOPs per token.
 Hydra's job logging owns the console and `<run_dir>/train.log` (conf/config.yaml, hydra.job_logging). Lightning
 adds a console handler of its own to the `lightning` logger on import, while its messages also reach Hydra's
 handlers: every INFO line was printed twice. `quiet_lightning` removes Lightning's handler where Hydra's are set
-up, drops Lightning's "Tip: ... litlogger" advertisement, and silences a deprecation warning that Lightning's
-own code raises with this torch (not ours to fix, nothing a user can do).
+up, drops Lightning's "Tip: ... litlogger" advertisement, and silences warnings a user cannot act on: a deprecation
+that Lightning's own code raises with this torch, and a "number of training batches is smaller than the logging
+interval" that does not hold for runs measured in steps (debug=overfit trains on one batch per epoch).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from llmtrain.model import GPT
 
 ADVERTS = ("💡 Tip:",)  # Lightning's suggestions to install its cloud services
-NOISE = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",)  # lightning/pytorch/utilities/_pytree.py
+NOISE = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # lightning/pytorch/utilities/_pytree.py
+         # runs are measured in steps: the loss is logged every log_every_n_steps steps across epochs, however short
+         r".*is smaller than the logging interval.*")
 
 
 class _DropAdverts(logging.Filter):
