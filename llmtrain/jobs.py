@@ -1,8 +1,8 @@
 """Hydra's side of a run: how the console reads, what a sweep job is called, the table at the end of a multirun,
 and a debug run that leaves nothing behind.
 
-Everything here is light (Hydra, OmegaConf, the standard library): the command line imports it before the
-config is checked, and Hydra builds the callbacks below before the first job starts.
+Nothing here imports Lightning: the command line imports this module before the config is checked, and Hydra
+builds the callbacks below before the first job starts.
 
 - `ConsoleFormatter`: INFO lines as they are, other levels prefixed (see hydra.job_logging in conf/config.yaml).
 - `${sweep_job:}` (conf/logger/tensorboard.yaml): in a multirun job, the overrides its sweep varies, e.g.

@@ -12,6 +12,7 @@ import transformers
 from conftest import ROOT, TINY, compose, read_scalars
 
 from llmtrain.checks import check_config
+from llmtrain.errors import UserError
 from llmtrain.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -91,6 +92,12 @@ def test_the_recipes_hold_the_published_settings(tmp_path):
     anomaly = compose(["debug=anomaly", "perf.compile=true"], tmp_path)
     assert anomaly.trainer.detect_anomaly and anomaly.trainer.precision == "32-true"
     assert not compose(["experiment=gpt2_124m_fineweb", "debug=anomaly"], tmp_path).perf.compile
+
+
+def test_max_train_samples_below_one_batch_is_refused(tmp_path):
+    assert check_config(compose([*TINY, "data.max_train_samples=8"], tmp_path))  # one batch of 8: allowed
+    with pytest.raises(UserError, match=r"^data.max_train_samples=4 is less than one batch of data.batch_size=8: "):
+        check_config(compose([*TINY, "data.max_train_samples=4"], tmp_path))
 
 
 @pytest.mark.slow
