@@ -134,8 +134,8 @@ def run_hparams(cfg: DictConfig, eff: Effective, model: nn.Module) -> dict[str, 
            "finetune.train_blocks": cfg.finetune.train_blocks, "init_from": cfg.init_from, "seed": cfg.seed}
     if cfg.finetune.lora:
         hp |= {f"finetune.lora.{k}": v for k, v in cfg.finetune.lora.items()}
-    for key in overridden_keys():  # whatever else the command line set
-        hp[key] = choices[key] if key in choices else OmegaConf.select(cfg, key, default=None)
+    for key in overridden_keys():  # whatever else the command line set (the effective values above stay)
+        hp.setdefault(key, choices[key] if key in choices else OmegaConf.select(cfg, key, default=None))
     trainable, _, fraction = trainable_summary(model)
     hp |= {"model.trainable_params": trainable, "model.trainable_fraction": fraction}
     return {k: scalar(v) for k, v in hp.items()}

@@ -82,15 +82,39 @@ def test_one_learning_rate_curve_at_the_steps_the_loss_is_logged():
 
 
 def test_the_run_values_are_flattened_for_tensorboard(tmp_path):
-    cfg = compose([*TINY, "optimizer.lr=3e-4"], tmp_path)
+    cfg = compose([*TINY, "optimizer.lr=3e-4", "data.context_length=16"], tmp_path)
     eff = check_config(cfg)
     model = GPT(eff.model_config)
     hp = run_hparams(cfg, eff, model)
+    assert hp["data.context_length"] == 16 and hp["model.context_length"] == 32  # the window, and the model's
     assert hp["optimizer.lr"] == pytest.approx(3e-4) and hp["model.emb_dim"] == 32
     assert hp["optimizer.betas"] == "[0.9, 0.95]" and hp["init_from"] == "null" and hp["model.qkv_bias"] == "false"
     assert hp["data.tokenizer"] == "bytes" and hp["trainer.precision"] == "32-true"
     assert hp["model.trainable_params"] == sum(p.numel() for p in model.parameters())
     assert all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in hp.values())
+
+
+def test_the_command_line_keys_are_recorded_without_hiding_the_effective_values(tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from llmtrain.cli import CONF_DIR
+
+    overrides = [*TINY, "data.context_length=null", "trainer.gradient_clip_val=0.5", "model=gpt_tiny",
+                 f"run_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        full = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(full)  # as in a run: its overrides and the groups chosen
+    try:
+        cfg = compose(overrides, tmp_path)
+        eff = check_config(cfg)
+        hp = run_hparams(cfg, eff, GPT(eff.model_config))
+    finally:
+        HydraConfig.instance().cfg = None
+    assert hp["trainer.gradient_clip_val"] == 0.5 and hp["model"] == "gpt_tiny" and hp["data"] == "embedded"
+    assert hp["data.context_length"] == 32  # the window in effect, not the null given
+    assert hp["trainer.limit_val_batches"] == 20 and hp["callbacks.progress_bar"] == "null"
 
 
 # ---- a real sweep, compared in TensorBoard ----
