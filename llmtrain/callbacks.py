@@ -155,7 +155,7 @@ class LastCheckpoint(L.Callback):
         if self.saved_step == trainer.global_step and self.saved_path is not None:
             return
         self.saved_path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(self.saved_path)
+        trainer.save_checkpoint(self.saved_path, weights_only=False)  # the full state: an exact resume
         self.saved_step = trainer.global_step
 
 

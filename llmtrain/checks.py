@@ -80,6 +80,10 @@ def check_config(cfg: DictConfig) -> Effective:
         problems.append(f"finetune.train_blocks={train_blocks!r} is not one of {choices}{TRAIN_BLOCKS_CHOICES}")
     if cfg.data.batch_size < 1:
         problems.append(f"data.batch_size must be positive, got {cfg.data.batch_size}")
+    elif cfg.data.max_train_samples is not None and cfg.data.max_train_samples < cfg.data.batch_size:
+        problems.append(f"data.max_train_samples={cfg.data.max_train_samples} is less than one batch of "
+                        f"data.batch_size={cfg.data.batch_size}: set data.max_train_samples to "
+                        f"{cfg.data.batch_size} or more (or null: the whole training split)")
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         problems.append(f"trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps}")
     if cfg.scheduler.warmup_steps < 0:

@@ -4,7 +4,6 @@ checks the config and runs the recipe in train.py; a mistake a user can make end
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from omegaconf import DictConfig
 from llmtrain.checks import check_config
 from llmtrain.distributed import is_launch_rank
 from llmtrain.errors import UserError
+from llmtrain.jobs import only_hydra_files, remove_run_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The configs: inside the package when installed from a wheel (pyproject.toml maps conf/ to llmtrain/conf), at the
@@ -42,11 +42,5 @@ def main(cfg: DictConfig) -> float:
 
 def remove_if_unused(run_dir: Path) -> None:
     """A run that stopped on bad input leaves no run dir behind (unless something else is already in it)."""
-    if not is_launch_rank() or not run_dir.is_dir():
-        return
-    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in run_dir.resolve().parents:  # and the folders made for it, while they are empty
-            if parent == Path.cwd() or any(parent.iterdir()):
-                break
-            parent.rmdir()
+    if is_launch_rank() and run_dir.is_dir() and only_hydra_files(run_dir):
+        remove_run_dir(run_dir)

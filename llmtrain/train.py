@@ -14,17 +14,21 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from llmtrain.board import log_hparams, run_hparams
 from llmtrain.callbacks import AtomicCheckpointIO, Throughput, device_peak_flops, newest_checkpoint
 from llmtrain.checkpoints import read_info, resolve_ckpt_path
 from llmtrain.checks import Effective, check_config, check_resume
 from llmtrain.distributed import ddp_job_of_a_sweep, is_launch_rank, wait_for
 from llmtrain.errors import UserError
 from llmtrain.hardware import allow_tf32, fused_optimizer, on_cuda
-from llmtrain.lora import format_trainable, trainable_summary
+from llmtrain.jobs import write_metrics
+from llmtrain.logs import ModelSummary, quiet_lightning
+from llmtrain.lora import format_trainable
 from llmtrain.module import LanguageModel
 from llmtrain.outputs import keep_tokenizer, run_meta, write_outputs
 from llmtrain.stages import build_model, sample_prompts
@@ -36,6 +40,7 @@ warnings.filterwarnings("ignore", ".*is not a valid batch size.*|.*Trying to inf
 def train(cfg: DictConfig, eff: Effective | None = None) -> float:
     """Train as `cfg` says; return the final val/loss (what a sweeper minimises). `eff`: check_config(cfg)."""
     eff = eff or check_config(cfg)
+    quiet_lightning()
     run_dir, task = Path(cfg.run_dir), cfg.finetune.task
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path is not None:  # that it loads and fits: not deep inside fit
@@ -74,9 +79,8 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
         module.gpt.compile()
         module.gpt.hidden = torch.compile(module.gpt.hidden)  # what the chunked loss calls
     trainer = build_trainer(cfg, eff, module)
-    if trainer.logger:  # what this stage trains, next to the curves
-        trainable, _, fraction = trainable_summary(model)
-        trainer.logger.log_metrics({"model/trainable_params": trainable, "model/trainable_fraction": fraction}, 0)
+    if trainer.logger and trainer.is_global_zero:  # the run's values, for TensorBoard's HPARAMS tab
+        log_hparams(trainer.logger, run_hparams(cfg, eff, model), task)
     if cfg.init_from and ckpt_path is None:  # the starting point, at step 0 of the curves
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         if trainer.is_global_zero:
@@ -94,14 +98,17 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
     if module.validated_at_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the returned loss is of the final weights
     metrics = trainer.callback_metrics
+    final = {"step": trainer.global_step, **{k: float(v) for k, v in metrics.items() if k.startswith("val/")}}
     summary = f"done: {trainer.global_step} steps, val/loss {float(metrics['val/loss']):.4f}"
     if task == "classify":
         test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        final |= test
         summary += (f", val/acc {float(metrics['val/acc']):.4f}, test/acc {test['test/acc']:.4f} "
                     f"(majority class {datamodule.majority_baseline('test'):.4f}), test/f1 {test['test/f1']:.4f}")
     else:
         summary += f", val/ppl {float(metrics['val/ppl']):.2f}"
     if trainer.is_global_zero:
+        write_metrics(run_dir, final)  # what a sweep's summary table reads
         print("; ".join([summary, *write_outputs(module, trainer, datamodule, cfg, meta), f"run dir {run_dir}"]))
     return float(metrics["val/loss"])
 
@@ -111,13 +118,19 @@ def build_trainer(cfg: DictConfig, eff: Effective, module: LanguageModel) -> L.T
     logger, and checkpoints written atomically."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs |= {"precision": eff.precision, "accumulate_grad_batches": eff.accumulate}
-    if isinstance(cfg.trainer.strategy, DictConfig):  # a strategy object, e.g. FSDP with its wrap policy
-        kwargs["strategy"] = build(cfg.trainer.strategy)
+    for key, node in cfg.trainer.items():  # objects: a strategy (FSDP with its wrap policy), a profiler
+        if isinstance(node, DictConfig) and "_target_" in node:
+            kwargs[key] = build(node)
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
     for cb in callbacks:
         if isinstance(cb, Throughput):
             cb.flops_per_token = module.gpt.flops_per_token(eff.context_length)
             cb.peak_flops = cfg.perf.peak_flops or device_peak_flops(eff.precision)
+        if isinstance(cb, ModelSummary):
+            cb.context_length = eff.context_length
+    # a progress bar or model summary set to null in cfg.callbacks means none, not Lightning's default one
+    kwargs.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
+    kwargs.setdefault("enable_model_summary", False)  # ours (callbacks.model_summary) prints without it
     logger = build(cfg.logger) if cfg.logger else False
     return L.Trainer(**kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
 

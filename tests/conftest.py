@@ -89,3 +89,19 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return out
+
+
+def read_hparams(run_dir: Path) -> dict[str, float | str]:
+    """The values a run recorded for TensorBoard's HPARAMS tab (its last session start), name -> value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    found: dict[str, float | str] = {}
+    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        content = acc.PluginTagToContent(metadata.PLUGIN_NAME).get(metadata.SESSION_START_INFO_TAG)
+        if content:
+            start = metadata.parse_session_start_info_plugin_data(content)
+            found = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    return found

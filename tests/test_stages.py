@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_datamodule, read_scalars, run_cli
+from conftest import TINY, make_datamodule, read_hparams, read_scalars, run_cli
 from torch.utils.data import DataLoader
 
 from llmtrain.data.tables import encode_instruction
@@ -243,7 +243,7 @@ def test_lora_stage_trains_adapters_only_and_saves_them(tmp_path):
     ins = run_cli([*args, f"hydra.run.dir={tmp_path / 'lora'}"], cwd=tmp_path)
     assert ins.returncode == 0, ins.stderr[-3000:]
     assert "lora: trainable params" in ins.stdout + ins.stderr
-    fraction = read_scalars(tmp_path / "lora")["model/trainable_fraction"][0][1]
+    fraction = read_hparams(tmp_path / "lora")["model.trainable_fraction"]  # in TensorBoard's HPARAMS tab
     assert 0 < fraction < 0.2
     adapter = tmp_path / "lora" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()

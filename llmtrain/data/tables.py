@@ -69,13 +69,14 @@ class TableDataModule(L.LightningDataModule):
     embedded_prefix = ""
 
     def __init__(self, *, source: str, path: str | list[str] | None, subset: str | None, split: str,
-                 tokenizer: str, context_length: int, max_length: int | None, val_fraction: float,
-                 test_fraction: float, batch_size: int, num_workers: int, seed: int) -> None:
+                 tokenizer: str, context_length: int, max_length: int | None, max_train_samples: int | None,
+                 val_fraction: float, test_fraction: float, batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__()
         self.source, self.path = choose_source(source, path, TABLE_SOURCES), path
         self.subset, self.split = subset, split
         self.tokenizer_name, self.val_fraction, self.test_fraction = tokenizer, val_fraction, test_fraction
         self.max_length = min(max_length or context_length, context_length)
+        self.max_train_samples = max_train_samples
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.sets: dict[str, ListDataset] = {}
 
@@ -91,6 +92,11 @@ class TableDataModule(L.LightningDataModule):
                 raise UserError(f"data.path={self.path!r}: the {s} split is empty: add rows or raise data.{s}_fraction"
                                 if s != "train" else f"data.path={self.path!r} holds no rows")
         return rows
+
+    def limit_train(self) -> None:
+        """data.max_train_samples: keep the first N training records (e.g. one batch for debug=overfit)."""
+        if self.max_train_samples is not None:
+            self.sets["train"] = ListDataset(self.sets["train"].items[: self.max_train_samples])
 
     def train_dataloader(self) -> DataLoader:
         return ResumableLoader(self.sets["train"], batch_size=self.batch_size, shuffle=True, seed=self.seed,
@@ -154,6 +160,7 @@ class ClassifyDataModule(TableDataModule):
             if s == "train" and self.balance:
                 items = undersample(items, self.seed)
             self.sets[s] = ListDataset(items)
+        self.limit_train()
 
     def collate(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         batch = pad_batch([ids for ids, _ in items], self.tokenizer.eot_token)
@@ -200,6 +207,7 @@ class InstructDataModule(TableDataModule):
             if not self.sets[s].items:
                 raise UserError(f"no {s} record keeps a response token after truncation to "
                                 f"data.max_length={self.max_length}: raise data.max_length")
+        self.limit_train()
 
     def collate(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         return pad_batch([x for x, _ in items], self.tokenizer.eot_token, [y for _, y in items])

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from llmtrain.data.sources import SOURCES, choose_source, embedded_path, load_documents, resolve_files, weyl
 from llmtrain.errors import UserError
@@ -121,9 +121,9 @@ class TextDataModule(L.LightningDataModule):
     """Next-token prediction on a corpus of documents (see the module docstring for the pipeline)."""
 
     def __init__(self, *, source: str, path: str | list[str] | None, subset: str | None, split: str,
-                 text_column: str, sample_by: str, streaming: bool, max_documents: int | None, tokenizer: str,
-                 context_length: int, val_fraction: float, batch_size: int, num_workers: int, num_proc: int,
-                 cache_dir: str, seed: int) -> None:
+                 text_column: str, sample_by: str, streaming: bool, max_documents: int | None,
+                 max_train_samples: int | None, tokenizer: str, context_length: int, val_fraction: float,
+                 batch_size: int, num_workers: int, num_proc: int, cache_dir: str, seed: int) -> None:
         """The keys of conf/data/embedded.yaml (and the presets built on it), plus what the recipe decides:
         context_length (the window), tokenizer (init_from's, if it brings one) and seed."""
         super().__init__()
@@ -132,12 +132,12 @@ class TextDataModule(L.LightningDataModule):
         self.source, self.path = choose_source(source, path, SOURCES), path
         self.subset, self.split = subset, split
         self.text_column, self.sample_by, self.streaming = text_column, sample_by, streaming
-        self.max_documents, self.tokenizer_name = max_documents, tokenizer
+        self.max_documents, self.max_train_samples, self.tokenizer_name = max_documents, max_train_samples, tokenizer
         self.context_length, self.val_fraction = context_length, val_fraction
         self.batch_size, self.num_workers, self.num_proc = batch_size, num_workers, num_proc
         self.seed = seed  # the shuffle order of each epoch follows from (seed, epoch)
         self.cache = TokenCache(cache_dir, self._cache_key())
-        self.train_set: TokenWindows | None = None
+        self.train_set: TokenWindows | Subset | None = None
         self.val_set: TokenWindows | None = None
 
     def _cache_key(self) -> dict:
@@ -191,6 +191,8 @@ class TextDataModule(L.LightningDataModule):
                 f"or lower data.context_length"
             )
         self.train_set = TokenWindows(self.cache.dir / "train.bin", meta["dtype"], self.context_length)
+        if self.max_train_samples is not None:  # the first N windows, e.g. one batch for debug=overfit
+            self.train_set = Subset(self.train_set, range(min(self.max_train_samples, len(self.train_set))))
         self.val_set = TokenWindows(self.cache.dir / "val.bin", meta["dtype"], self.context_length)
 
     def train_dataloader(self) -> DataLoader:
