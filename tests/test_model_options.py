@@ -147,8 +147,9 @@ def test_llama_tiny_trains_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     val = [v for _, v in sorted(read_scalars(run_dir)["val/loss"])]
     assert len(val) == 2 and val[-1] < val[0] < 5.6  # ln(257): a uniform guess over the bytes
-    model, info = load_pretrained(str(run_dir / "model"))
+    model, info = load_pretrained(str(run_dir / "hf"))  # the run's export, in LlamaForCausalLM's layout
     c = model.config
     assert (c.pos_emb, c.norm, c.mlp, c.n_heads, c.n_kv_heads, c.mlp_hidden, c.bias) == (
         "rope", "rmsnorm", "swiglu", 4, 2, 64, False)
     assert info.tokenizer == "bytes" and model.pos_emb is None
+    assert '"LlamaForCausalLM"' in (run_dir / "hf" / "config.json").read_text()
