@@ -155,7 +155,7 @@ class LastCheckpoint(L.Callback):
         if self.saved_step == trainer.global_step and self.saved_path is not None:
             return
         self.saved_path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(self.saved_path)
+        trainer.save_checkpoint(self.saved_path, weights_only=False)  # the full state: optimizer, loops, callbacks
         self.saved_step = trainer.global_step
 
 
@@ -175,13 +175,21 @@ def newest_checkpoint(trainer: L.Trainer) -> str | None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint beside its destination, syncs it to disk, then renames it into place.
+    """Reads every checkpoint with weights_only=True; writes each one beside its destination, syncs it to disk, then
+    renames it into place.
 
     A kill or a full disk during a save leaves the previous file whole (a rename within one folder is
     atomic); Lightning's own writer goes through the system temp dir, which on clusters often lies on another
     filesystem, where the final move is a copy that a kill can cut short. Remote paths (s3://, ...) are left
     to Lightning.
     """
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
+        """Every load Lightning makes (fit's ckpt_path, validate's and test's) unpickles no objects: weights_only=True,
+        whatever the caller asked; llmtrain's checkpoints hold tensors, dicts and plain values only. (Under FSDP a
+        full checkpoint is read by Lightning's own lazy loader instead; train.py opens it with `safe_load` first.)"""
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        return super().load_checkpoint(path, weights_only=True, **kwargs)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if "://" in str(path):
