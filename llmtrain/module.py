@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from llmtrain.callbacks import newest_checkpoint
-from llmtrain.errors import UserError
 from llmtrain.losses import last_token_logits, lm_loss_sum
 from llmtrain.model import GPT
+from llmtrain.nonfinite import NonFiniteGuard
 from llmtrain.resume import gather_rng_states, set_rng_states
 from llmtrain.tokenizer import build_tokenizer
 
@@ -73,6 +72,7 @@ class LanguageModel(L.LightningModule):
         sample_tokens: int = 48,
         checkpoint_info: dict | None = None,
         max_nonfinite_steps: int = 0,
+        tokens_vary: bool = True,
     ) -> None:
         super().__init__()
         if task not in ("lm", "classify"):
@@ -83,7 +83,8 @@ class LanguageModel(L.LightningModule):
         self.tokenizer_name, self.task, self.label_names = tokenizer, task, label_names
         self.sample_prompts, self.sample_tokens = sample_prompts or [], sample_tokens
         self.checkpoint_info = checkpoint_info or {}
-        self.max_nonfinite_steps, self.nonfinite_steps = max_nonfinite_steps, 0
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.tokens_vary = tokens_vary  # False: every rank's micro-batches carry the same number of loss tokens
         self._step_tokens = torch.zeros(())
         self._eval: dict[str, torch.Tensor] = {}
         self.validated_at_step = -1  # global step of the last finished validation
@@ -108,55 +109,40 @@ class LanguageModel(L.LightningModule):
     def _class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return last_token_logits(self.model(batch["input_ids"]), batch["lengths"])  # (B, C)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # No host sync and no collective here (a progress-bar metric would be read back every batch): the NaN
+        # guard looks at the step as a whole in on_before_optimizer_step.
         bs = batch["input_ids"].size(0)
         if self.task == "classify":
             loss = F.cross_entropy(self._class_logits(batch), batch["label"])
-            if self._nonfinite(loss):
-                return None
-            self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+            self.guard.add(loss)
+            self.log("train/loss", loss, batch_size=bs)
             return loss
         loss_sum, n = self._lm_loss(batch)
-        if self._nonfinite(loss_sum):
-            return None
         self._step_tokens = self._step_tokens.to(n.device) + n
-        self.log("train/loss", loss_sum / n.clamp(min=1), prog_bar=True, batch_size=bs)
+        self.guard.add(loss_sum / n.clamp(min=1))
+        self.log("train/loss", loss_sum / n.clamp(min=1), batch_size=bs)
         return loss_sum / self.LOSS_SCALE
-
-    def _nonfinite(self, loss: torch.Tensor) -> bool:
-        """Catch a NaN/Inf loss at the step it happens (on any rank): skip the batch while fewer than
-        max_nonfinite_steps were skipped, else stop with the step and the last good checkpoint."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if not bad.item():
-            return False
-        self.nonfinite_steps += 1
-        if self.nonfinite_steps > self.max_nonfinite_steps:
-            ckpt = newest_checkpoint(self.trainer) or "none yet"
-            raise UserError(
-                f"the training loss is {loss.item()} at step {self.global_step}; last good checkpoint: {ckpt}. "
-                f"Lower optimizer.lr or trainer.gradient_clip_val, or skip such batches with "
-                f"max_nonfinite_steps=K (skipped so far: {self.nonfinite_steps - 1})"
-            )
-        rank_zero_warn(f"skipped a batch whose loss is {loss.item()} at step {self.global_step} "
-                       f"({self.nonfinite_steps} of max_nonfinite_steps={self.max_nonfinite_steps})")
-        self.log("train/skipped_nonfinite", float(self.nonfinite_steps))
-        return True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]
         if self.task == "lm":
             # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over ranks:
-            # undo both and divide by the tokens of the whole step instead.
-            tokens = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
-            factor = self.LOSS_SCALE * self.trainer.accumulate_grad_batches * self.trainer.world_size
-            factor = factor / tokens.clamp(min=1)
+            # undo both and divide by the tokens of the whole step instead (summed over ranks where they differ:
+            # one all-reduce of one number per step; pretraining windows carry the same number on every rank)
+            tokens = self._step_tokens.float()
+            world = self.trainer.world_size
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum") if self.tokens_vary else tokens * world
+            factor = self.LOSS_SCALE * self.trainer.accumulate_grad_batches * world / tokens.clamp(min=1)
             for p in params:
                 p.grad.mul_(factor.to(p.grad.dtype))
             self._step_tokens = torch.zeros((), device=self._step_tokens.device)
-        if params and self.trainer.global_step % self.trainer.log_every_n_steps == 0:  # before clipping
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # before clipping; on the device
+        logging = (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0  # as Lightning decides
+        if self.guard.skip_step(self, norm, sync=logging):
+            for p in params:  # the optimizer leaves parameters without a gradient (and their state) alone
+                p.grad = None
+        elif params and logging:
             self.log("train/grad_norm", norm)
 
     # ---- evaluation (validation and test share it) ----
@@ -196,6 +182,7 @@ class LanguageModel(L.LightningModule):
             self.log(f"{prefix}/f1", f1.mean().float())
 
     def on_validation_epoch_start(self) -> None:
+        self.guard.check(self)  # a validation inside fit is a sync point: never validate weights after a NaN
         self._eval_start()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -244,19 +231,23 @@ class LanguageModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.check(self)  # a checkpoint never holds the weights of a step after a NaN
         # checkpoints describe themselves: the model config and tokenizer travel with the weights
         num_classes = self.gpt.head.out_features if self.task == "classify" else None
         checkpoint["llmtrain"] = {"tokenizer": self.tokenizer_name, "task": self.task, "label_names": self.label_names,
                                   **self.checkpoint_info, "model_config": asdict(self.gpt.config),
                                   "num_classes": num_classes, "step": self.global_step}
         # and what an exact resume needs beyond Lightning's own state: every rank's generators
-        checkpoint["llmtrain_resume"] = {"rng": gather_rng_states(), "nonfinite_steps": self.nonfinite_steps}
+        checkpoint["llmtrain_resume"] = {"rng": gather_rng_states(), "nonfinite_steps": self.guard.skipped}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         resume = checkpoint.get("llmtrain_resume")
         if resume:
-            self.nonfinite_steps = resume["nonfinite_steps"]
+            self.guard.skipped = resume["nonfinite_steps"]
             self._rng_to_restore = resume["rng"]
+
+    def on_train_end(self) -> None:
+        self.guard.check(self)
 
     def on_train_start(self) -> None:
         # restored as late as possible: nothing between here and the first batch draws a random number

@@ -63,7 +63,7 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
         task="classify" if task == "classify" else "lm", label_names=label_names,
         sample_prompts=sample_prompts(cfg.finetune, datamodule.records["val"] if task == "instruct" else None),
         sample_tokens=cfg.finetune.sample_tokens if task != "classify" else 0,
-        max_nonfinite_steps=cfg.max_nonfinite_steps, checkpoint_info=meta,
+        max_nonfinite_steps=cfg.max_nonfinite_steps, checkpoint_info=meta, tokens_vary=task == "instruct",
     )
     module.gpt.gradient_checkpointing = cfg.perf.activation_checkpointing
     if on_cuda(cfg.trainer.accelerator):
