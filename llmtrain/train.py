@@ -11,17 +11,19 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from llmtrain.callbacks import AtomicCheckpointIO, Throughput, device_peak_flops, newest_checkpoint
+from llmtrain.callbacks import AtomicCheckpointIO, Throughput, newest_checkpoint
 from llmtrain.checkpoints import read_info, resolve_ckpt_path
 from llmtrain.checks import Effective, check_config, check_resume
 from llmtrain.distributed import ddp_job_of_a_sweep, is_launch_rank, wait_for
 from llmtrain.errors import UserError
+from llmtrain.flops import peak_flops, training_flops
 from llmtrain.hardware import allow_tf32, on_cuda
 from llmtrain.lora import format_trainable, trainable_summary
 from llmtrain.module import LanguageModel
@@ -113,10 +115,22 @@ def build_trainer(cfg: DictConfig, eff: Effective, module: LanguageModel) -> L.T
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
     for cb in callbacks:
         if isinstance(cb, Throughput):
-            cb.flops_per_token = module.gpt.flops_per_token(eff.context_length)
-            cb.peak_flops = cfg.perf.peak_flops or device_peak_flops(eff.precision)
+            cb.flops = training_flops(module.model, module.gpt.config.n_layers, module.gpt.config.emb_dim)
+            cb.peak_flops = cfg.perf.peak_flops or device_peak(cfg, eff)
     logger = build(cfg.logger) if cfg.logger else False
     return L.Trainer(**kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+
+
+def device_peak(cfg: DictConfig, eff: Effective) -> float | None:
+    """The peak FLOP/s of this run's device from the table in flops.py; for a device not in it, a line saying how to
+    get train/mfu anyway."""
+    cuda = on_cuda(cfg.trainer.accelerator)
+    name = torch.cuda.get_device_name() if cuda else "this CPU"
+    peak = peak_flops(name, eff.precision, tf32=cfg.perf.tf32 and cuda)
+    if peak is None:
+        rank_zero_info(f"train/mfu is not logged: the peak FLOP/s of {name} at trainer.precision={eff.precision} is "
+                       f"not in llmtrain's table; set perf.peak_flops=<its dense peak per device> to log it")
+    return peak
 
 
 def fused_on_cuda(cfg: DictConfig) -> dict:
