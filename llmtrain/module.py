@@ -20,6 +20,7 @@ from llmtrain.losses import last_token_logits, lm_loss_sum
 from llmtrain.model import GPT
 from llmtrain.nonfinite import NonFiniteGuard
 from llmtrain.resume import gather_rng_states, set_rng_states
+from llmtrain.sharded import is_sharded, skip_sharded
 from llmtrain.tokenizer import build_tokenizer
 
 
@@ -143,6 +144,8 @@ class LanguageModel(L.LightningModule):
             for p in params:  # the optimizer leaves parameters without a gradient (and their state) alone
                 p.grad = None
         elif params and logging:
+            if is_sharded(self.trainer.strategy):  # each rank holds a shard of the gradients
+                norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
             self.log("train/grad_norm", norm)
 
     # ---- evaluation (validation and test share it) ----
@@ -204,8 +207,14 @@ class LanguageModel(L.LightningModule):
         self._eval_end("test")
 
     def _log_samples(self) -> None:
-        """Write continuations of the sample prompts to TensorBoard's text tab (rank zero only)."""
-        if self.task != "lm" or not self.sample_prompts or self.global_rank != 0 or self.logger is None:
+        """Write continuations of the sample prompts to TensorBoard's text tab (rank zero only; none under FSDP,
+        where rank zero alone cannot run the sharded model)."""
+        if self.task != "lm" or not self.sample_prompts or self.logger is None:
+            return
+        if is_sharded(self.trainer.strategy):
+            skip_sharded("text samples")
+            return
+        if self.global_rank != 0:
             return
         experiment = getattr(self.logger, "experiment", None)
         if not hasattr(experiment, "add_text"):

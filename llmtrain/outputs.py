@@ -1,5 +1,5 @@
-"""What a finished run leaves beside its checkpoints (rank zero): the final model as safetensors, a LoRA stage's
-adapter, an instruct stage's answers to the test split.
+"""What a finished run leaves beside its checkpoints (written by rank zero): the final model as safetensors, a LoRA
+stage's adapter, an instruct stage's answers to the test split (see sharded.py for what changes under FSDP).
 
 Every file describes itself with the same record (`run_meta`): tokenizer, task, stage, labels, prompt template,
 the weights the run started from. Checkpoints carry it too (the LightningModule stores it).
@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
 from llmtrain.export import export_model
 from llmtrain.lora import save_adapter
 from llmtrain.prompts import record_prompt, template_of
+from llmtrain.sharded import gathered_gpt, is_sharded, skip_sharded
 
 ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: its base (init_from) and the run's record
 
@@ -29,22 +29,40 @@ def run_meta(cfg: DictConfig, tokenizer: str, label_names: list[str] | None) -> 
 
 
 def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> list[str]:
-    """Write the run's outputs into its run dir; a phrase for the summary line per thing written."""
+    """Write the run's outputs into its run dir; a phrase for the summary line per thing written (or skipped).
+
+    Every rank calls it: under FSDP the export gathers the weights from all of them. Rank zero writes the files;
+    the other ranks return an empty list."""
     run_dir, written = Path(cfg.run_dir), []
-    if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded across ranks here
-        written.append(f"no export under FSDP (the final state is in {run_dir / 'checkpoints' / 'last.ckpt'})")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if is_sharded(trainer.strategy):
+        classes = module.gpt.head.out_features if cfg.finetune.task == "classify" else None
+        gpt = None if cfg.finetune.lora else gathered_gpt(trainer, module.gpt.config, classes)
+        if not trainer.is_global_zero:
+            return []
+        if gpt is None:
+            what = "LoRA adapter or merged export" if cfg.finetune.lora else "export of sharded state dicts"
+            written.append(f"{skip_sharded(what)}; the final state is in {last}")
+        else:
+            export_model(gpt, run_dir / "model", {**meta, "step": trainer.global_step})
+            written.append(f"model exported to {run_dir / 'model'} (gathered from the FSDP ranks)")
+    elif not trainer.is_global_zero:
+        return []
     else:  # LoRA merged: what generate.py and init_from read, without pickle
         export_model(module.model, run_dir / "model", {**meta, "step": trainer.global_step})
         written.append(f"model exported to {run_dir / 'model'}")
-    if cfg.finetune.lora:
-        save_adapter(module.model, run_dir / "adapter")
-        (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
-        written.append(f"adapter in {run_dir / 'adapter'}")
+        if cfg.finetune.lora:
+            save_adapter(module.model, run_dir / "adapter")
+            (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
+            written.append(f"adapter in {run_dir / 'adapter'}")
     if cfg.finetune.task == "instruct":
-        path = run_dir / "test_generations.jsonl"
-        n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,
-                                   cfg.finetune.max_new_tokens)
-        written.append(f"{n} test answers in {path}")
+        if is_sharded(trainer.strategy):
+            written.append(skip_sharded("test answers"))
+        else:
+            path = run_dir / "test_generations.jsonl"
+            n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,
+                                       cfg.finetune.max_new_tokens)
+            written.append(f"{n} test answers in {path}")
     return written
 
 

@@ -100,8 +100,9 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
                     f"(majority class {datamodule.majority_baseline('test'):.4f}), test/f1 {test['test/f1']:.4f}")
     else:
         summary += f", val/ppl {float(metrics['val/ppl']):.2f}"
+    written = write_outputs(module, trainer, datamodule, cfg, meta)  # every rank: FSDP gathers the weights
     if trainer.is_global_zero:
-        print("; ".join([summary, *write_outputs(module, trainer, datamodule, cfg, meta), f"run dir {run_dir}"]))
+        print("; ".join([summary, *written, f"run dir {run_dir}"]))
     return float(metrics["val/loss"])
 
 
