@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from llmtrain.checks import check_config
 from llmtrain.distributed import is_launch_rank
 from llmtrain.errors import UserError
+from llmtrain.memory import preflight
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -22,6 +23,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def main(cfg: DictConfig) -> float:
     try:
         eff = check_config(cfg)
+        preflight(cfg, eff)  # before any process starts: a run that cannot fit stops here
         # Lightning, datasets and peft take seconds to import: the recipe is imported only once the config is
         # known to be good, so that `--help` and a mistaken override answer at once
         from llmtrain.train import train

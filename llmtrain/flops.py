@@ -88,13 +88,7 @@ def training_flops(model: nn.Module, n_layers: int, width: int) -> TrainingFlops
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(module)
-    named = list(model.named_parameters(remove_duplicate=False))  # in the order the forward pass uses them
-    first_use, last_use = {}, {}  # a tied embedding is used first as the lookup, last as the head
-    for i, (_, p) in enumerate(named):
-        first_use.setdefault(id(p), i)
-        last_use[id(p)] = i
-    trainable = [first_use[id(p)] for _, p in named if p.requires_grad]
-    lowest = min(trainable, default=len(named))  # a gradient passes through what comes after it
+    named, last_use, lowest = _gradient_reach(model)
     per_token, seen = 0.0, set()
     for _, p in named:
         if id(p) in seen:
@@ -107,6 +101,24 @@ def training_flops(model: nn.Module, n_layers: int, width: int) -> TrainingFlops
     blocks = _layer_ends(named, n_layers)
     per_position = sum(4.0 * width * (1 + (2 if end > lowest else 0)) for end in blocks)
     return TrainingFlops(per_token, per_position)
+
+
+def layers_with_backward(model: nn.Module, n_layers: int) -> int:
+    """How many of the transformer blocks a gradient passes through (and so keep activations for the backward)."""
+    named, _, lowest = _gradient_reach(model)
+    return sum(end > lowest for end in _layer_ends(named, n_layers))
+
+
+def _gradient_reach(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[int, int], int]:
+    """(the parameters in the order the forward pass uses them, the index of each one's last use, the index of the
+    first use of the lowest trainable parameter: a gradient passes through everything used after it)."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    first_use, last_use = {}, {}  # a tied embedding is used first as the lookup, last as the head
+    for i, (_, p) in enumerate(named):
+        first_use.setdefault(id(p), i)
+        last_use[id(p)] = i
+    lowest = min((first_use[id(p)] for _, p in named if p.requires_grad), default=len(named))
+    return named, last_use, lowest
 
 
 def _layer_ends(named: list[tuple[str, torch.Tensor]], n_layers: int) -> list[int]:

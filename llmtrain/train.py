@@ -26,6 +26,7 @@ from llmtrain.errors import UserError
 from llmtrain.flops import peak_flops, training_flops
 from llmtrain.hardware import allow_tf32, on_cuda
 from llmtrain.lora import format_trainable, trainable_summary
+from llmtrain.memory import preflight
 from llmtrain.module import LanguageModel
 from llmtrain.outputs import run_meta, write_outputs
 from llmtrain.stages import build_model, sample_prompts
@@ -35,8 +36,11 @@ warnings.filterwarnings("ignore", ".*is not a valid batch size.*|.*Trying to inf
 
 
 def train(cfg: DictConfig, eff: Effective | None = None) -> float:
-    """Train as `cfg` says; return the final val/loss (what a sweeper minimises). `eff`: check_config(cfg)."""
-    eff = eff or check_config(cfg)
+    """Train as `cfg` says; return the final val/loss (what a sweeper minimises). `eff`: check_config(cfg), when the
+    caller has run it and the memory pre-flight (as the command line does)."""
+    if eff is None:
+        eff = check_config(cfg)
+        preflight(cfg, eff)
     run_dir, task = Path(cfg.run_dir), cfg.finetune.task
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path is not None:  # that it loads and fits: not deep inside fit
