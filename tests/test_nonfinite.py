@@ -62,7 +62,8 @@ def test_no_host_sync_or_collective_between_logging_steps(tmp_path, monkeypatch,
     for name in COLLECTIVES:
         monkeypatch.setattr(SingleDeviceStrategy, name, counted(name, getattr(SingleDeviceStrategy, name)))
     args = [*TINY, "trainer.accumulate_grad_batches=2", "trainer.log_every_n_steps=3", "trainer.max_steps=7",
-            "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "callbacks.last_checkpoint=null",
+            "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+            "callbacks.last_checkpoint=null",
             "+callbacks.syncs._target_=test_nonfinite.SyncCounter"]
     if stage == "classify":  # a classifier from scratch: padded batches of texts
         args = [a for a in args if not a.startswith(("data.max_documents", "finetune.sample_tokens"))] + [
