@@ -1,30 +1,23 @@
 """Every value of the config is used or refused: init_from's architecture with the model node's applied values, and
 data and stage keys that the chosen source or task would not read."""
 
-from dataclasses import asdict
 from functools import partial
 
 import pytest
 import torch
-from conftest import TINY, compose
+from conftest import TINY, compose, write_checkpoint
 from torch import nn
 
 from llmtrain.checkpoints import ModelInfo
 from llmtrain.checks import check_config
 from llmtrain.errors import UserError
-from llmtrain.model import GPT, GPTConfig
 from llmtrain.module import LanguageModel
 from llmtrain.stages import build_model
 
 
 @pytest.fixture
 def base_ckpt(tmp_path):
-    model = GPT(GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=2, tie_weights=True))
-    path = tmp_path / "base.ckpt"
-    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes", "task": "lm",
-                             "stage": "pretrain"}}, path)
-    return path
+    return write_checkpoint(tmp_path / "base.ckpt")
 
 
 def test_values_that_change_no_shape_reach_the_trained_model_and_its_checkpoint(tmp_path, base_ckpt):

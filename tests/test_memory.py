@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, compose, subprocess_env
+from conftest import TINY, compose, subprocess_env, write_checkpoint
 
 from llmtrain import memory
 from llmtrain.checks import check_config
@@ -114,13 +114,4 @@ def test_cpu_processes_sharing_the_cores_are_warned_about(tmp_path, capsys):
 
 @pytest.fixture
 def base_ckpt(tmp_path):
-    from dataclasses import asdict
-
-    from llmtrain.model import GPT, GPTConfig
-
-    model = GPT(GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=4, tie_weights=True))
-    path = tmp_path / "base.ckpt"
-    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes", "task": "lm",
-                             "stage": "pretrain", "label_names": ["a", "b", "c"]}}, path)
-    return path
+    return write_checkpoint(tmp_path / "base.ckpt", n_layers=4, label_names=["a", "b", "c"])
