@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: help install train test test-fast lint bench clean
+.PHONY: help install train test test-fast lint bench wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ bench: install  ## print throughput of llmtrain vs a plain PyTorch loop, MFU, to
 lint: install  ## ruff
 	$(BIN)/ruff check llmtrain tests scripts benchmarks
 
-clean:  ## remove what runs produce (outputs/, caches); keeps .venv
-	rm -rf outputs multirun lightning_logs .pytest_cache .ruff_cache
+wheel: install  ## build dist/llmtrain-*.whl, the configs inside: pip install it into any environment
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
+	rm -rf build llmtrain.egg-info
+
+clean:  ## remove what runs and builds produce (outputs/, caches, dist/); keeps .venv
+	rm -rf outputs multirun lightning_logs .pytest_cache .ruff_cache build dist llmtrain.egg-info
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -77,6 +77,7 @@ def compose_config(args: argparse.Namespace, run_dir: str, extra: list[str] = ()
         "finetune.sample_tokens=8",
         f"seed={args.seed}",
         f"perf.compile={str(args.compile).lower()}",
+        f"perf.loss_chunk={args.loss_chunk or 'null'}",
         *extra,
         f"run_dir={run_dir}",
     ]
@@ -238,8 +239,10 @@ def worker_plain(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from llmtrain.hardware import choose_precision
+    from llmtrain.losses import chunked_lm_loss_sum
     from llmtrain.model import GPT, GPTConfig
-    from llmtrain.module import lr_factor, param_groups
+    from llmtrain.optim import lr_factor, param_groups
     from llmtrain.train import build
 
     base_rss = rss_mb()
@@ -264,15 +267,19 @@ def worker_plain(args: argparse.Namespace) -> dict:
 
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(param_groups(model), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+                                  weight_decay=o.weight_decay, fused=True)  # as llmtrain's optimizer.fused=null
     sched = cfg.scheduler
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, sched.warmup_steps, args.steps, sched.min_lr_ratio))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
+    precision = choose_precision(args.precision, "gpu" if args.device == "cuda" else "cpu")[0]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else contextlib.nullcontext())
+    hidden = torch.compile(model.hidden) if args.compile else model.hidden
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # logits (B, T, V) do not outlive the call
         with autocast:
+            if args.loss_chunk:  # the same chunked head + loss as llmtrain's perf.loss_chunk
+                return chunked_lm_loss_sum(hidden(x), model.head.weight, y, args.loss_chunk)[0] / y.numel()
             return F.cross_entropy(step_model(x).flatten(0, 1).float(), y.flatten())
 
     ends, phases, first_step_age = [], {"data": [], "forward": [], "backward": [], "optimizer": []}, None
@@ -374,7 +381,8 @@ def ensure_token_cache(args: argparse.Namespace) -> None:
 def run_worker(path: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", path, "--model", args.model,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-           "--device", args.device, "--precision", args.precision, "--seed", str(args.seed)]
+           "--device", args.device, "--precision", args.precision, "--seed", str(args.seed),
+           "--loss-chunk", str(args.loss_chunk)]
     if args.compile:
         cmd.append("--compile")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -397,9 +405,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="tiny: gpt_tiny, 7.2M (default); 10m: emb 192, ~11.4M; gpt124m: GPT-2 124M")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
+    p.add_argument("--precision", choices=("32-true", "bf16-mixed", "auto"), default="32-true",
+                   help="of the equal-settings pair (default 32-true); auto: bf16-mixed where the device has it")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (both paths; llmtrain via perf.compile)")
+                   help="torch.compile the model in the equal-settings pair (llmtrain via perf.compile)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="tokens per chunk of the head + loss in the equal-settings pair (0: plain, the default)")
+    p.add_argument("--skip-best", action="store_true",
+                   help="skip the rows of llmtrain's defaults and of the best settings (auto precision, compile, "
+                        "chunked loss) for both paths")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--skip-machine", action="store_true", help="skip the matmul peak and tokenization figures")
     p.add_argument("--worker", choices=("llmtrain", "plain"), help=argparse.SUPPRESS)
@@ -479,6 +493,38 @@ def main(argv: list[str] | None = None) -> None:
     phases = {k: statistics.median(r["phases_s"][k] for r in results["plain"]) for k in results["plain"][0]["phases_s"]}
     total = sum(phases.values())
     print("plain step: " + ", ".join(f"{k} {v * 1e3:.0f} ms ({v / total * 100:.0f} %)" for k, v in phases.items()))
+    if not args.skip_best:
+        best_rows(args, statistics.median(pl))
+
+
+def best_rows(args: argparse.Namespace, plain_rate: float) -> None:
+    """llmtrain with its own defaults, and both paths with the best settings: precision auto (bf16 where the
+    device has it), torch.compile, the chunked head + loss."""
+    from omegaconf import OmegaConf
+
+    from llmtrain.cli import CONF_DIR
+    from llmtrain.hardware import choose_precision
+
+    chunk = OmegaConf.load(CONF_DIR / "config.yaml").perf.loss_chunk or 0
+    precision, why = choose_precision("auto", "gpu" if args.device == "cuda" else "cpu")
+    defaults = argparse.Namespace(**{**vars(args), "precision": "auto", "loss_chunk": chunk, "compile": False})
+    best = argparse.Namespace(**{**vars(args), "precision": "auto", "loss_chunk": chunk, "compile": True})
+    runs: dict[str, list[float]] = {"llmtrain defaults": [], "llmtrain best": [], "plain best": []}
+    print(f"\nprecision auto here: {precision} ({why}); loss chunk {chunk} tokens")
+    for i in range(args.repeats):
+        order = [("llmtrain defaults", "llmtrain", defaults), ("llmtrain best", "llmtrain", best),
+                 ("plain best", "plain", best)]
+        for name, path, run_args in (order if i % 2 == 0 else order[::-1]):
+            rate = run_worker(path, run_args)["tokens_per_s"]
+            runs[name].append(rate)
+            print(f"  run {i + 1} {name:17s}: {rate:,.0f} tokens/s", flush=True)
+    med = {name: statistics.median(rates) for name, rates in runs.items()}
+    print(f"llmtrain defaults ({precision}, loss chunk {chunk}, no compile): {spread(runs['llmtrain defaults'])} "
+          f"tokens/s = {med['llmtrain defaults'] / plain_rate:.2f}x the plain loop at equal settings ({args.precision}"
+          f"{', compile' if args.compile else ''}{f', loss chunk {args.loss_chunk}' if args.loss_chunk else ''})")
+    print(f"best settings ({precision}, compile, loss chunk {chunk}): llmtrain {spread(runs['llmtrain best'])}, "
+          f"plain {spread(runs['plain best'])} tokens/s, ratio {med['llmtrain best'] / med['plain best']:.3f}; "
+          f"llmtrain best = {med['llmtrain best'] / plain_rate:.2f}x the plain loop at equal settings")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class Effective:
     context_length: int  # tokens per training sequence: the window (lm) or the longest record (tables)
     accumulate: int  # micro-batches per optimizer step
     precision: str | int  # as Lightning takes it
+    precision_reason: str  # why: printed at the start of a run
 
 
 def check_config(cfg: DictConfig) -> Effective:
@@ -105,8 +106,8 @@ def check_config(cfg: DictConfig) -> Effective:
     problems += hardware_problems(cfg.trainer)
     if problems:
         raise UserError("; ".join(problems))
-    precision = choose_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    return Effective(model_config, start, tokenizer, context_length, accumulate, precision)
+    precision, why = choose_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    return Effective(model_config, start, tokenizer, context_length, accumulate, precision, why)
 
 
 def effective_model_config(node: dict, start: ModelInfo | None, init_from: str | None,

@@ -1,4 +1,4 @@
-"""The command line: `python -m llmtrain [overrides]` (and the `llmtrain` script) composes conf/ with Hydra,
+"""The command line: `python -m llmtrain [overrides]` (and the `llmtrain` script) composes the configs with Hydra,
 checks the config and runs the recipe in train.py; a mistake a user can make ends in one line and exit 2."""
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from llmtrain.distributed import is_launch_rank
 from llmtrain.errors import UserError
 from llmtrain.memory import preflight
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The configs: inside the package when installed from a wheel (pyproject.toml maps conf/ to llmtrain/conf), at the
+# top of the repository in a checkout (and an editable install of it). A user's own folder adds groups and presets
+# on top: --config-dir DIR, or hydra.searchpath=[file://DIR].
+CONF_DIR = next((d for d in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf") if (d / "config.yaml").is_file()),
+                PACKAGE_DIR / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -4,6 +4,26 @@ The entry points turn it into a single line on stderr and exit status 2; anythin
 its traceback.
 """
 
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """A problem with the user's config, files or command line; the message says what and how to fix it."""
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """For a command line's main: a UserError ends in `error: <message>` on stderr and exit status 2
+    (LLMTRAIN_DEBUG=1 keeps the traceback)."""
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get("LLMTRAIN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

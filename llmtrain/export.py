@@ -1,195 +1,64 @@
-"""The final model as files that need neither Lightning nor pickle: safetensors weights with their config beside.
+"""python -m llmtrain.export SOURCE OUT_DIR: any model llmtrain reads, as a Hugging Face GPT-2 folder.
 
-An export is a folder:
-
-    out_dir/
-      config.json        {"format": "llmtrain", "model_config": {GPTConfig's fields}, "num_classes": null or N,
-                          and the caller's meta: tokenizer, task, label_names, prompt_template, stage, step, ...}
-      model.safetensors  the plain GPT's state dict, on the CPU, contiguous; a tied embedding/head is stored once
-
-"num_classes" is set for a classifier, whose `head` was replaced by `GPT.replace_head`; the loader rebuilds
-that head before reading the weights. A LoRA model (peft) is exported with its adapters merged into a copy, so the
-folder always holds a plain GPT. `export_model` writes into a temporary sibling folder and renames it into place:
-out_dir is never half-written, and a newer export of the same run replaces the older one whole.
-
-`read_export_info` reads config.json alone, `load_export` the model too; `pretrained.load_pretrained` (init_from=,
-generate's ckpt_path=) sends such folders here. Plain PyTorch and safetensors: no Lightning or Hydra.
+SOURCE is anything `init_from=` takes: a run dir (its checkpoints/last.ckpt, else its export), an llmtrain `.ckpt`,
+an export folder (`<run>/hf`, or `<run>/model` of the earlier format), a Hugging Face GPT-2 folder or Hub name.
+This is what runs made before the Hugging Face export need, and what a checkpoint of the middle of a run (e.g.
+`checkpoints/best-step200.ckpt`) needs to leave llmtrain. OUT_DIR is written whole or not at all, and an existing
+folder is replaced only when it is an export (or empty). A mistake ends in one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
-from torch import nn
+import argparse
+import sys
 
 from llmtrain.checkpoints import ModelInfo
-from llmtrain.errors import UserError
-from llmtrain.lora import merge
-from llmtrain.model import GPT
-
-FORMAT = "llmtrain"
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
-RESERVED = ("format", "model_config", "num_classes")  # keys that describe the weights: the model decides them
+from llmtrain.errors import UserError, one_line_errors
+from llmtrain.hf_export import export_hf
+from llmtrain.pretrained import load_pretrained
 
 
-def export_model(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
-    """Write model (a GPT, or a peft-wrapped GPT, merged into a copy) to out_dir as config.json + model.safetensors.
-
-    meta (JSON-serialisable) is stored in config.json beside the model's own keys. The model is not modified.
-    An existing out_dir is replaced only if it is an export (or empty). Returns out_dir.
-    """
-    out = Path(out_dir)
-    if out.exists() and not _is_replaceable(out):
-        raise UserError(f"{out} exists and is not an llmtrain export (no config.json with \"format\": \"llmtrain\"): "
-                        "export into a new folder, or move this one away")
-    gpt = _plain_gpt(model)
-    config = {"format": FORMAT, "model_config": dataclasses.asdict(gpt.config), "num_classes": _num_classes(gpt)}
-    config |= {k: v for k, v in meta.items() if k not in RESERVED}
-    text = json.dumps(config, indent=1) + "\n"  # a meta value JSON cannot hold fails here, before any file exists
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_model(gpt, str(tmp / WEIGHTS), force_contiguous=True)  # safetensors copies each tensor to the CPU
-        (tmp / CONFIG).write_text(text)
-        for name in (WEIGHTS, CONFIG):
-            _fsync(tmp / name)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for stale in out.parent.iterdir():  # left behind by an export that was killed
-        if stale.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")):
-            shutil.rmtree(stale, ignore_errors=True)
-    return out
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints the usage and exits; one line is our convention
+        raise UserError(f"{message} (usage: python -m llmtrain.export SOURCE OUT_DIR; --help says more)")
 
 
-def read_export_info(path: str | Path) -> ModelInfo:
-    """An export folder's ModelInfo, from its config.json alone; problems are a UserError naming the path."""
-    path = Path(path).expanduser()
-    return ModelInfo.from_meta("llmtrain", path, _read_config(path), str(path / CONFIG))
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = Parser(prog="python -m llmtrain.export",
+                    description="Write any model llmtrain reads as a Hugging Face GPT-2 folder (transformers loads "
+                                "it offline; init_from= reads it back exactly).",
+                    epilog="e.g. python -m llmtrain.export outputs/runs/<run> exported/my-gpt")
+    parser.add_argument("source", help="a run dir, an llmtrain .ckpt or export folder, a Hugging Face GPT-2 "
+                                       "folder or Hub name (what init_from= takes)")
+    parser.add_argument("out_dir", help="the folder to write (config.json, model.safetensors, tokenizer files, "
+                                        "llmtrain.json)")
+    return parser.parse_args(argv)
 
 
-def load_export(path: str | Path) -> tuple[GPT, ModelInfo]:
-    """An export folder -> (GPT in eval mode on the CPU, its ModelInfo)."""
-    path = Path(path).expanduser()
-    info = read_export_info(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise UserError(f"{path}: no {WEIGHTS} next to {CONFIG}: copy the whole export folder, or export again")
-    model = GPT(info.model_config)
-    if info.num_classes:  # a classifier: the head that GPT.replace_head made
-        model.replace_head(info.num_classes)
-    _check_weights(model, weights)
-    load_model(model, str(weights), strict=True, device="cpu")
-    return model.eval(), info
+def meta_of(info: ModelInfo) -> dict:
+    """The record a run would have written with the model (llmtrain.json)."""
+    return {"tokenizer": info.tokenizer, "task": info.task, "stage": info.stage, "label_names": info.label_names,
+            "prompt_template": info.prompt_template, "init_from": info.init_from, "step": info.step,
+            "exported_from": info.path}
 
 
-def is_export(path: str | Path) -> bool:
-    """Whether path is a folder with an llmtrain export's config.json (the weights are not looked at)."""
-    try:
-        config = json.loads((Path(path).expanduser() / CONFIG).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("format") == FORMAT
+def run(source: str, out_dir: str) -> str:
+    """Export source to out_dir; returns the line the command prints."""
+    model, info = load_pretrained(source, key="source")
+    out = export_hf(model, out_dir, meta_of(info))
+    if info.task == "classify":
+        what, auto = f"a classifier of {', '.join(info.label_names or [])}", "AutoModelForSequenceClassification"
+    else:
+        what, auto = "a language model", "AutoModelForCausalLM"
+    return (f"exported {info.path} ({what}, {model.num_params():,} parameters, tokenizer {info.tokenizer}) to {out}: "
+            f"transformers' {auto} and AutoTokenizer load it")
 
 
-# --- helpers ----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    with one_line_errors():
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        print(run(args.source, args.out_dir))
 
 
-def _plain_gpt(model: nn.Module) -> GPT:
-    """The GPT itself, or for a peft model a merged copy (the wrapped model keeps its adapters)."""
-    if isinstance(model, GPT):
-        return model
-    if hasattr(model, "merge_and_unload"):
-        merged = merge(copy.deepcopy(model))
-        if isinstance(merged, GPT):
-            return merged
-    raise TypeError(f"export_model takes an llmtrain GPT or a peft model around one, got {type(model).__name__}")
-
-
-def _num_classes(gpt: GPT) -> int | None:
-    """None for the LM head (no bias, a row per token); the row count of a classifier head from replace_head."""
-    head = gpt.head
-    if head.bias is not None:
-        return head.out_features
-    if head.out_features != gpt.config.vocab_size:
-        raise ValueError(f"the head maps to {head.out_features} outputs without a bias: neither the LM head "
-                         f"({gpt.config.vocab_size} tokens) nor a replace_head classifier")
-    return None
-
-
-def _is_replaceable(out: Path) -> bool:
-    """An older export (or an empty folder, or one holding only an export's files): never a run dir by mistake."""
-    if not out.is_dir():
-        return False
-    return is_export(out) or {p.name for p in out.iterdir()} <= {CONFIG, WEIGHTS}
-
-
-def _fsync(file: Path) -> None:
-    with open(file, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an older out is moved aside first and deleted after (a directory cannot be renamed over)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)  # put the previous export back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _read_config(path: Path) -> dict:
-    file = path / CONFIG
-    if not file.is_file():
-        raise UserError(f"{path} is not an llmtrain export (no {CONFIG}): point at the folder that export_model "
-                        f"wrote ({CONFIG} + {WEIGHTS})")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{file} is not readable JSON ({e}): export the model again") from e
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise UserError(f"{file} has format={found!r}, not {FORMAT!r}: it was not written by llmtrain's "
-                        "export_model; a Hugging Face GPT-2 folder loads through init_from= instead")
-    return config
-
-
-def _check_weights(model: GPT, weights: Path) -> None:
-    """Every tensor of the model present once (a tied pair under either name), no others, same shapes: one line."""
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # a truncated or foreign file: safetensors raises its own error type
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{weights} is not a readable safetensors file ({first}): export the model again") from e
-    names_of: dict[int, list[str]] = {}  # one entry per tensor; a tied embedding/head has two names
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        names_of.setdefault(id(tensor), []).append(name)
-    own = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = [names[0] for names in names_of.values() if not any(n in shapes for n in names)]
-    unexpected = [k for k in shapes if k not in own]
-    for names in names_of.values():
-        unexpected += [n for n in names if n in shapes][1:]  # a tied pair stored twice: config.json says one tensor
-    wrong = [f"{k} {shapes[k]} vs {own[k]}" for k in shapes if k in own and shapes[k] != own[k]]
-    problems = [f"{what} {', '.join(keys[:5])}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-                for what, keys in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                   ("shapes differ from config.json's:", wrong)) if keys]
-    if problems:
-        raise UserError(f"{weights}: the weights do not fit {CONFIG}: {'; '.join(problems)}: export the model again "
-                        f"(or restore the {CONFIG} written with these weights)")
+if __name__ == "__main__":
+    main()

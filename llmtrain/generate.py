@@ -12,7 +12,6 @@ Arguments are `key=value` pairs, parsed here without Hydra so that the command s
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -20,7 +19,9 @@ from pathlib import Path
 import torch
 
 from llmtrain.checkpoints import ModelInfo
-from llmtrain.errors import UserError
+from llmtrain.decoding import PRECISIONS, decode_precision, prepare_for_decoding, resolve_device
+from llmtrain.errors import UserError, one_line_errors
+from llmtrain.hf_export import is_hf_adapter
 from llmtrain.lora import load_adapter, merge
 from llmtrain.model import GPT
 from llmtrain.pretrained import describe, load_pretrained
@@ -48,6 +49,7 @@ class GenerateArgs:
     top_p: float | None = None  # nucleus sampling; null = off
     seed: int = 1234
     device: str = "auto"  # cuda if available, else cpu
+    precision: str = "auto"  # auto | fp32 | bf16 | int8: the weights' format while decoding (see decode_precision)
     use_cache: bool = True  # KV cache: each new token costs one position instead of the whole context
     show_top: int | None = None  # print the K likeliest next tokens instead of generating
     echo: bool = False  # print the prompt before the continuation
@@ -127,20 +129,12 @@ def validate(args: GenerateArgs) -> None:
         problems.append(f"top_p must lie in (0, 1] (null = off), got {args.top_p}")
     if args.show_top is not None and args.show_top < 1:
         problems.append(f"show_top must be at least 1, got {args.show_top}")
+    if args.precision not in PRECISIONS:
+        problems.append(f"precision={args.precision!r} is not known: choose one of {', '.join(PRECISIONS)}")
     if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
         problems.append(f"device={args.device!r} is not known: choose auto, cpu, cuda or cuda:N")
     if problems:
         raise UserError("; ".join(problems))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device}: no CUDA device is available here: use device=cpu (or device=auto)")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps: MPS is not available here: use device=cpu (or device=auto)")
-    return torch.device(device)
 
 
 # --- loading ------------------------------------------------------------------------------------------------
@@ -170,6 +164,9 @@ def _refuse_classifier(ckpt_path: str, task: str | None, label_names: list | Non
 
 def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT, ModelInfo]:
     """A LoRA adapter dir: load its base, put the adapter on, merge it into plain weights."""
+    if is_hf_adapter(path):
+        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter for transformers' GPT-2 (its layers have GPT-2's "
+                        "names): give the run's adapter/ (llmtrain's names) or its merged model hf/ instead")
     meta: dict = {}
     if (path / ADAPTER_META).is_file():
         try:
@@ -273,7 +270,7 @@ def run(args: GenerateArgs) -> str:
     model, info = load_model(args.ckpt_path, args.base)
     tokenizer = build_tokenizer(info.tokenizer)
     prompt = build_prompt(info.prompt_template, args.prompt, args.instruction, args.input, args.raw)
-    model = model.to(device)
+    model = prepare_for_decoding(model, decode_precision(args.precision, device), device)
     if args.show_top is not None:
         return format_candidates(top_candidates(model, tokenizer, prompt, args.show_top))
     text = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -282,13 +279,8 @@ def run(args: GenerateArgs) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with one_line_errors():
         print(run(parse_args(sys.argv[1:] if argv is None else argv)))
-    except UserError as e:
-        if os.environ.get("LLMTRAIN_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

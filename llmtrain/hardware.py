@@ -1,9 +1,15 @@
-"""What the machine can do, and the settings that follow from it: CUDA in use, bf16 support, the precision
-`trainer.precision=auto` stands for."""
+"""What the machine can do, and the settings that follow from it: CUDA in use, native bf16 on the GPU or the
+CPU, the precision `trainer.precision=auto` stands for."""
 
 from __future__ import annotations
 
+import platform
+from functools import cache
+
 import torch
+
+# CPU features that make bf16 arithmetic native (not emulated): x86 AVX512-BF16 or AMX tiles, Arm BF16
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
 def on_cuda(accelerator: str) -> bool:
@@ -16,11 +22,47 @@ def cuda_bf16() -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def choose_precision(requested: str | int, accelerator: str) -> str | int:
-    """trainer.precision as Lightning takes it: `auto` is bf16-mixed on GPUs with native bf16, else 32-true."""
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (x86 `flags`, Arm `Features`); empty elsewhere."""
+    if platform.system() != "Linux":
+        return frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_bf16() -> bool:
+    """Native bf16 on this CPU: bf16 autocast then runs its matmuls at up to twice the fp32 rate or more."""
+    return bool(CPU_BF16_FLAGS & cpu_flags())
+
+
+def choose_precision(requested: str | int, accelerator: str) -> tuple[str | int, str]:
+    """(trainer.precision as Lightning takes it, why). `auto` is bf16-mixed where the device has native bf16
+    (Ampere and newer GPUs; CPUs with AVX512-BF16, AMX or Arm BF16) and 32-true elsewhere."""
     if requested != "auto":
-        return requested
-    return "bf16-mixed" if on_cuda(accelerator) and cuda_bf16() else "32-true"
+        return requested, "as set by trainer.precision"
+    if on_cuda(accelerator):
+        if cuda_bf16():
+            return "bf16-mixed", f"auto: {torch.cuda.get_device_name()} has native bf16"
+        return "32-true", f"auto: {torch.cuda.get_device_name()} has no native bf16"
+    if cpu_bf16():
+        return "bf16-mixed", f"auto: this CPU has native bf16 ({', '.join(sorted(CPU_BF16_FLAGS & cpu_flags()))})"
+    return "32-true", "auto: this CPU has no native bf16 (no avx512_bf16, amx_bf16 or bf16 flag)"
+
+
+def fused_optimizer(accelerator: str) -> bool:
+    """Whether torch's fused optimizer kernels (one kernel for the whole AdamW update) run where this trains:
+    CUDA and CPU have them."""
+    if on_cuda(accelerator):
+        return True
+    return str(accelerator) == "cpu" or (str(accelerator) == "auto" and not torch.backends.mps.is_available())
 
 
 def allow_tf32(enabled: bool) -> None:

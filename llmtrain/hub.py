@@ -2,7 +2,11 @@
 
 A folder in `save_pretrained` layout (`config.json` + `model.safetensors`, or shards named by
 `model.safetensors.index.json`) is read directly with safetensors; transformers is not needed. The released
-sizes are downloaded by Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`). No Lightning or Hydra.
+sizes are downloaded by Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`). A `GPT2ForSequenceClassification`
+folder is read as a classifier (its `score` is our bias-free head, its `id2label` the label names). llmtrain's own
+Hugging Face export (hf_export.py) carries `llmtrain.json` beside: the exact GPTConfig (e.g. no qkv bias, whose
+zeros the folder holds) and the record checkpoints carry (tokenizer, task, stage, labels, prompt template), so that
+reading it back gives the very model that was exported. No Lightning or Hydra.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "ln_f.weight",
              "ln_f.bias": "ln_f.bias"}
+HEAD_NAMES = ("lm_head.weight", "score.weight")  # the LM head (absent when tied to wte); a classifier's head
+CLASSIFIER = "GPT2ForSequenceClassification"
+LLMTRAIN_JSON = "llmtrain.json"  # beside llmtrain's Hugging Face export: what only llmtrain reads
+# GPTConfig fields that config.json also states; qkv_bias and drop_rate come from llmtrain.json alone
+SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "tie_weights")
 
 
 def hub_name(name: str) -> str | None:
@@ -49,24 +58,47 @@ def download(repo_id: str, what: str) -> Path:
 
 
 def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
-    """The ModelInfo of a Hugging Face GPT-2 folder, from its config.json alone."""
-    try:
-        hf = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{what}: {path / 'config.json'} is not readable JSON ({e})") from e
+    """The ModelInfo of a Hugging Face GPT-2 folder, from its config.json (and llmtrain.json, if beside) alone."""
+    hf = _read_json(path / "config.json", what)
     if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
         found = hf.get("model_type") if isinstance(hf, dict) else None
         raise UserError(f"{what}: config.json has model_type={found!r}, but only GPT-2 (model_type "
                         f"'gpt2') maps onto llmtrain's GPT{hint}")
-    return ModelInfo(kind="hf", path=str(path), model_config=config_from_hf(hf, what), tokenizer="gpt2")
+    config = config_from_hf(hf, what)
+    labels = None
+    if CLASSIFIER in (hf.get("architectures") or []):  # id2label: {"0": "ham", "1": "spam"}
+        id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    info = ModelInfo(kind="hf", path=str(path), model_config=config, tokenizer="gpt2",
+                     task="classify" if labels else "lm", label_names=labels,
+                     num_classes=len(labels) if labels else None)
+    if not (path / LLMTRAIN_JSON).is_file():
+        return info
+    ours = ModelInfo.from_meta("hf", path, _read_json(path / LLMTRAIN_JSON, what), f"{what}: {LLMTRAIN_JSON}")
+    differ = [f"{k} {getattr(ours.model_config, k)} vs {getattr(config, k)}" for k in SHAPE_FIELDS
+              if getattr(ours.model_config, k) != getattr(config, k)]
+    if differ or ours.num_classes != info.num_classes:
+        differ += [] if ours.num_classes == info.num_classes else [f"classes {ours.num_classes} vs {info.num_classes}"]
+        raise UserError(f"{what}: {LLMTRAIN_JSON} and config.json disagree ({', '.join(differ)}): restore the files "
+                        f"that were exported together, or delete {LLMTRAIN_JSON} to read the folder as plain GPT-2")
+    return ours
 
 
 def load_hf(path: Path, what: str, hint: str = "") -> tuple[GPT, ModelInfo]:
     """A Hugging Face GPT-2 folder -> (GPT with its weights, in eval mode on the CPU; ModelInfo)."""
     info = read_hf_info(path, what, hint)
     model = GPT(info.model_config)
-    copy_hf_weights(model, read_safetensors(path, what), info.model_config.tie_weights, what)
+    if info.num_classes:  # GPT2ForSequenceClassification: `score` is the head
+        model.replace_head(info.num_classes)
+    copy_hf_weights(model, read_safetensors(path, what), what)
     return model.eval(), info
+
+
+def _read_json(file: Path, what: str):
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: {file} is not readable JSON ({e})") from e
 
 
 def config_from_hf(hf: dict, what: str) -> GPTConfig:
@@ -113,11 +145,14 @@ def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def copy_hf_weights(model: GPT, hf_sd: dict[str, torch.Tensor], tied: bool, what: str) -> None:
+def copy_hf_weights(model: GPT, hf_sd: dict[str, torch.Tensor], what: str) -> None:
     """Rename GPT-2's tensors to ours, transpose its Conv1D weights, check every shape and copy.
 
-    Messages name the tensors as the safetensors files do (without `transformer.`).
+    The head is `lm_head` (skipped when the model ties it to wte) or a classifier's `score`. A model without a qkv
+    bias takes the zeros that GPT-2's layout holds in its place (anything else is refused). Messages name the
+    tensors as the safetensors files do (without `transformer.`).
     """
+    tied = model.head.weight is model.tok_emb.weight
     renamed: dict[str, tuple[str, torch.Tensor]] = {}  # our key -> (GPT-2 key, tensor in our layout)
     unexpected = []
     for key, value in hf_sd.items():
@@ -126,9 +161,14 @@ def copy_hf_weights(model: GPT, hf_sd: dict[str, torch.Tensor], tied: bool, what
             continue
         if key == "lm_head.weight" and tied:
             continue  # the head is wte
+        if key.endswith("attn.c_attn.bias") and not model.config.qkv_bias:
+            if value.any():
+                raise UserError(f"{what}: {key} is not zero, but {LLMTRAIN_JSON} says qkv_bias=false: delete "
+                                f"{LLMTRAIN_JSON} to read the folder as plain GPT-2 (with its qkv bias)")
+            continue
         if key.endswith(TRANSPOSED):
             value = value.t()
-        ours = "head.weight" if key == "lm_head.weight" else _ours(key)
+        ours = "head.weight" if key in HEAD_NAMES else _ours(key)
         if ours is None:
             unexpected.append(key)
         else:

@@ -20,3 +20,55 @@ def last_token_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
     """logits (B, T, C) of right-padded sequences -> (B, C) at each one's last real token, which has seen the
     whole text and no padding."""
     return logits[torch.arange(logits.size(0), device=logits.device), lengths - 1].float()
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of (hidden @ weight.T) against labels, computed `chunk` tokens at a time, so that
+    the (N, V) logits and their gradient never exist at once: for a 50,257-token vocabulary they are the
+    largest tensors of a small model's step.
+
+    The gradients are computed in the forward pass, chunk by chunk, from each chunk's softmax (what the plain
+    path's backward computes from the stored logits): d loss / d logits = softmax - onehot. The backward pass
+    scales them by the incoming gradient. The same three matmuls as the plain path, none recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        # hidden (N, C), weight (V, C), labels (N,)
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk):
+            h, y = hidden[start : start + chunk], labels[start : start + chunk]  # (n, C), (n,)
+            logits = (h @ weight.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            valid = y != IGNORE_INDEX
+            target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
+            total += torch.where(valid, lse - target, 0.0).sum()
+            if needs_hidden or needs_weight:
+                probs = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+                rows = valid.nonzero()[:, 0]
+                probs[rows, y[rows]] -= 1.0
+                probs[~valid] = 0.0
+                dlogits = probs.to(h.dtype)
+                if needs_hidden:
+                    grad_hidden[start : start + chunk] = dlogits @ weight.to(h.dtype)
+                if needs_weight:
+                    grad_weight += (dlogits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_total if grad_hidden is not None else None,
+                (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None, None, None)
+
+
+def chunked_lm_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As lm_loss_sum of (hidden @ weight.T), without the full logits: hidden (B, T, C), weight (V, C)."""
+    loss_sum = ChunkedLinearCrossEntropy.apply(hidden.flatten(0, 1), weight, labels.flatten(), chunk)
+    return loss_sum, (labels != IGNORE_INDEX).sum()

@@ -159,10 +159,13 @@ class GPT(nn.Module):
 
     def replace_head(self, num_classes: int) -> None:
         """Turn the LM into a classifier: a new linear head to num_classes logits (untied from the embedding,
-        GPT-2's init). The classify stage reads its logits at the last real token of each sequence."""
-        head = nn.Linear(self.config.emb_dim, num_classes, bias=True, device=self.tok_emb.weight.device)
+        GPT-2's init). The classify stage reads its logits at the last real token of each sequence.
+
+        The head has no bias, as GPT-2's own classifier (transformers' GPT2ForSequenceClassification.score) has
+        none, so that the model exports to it unchanged; the final LayerNorm's shift, which only the head reads,
+        can play a bias's part when it trains."""
+        head = nn.Linear(self.config.emb_dim, num_classes, bias=False, device=self.tok_emb.weight.device)
         nn.init.normal_(head.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(head.bias)
         self.head = head
 
     def crop_context(self, context_length: int) -> None:
@@ -221,7 +224,7 @@ class GPT(nn.Module):
             cache.pos += T
         return self.ln_f(x)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         idx: torch.Tensor,
@@ -237,28 +240,32 @@ class GPT(nn.Module):
 
         temperature 0 is greedy decoding. top_k keeps the k likeliest tokens, top_p the smallest set whose
         probability reaches p (nucleus sampling, Holtzman et al., 2019). Stops early once every row has
-        produced eos_id; rows that finished earlier are padded with eos_id.
+        produced eos_id; rows that finished earlier are padded with eos_id. With the KV cache, the prompt is
+        read once (only its last position goes through the head) and each new token costs one position.
         """
-        max_len = min(self.config.context_length, idx.size(1) + max_new_tokens)
+        B, T = idx.shape
+        out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
+        out[:, :T] = idx
         cache = None
-        if use_cache and idx.size(1) + max_new_tokens <= self.config.context_length:
-            p = next(self.parameters())
-            cache = KVCache(self.config, idx.size(0), max_len, p.device, p.dtype)
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        step_input = idx
+        if use_cache and T + max_new_tokens <= self.config.context_length:
+            cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.tok_emb.weight.dtype)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        n = T
         for _ in range(max_new_tokens):
-            if cache is None:  # without a cache, re-read the (cropped) context each step
-                step_input = idx[:, -self.config.context_length :]
-            logits = self(step_input, cache)[:, -1, :]  # (B, V)
+            if cache is None:  # re-read the (cropped) context each step
+                step_input = out[:, max(0, n - self.config.context_length) : n]
+            else:  # the prompt once, then the newest token
+                step_input = out[:, cache.pos : n]
+            logits = self.head(self.hidden(step_input, cache)[:, -1, :])  # (B, V): the last position only
             next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 next_id = torch.where(done[:, None], torch.full_like(next_id, eos_id), next_id)
                 done |= next_id[:, 0] == eos_id
-            idx = torch.cat([idx, next_id], dim=1)
-            step_input = next_id
+            out[:, n] = next_id[:, 0]
+            n += 1
             if eos_id is not None and bool(done.all()):
                 break
-        return idx
+        return out[:, :n]
 
 
 def sample_next(

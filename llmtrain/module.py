@@ -6,7 +6,6 @@ optimizer class) and the schedule's numbers. The losses themselves live in losse
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -16,34 +15,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from llmtrain.losses import last_token_logits, lm_loss_sum
+from llmtrain.losses import chunked_lm_loss_sum, last_token_logits, lm_loss_sum
 from llmtrain.model import GPT
 from llmtrain.nonfinite import NonFiniteGuard
+from llmtrain.optim import lr_factor, param_groups
 from llmtrain.resume import gather_rng_states, set_rng_states
 from llmtrain.sharded import is_sharded, skip_sharded
 from llmtrain.tokenizer import build_tokenizer
-
-
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_ratio of the peak at max_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights) only, not on biases or LayerNorm gains."""
-    decay, no_decay = [], []
-    for p in model.parameters():  # shared (tied) parameters are yielded once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
 
 
 class LanguageModel(L.LightningModule):
@@ -73,6 +51,7 @@ class LanguageModel(L.LightningModule):
         sample_tokens: int = 48,
         checkpoint_info: dict | None = None,
         max_nonfinite_steps: int = 0,
+        loss_chunk: int | None = None,
         tokens_vary: bool = True,
     ) -> None:
         super().__init__()
@@ -85,6 +64,7 @@ class LanguageModel(L.LightningModule):
         self.sample_prompts, self.sample_tokens = sample_prompts or [], sample_tokens
         self.checkpoint_info = checkpoint_info or {}
         self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.loss_chunk = loss_chunk  # tokens per chunk of the LM head + loss (None: all logits at once)
         self.tokens_vary = tokens_vary  # False: every rank's micro-batches carry the same number of loss tokens
         self._step_tokens = torch.zeros(())
         self._eval: dict[str, torch.Tensor] = {}
@@ -104,7 +84,11 @@ class LanguageModel(L.LightningModule):
     # ---- losses ----
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed token loss, number of tokens that carry loss)."""
+        """(summed token loss, number of tokens that carry loss). With loss_chunk, the head is applied to the
+        final hidden states a chunk of tokens at a time inside the loss (a LoRA-adapted head takes the plain path)."""
+        if self.loss_chunk and type(self.gpt.head) is nn.Linear and self.gpt.head.bias is None:
+            hidden = self.gpt.hidden(batch["input_ids"])  # (B, T, C)
+            return chunked_lm_loss_sum(hidden, self.gpt.head.weight, batch["labels"], self.loss_chunk)
         return lm_loss_sum(self.model(batch["input_ids"]), batch["labels"])
 
     def _class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""What a finished run leaves beside its checkpoints (written by rank zero): the final model as safetensors, a LoRA
-stage's adapter, an instruct stage's answers to the test split (see sharded.py for what changes under FSDP).
+"""What a finished run leaves beside its checkpoints (written by rank zero): the final model as a Hugging Face GPT-2
+folder (`hf/`, which llmtrain reads back exactly), a LoRA stage's adapter (`adapter/` for llmtrain's GPT,
+`hf_adapter/` for transformers' GPT-2), an instruct stage's answers to the test split (see sharded.py for what
+changes under FSDP).
 
 Every file describes itself with the same record (`run_meta`): tokenizer, task, stage, labels, prompt template,
 the weights the run started from. Checkpoints carry it too (the LightningModule stores it).
@@ -13,8 +15,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from llmtrain.export import export_model
+from llmtrain.hf_export import export_hf, export_hf_adapter
 from llmtrain.lora import save_adapter
+from llmtrain.pretrained import hf_folder
 from llmtrain.prompts import record_prompt, template_of
 from llmtrain.sharded import gathered_gpt, is_sharded, skip_sharded
 
@@ -34,35 +37,45 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
     Every rank calls it: under FSDP the export gathers the weights from all of them. Rank zero writes the files;
     the other ranks return an empty list."""
     run_dir, written = Path(cfg.run_dir), []
-    last = run_dir / "checkpoints" / "last.ckpt"
     if is_sharded(trainer.strategy):
-        classes = module.gpt.head.out_features if cfg.finetune.task == "classify" else None
-        gpt = None if cfg.finetune.lora else gathered_gpt(trainer, module.gpt.config, classes)
-        if not trainer.is_global_zero:
-            return []
-        if gpt is None:
-            what = "LoRA adapter or merged export" if cfg.finetune.lora else "export of sharded state dicts"
-            written.append(f"{skip_sharded(what)}; the final state is in {last}")
-        else:
-            export_model(gpt, run_dir / "model", {**meta, "step": trainer.global_step})
-            written.append(f"model exported to {run_dir / 'model'} (gathered from the FSDP ranks)")
-    elif not trainer.is_global_zero:
+        return _write_sharded(module, trainer, cfg, meta)
+    if not trainer.is_global_zero:
         return []
-    else:  # LoRA merged: what generate.py and init_from read, without pickle
-        export_model(module.model, run_dir / "model", {**meta, "step": trainer.global_step})
-        written.append(f"model exported to {run_dir / 'model'}")
-        if cfg.finetune.lora:
-            save_adapter(module.model, run_dir / "adapter")
-            (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
-            written.append(f"adapter in {run_dir / 'adapter'}")
+    # LoRA merged: what transformers, init_from= and generate.py read, without pickle
+    export_hf(module.model, run_dir / "hf", {**meta, "step": trainer.global_step})
+    written.append(f"model exported to {run_dir / 'hf'} (Hugging Face GPT-2 layout)")
+    if cfg.finetune.lora:
+        save_adapter(module.model, run_dir / "adapter")
+        (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
+        base = hf_folder(cfg.init_from)
+        export_hf_adapter(module.model, run_dir / "hf_adapter", base, cfg.finetune.task)
+        on = base or f"{cfg.init_from} once exported (python -m llmtrain.export {cfg.init_from} DIR)"
+        written.append(f"adapter in {run_dir / 'adapter'}, and in {run_dir / 'hf_adapter'} for peft on "
+                       f"transformers' GPT-2 of {on}")
     if cfg.finetune.task == "instruct":
-        if is_sharded(trainer.strategy):
-            written.append(skip_sharded("test answers"))
-        else:
-            path = run_dir / "test_generations.jsonl"
-            n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,
-                                       cfg.finetune.max_new_tokens)
-            written.append(f"{n} test answers in {path}")
+        path = run_dir / "test_generations.jsonl"
+        n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,
+                                   cfg.finetune.max_new_tokens)
+        written.append(f"{n} test answers in {path}")
+    return written
+
+
+def _write_sharded(module, trainer, cfg: DictConfig, meta: dict) -> list[str]:
+    """Under FSDP: the export from the weights gathered on rank zero (every rank takes part); the LoRA outputs and
+    the test answers are skipped, with the reason."""
+    run_dir = Path(cfg.run_dir)
+    classes = module.gpt.head.out_features if cfg.finetune.task == "classify" else None
+    gpt = None if cfg.finetune.lora else gathered_gpt(trainer, module.gpt.config, classes)
+    if not trainer.is_global_zero:
+        return []
+    if gpt is None:
+        what = "LoRA adapter or merged export" if cfg.finetune.lora else "export of sharded state dicts"
+        written = [f"{skip_sharded(what)}; the final state is in {run_dir / 'checkpoints' / 'last.ckpt'}"]
+    else:
+        export_hf(gpt, run_dir / "hf", {**meta, "step": trainer.global_step})
+        written = [f"model exported to {run_dir / 'hf'} (Hugging Face GPT-2 layout, gathered from the FSDP ranks)"]
+    if cfg.finetune.task == "instruct":
+        written.append(skip_sharded("test answers"))
     return written
 
 

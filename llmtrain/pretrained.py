@@ -1,8 +1,9 @@
 """Weights to start from: one name (`init_from=`, generate's `ckpt_path=`) for every kind of pretrained model.
 
 Accepted, in this order:
-  - a directory with `config.json`: an llmtrain export (export.py) or a Hugging Face GPT-2 folder (hub.py);
-  - a run directory: its `checkpoints/last.ckpt`, else its export `model/`;
+  - a directory with `config.json`: a Hugging Face GPT-2 folder (hub.py), llmtrain's own Hugging Face export
+    among them (its llmtrain.json makes the round trip exact), or an export of the earlier format (native.py);
+  - a run directory: its `checkpoints/last.ckpt`, else its export `hf/` (or `model/`, the earlier format);
   - an llmtrain `.ckpt` file (checkpoints.py);
   - a Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`), downloaded.
 `describe` reads only what a source says about its model (config, tokenizer, task), so that the run's config can
@@ -16,9 +17,9 @@ from pathlib import Path
 
 from llmtrain.checkpoints import ModelInfo, load_checkpoint, read_info
 from llmtrain.errors import UserError
-from llmtrain.export import is_export, load_export, read_export_info
 from llmtrain.hub import GPT2_NAMES, download, hub_name, load_hf, read_hf_info
 from llmtrain.model import GPT
+from llmtrain.native import is_export, load_export, read_export_info
 
 ACCEPTS = ("an llmtrain .ckpt file, a run directory, an llmtrain export directory, a local Hugging Face GPT-2 "
            f"directory (config.json + model.safetensors) or a Hub name ({', '.join(GPT2_NAMES)})")
@@ -56,10 +57,12 @@ def _locate(init_from: str, key: str) -> tuple[str, Path]:
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if candidate.is_file():
                 return "ckpt", candidate
+        if (path / "hf" / "config.json").is_file():
+            return "hf", path / "hf"
         if (path / "model" / "config.json").is_file():
             return "export", path / "model"
         raise UserError(f"{key}={init_from}: the directory holds neither config.json nor checkpoints/last.ckpt "
-                        f"nor model/config.json; {key} accepts {ACCEPTS}")
+                        f"nor hf/config.json; {key} accepts {ACCEPTS}")
     if path.is_file():
         return "ckpt", path
     if hub_name(init_from):
@@ -81,3 +84,16 @@ def _hub_info(info: ModelInfo, init_from: str) -> ModelInfo:
     if name is None:
         return info
     return replace(info, extra={"hub_name": init_from, "model_name": GPT2_NAMES[name]})
+
+
+def hf_folder(init_from: str) -> str | None:
+    """Where init_from's weights are in Hugging Face's layout, for an adapter's base_model_name_or_path: a Hub
+    name, a Hugging Face folder (absolute), a run dir's export hf/; None when they are only in llmtrain's own files
+    (a .ckpt), which `python -m llmtrain.export` turns into such a folder."""
+    if hub_name(init_from):
+        return init_from
+    path = Path(init_from).expanduser()
+    for folder in (path, path / "hf"):
+        if (folder / "config.json").is_file() and not is_export(folder):
+            return str(folder.resolve())
+    return None

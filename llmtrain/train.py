@@ -24,7 +24,7 @@ from llmtrain.checks import Effective, check_config, check_resume
 from llmtrain.distributed import ddp_job_of_a_sweep, is_launch_rank, wait_for
 from llmtrain.errors import UserError
 from llmtrain.flops import peak_flops, training_flops
-from llmtrain.hardware import allow_tf32, on_cuda
+from llmtrain.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.lora import format_trainable, trainable_summary
 from llmtrain.memory import preflight
 from llmtrain.module import LanguageModel
@@ -61,21 +61,24 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
     label_names = datamodule.label_names if task == "classify" else None
 
     model = build_model(cfg.finetune, eff, cfg.init_from, len(label_names) if label_names else None)
-    rank_zero_info(f"{cfg.finetune.name}: {format_trainable(model)}")
+    rank_zero_info(f"{cfg.finetune.name}: {format_trainable(model)}; precision {eff.precision} "
+                   f"({eff.precision_reason})")
     meta = run_meta(cfg, eff.tokenizer, label_names)
     module = LanguageModel(
-        model, optimizer=build(cfg.optimizer, **fused_on_cuda(cfg)), warmup_steps=cfg.scheduler.warmup_steps,
+        model, optimizer=build(cfg.optimizer, **fused_where_supported(cfg)), warmup_steps=cfg.scheduler.warmup_steps,
         max_steps=cfg.trainer.max_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio, tokenizer=eff.tokenizer,
         task="classify" if task == "classify" else "lm", label_names=label_names,
         sample_prompts=sample_prompts(cfg.finetune, datamodule.records["val"] if task == "instruct" else None),
         sample_tokens=cfg.finetune.sample_tokens if task != "classify" else 0,
-        max_nonfinite_steps=cfg.max_nonfinite_steps, checkpoint_info=meta, tokens_vary=task == "instruct",
+        max_nonfinite_steps=cfg.max_nonfinite_steps, checkpoint_info=meta, loss_chunk=cfg.perf.loss_chunk,
+        tokens_vary=task == "instruct",
     )
     module.gpt.gradient_checkpointing = cfg.perf.activation_checkpointing
     if on_cuda(cfg.trainer.accelerator):
         allow_tf32(cfg.perf.tf32)
-    if cfg.perf.compile:
-        module.gpt.compile()  # in place: the state dict keeps its keys (no _orig_mod. prefix in checkpoints)
+    if cfg.perf.compile:  # in place: the state dict keeps its keys (no _orig_mod. prefix in checkpoints)
+        module.gpt.compile()
+        module.gpt.hidden = torch.compile(module.gpt.hidden)  # what the chunked loss calls
     trainer = build_trainer(cfg, eff, module)
     if trainer.logger:  # what this stage trains, next to the curves
         trainable, _, fraction = trainable_summary(model)
@@ -138,9 +141,9 @@ def device_peak(cfg: DictConfig, eff: Effective) -> float | None:
     return peak
 
 
-def fused_on_cuda(cfg: DictConfig) -> dict:
-    """AdamW's fused kernel (one kernel for the whole update) on CUDA when optimizer.fused is left null."""
-    wants = "fused" in cfg.optimizer and cfg.optimizer.fused is None and on_cuda(cfg.trainer.accelerator)
+def fused_where_supported(cfg: DictConfig) -> dict:
+    """AdamW's fused kernel (one kernel for the whole update) on CUDA and CPU when optimizer.fused is null."""
+    wants = "fused" in cfg.optimizer and cfg.optimizer.fused is None and fused_optimizer(cfg.trainer.accelerator)
     return {"fused": True} if wants else {}
 
 

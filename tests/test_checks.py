@@ -26,12 +26,15 @@ def base_ckpt(tmp_path):
     return path
 
 
-def test_without_init_from_the_model_node_is_the_config(tmp_path):
+def test_without_init_from_the_model_node_is_the_config(tmp_path, monkeypatch):
+    import llmtrain.hardware
+
+    monkeypatch.setattr(llmtrain.hardware, "cpu_flags", lambda: frozenset())  # a CPU without native bf16
     eff = check_config(compose(TINY, tmp_path))
     assert eff.model_config == GPTConfig(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2,
                                          tie_weights=True)
     assert eff.start is None and eff.tokenizer == "bytes" and eff.context_length == 32 and eff.accumulate == 1
-    assert eff.precision == "32-true"  # auto on a machine without a GPU
+    assert eff.precision == "32-true"  # auto on a machine without a GPU or bf16
 
 
 def test_a_stage_takes_the_architecture_and_tokenizer_of_init_from(tmp_path, base_ckpt):

@@ -50,15 +50,23 @@ TOK = build_tokenizer("bytes")
 
 
 def test_command_line_greedy_is_deterministic_and_matches_generate_text(ckpt, model):
+    """fp32 gives the trained weights' own tokens; the default (int8 weight-only on a CPU) those of the
+    quantized weights."""
+    import copy
+
+    from llmtrain.decoding import quantize_int8
+
     args = [f"ckpt_path={ckpt}", "prompt=Hello", "max_new_tokens=5", "temperature=0", "device=cpu"]
-    first, second = run_generate(*args), run_generate(*args)
+    first, second = run_generate(*args, "precision=fp32"), run_generate(*args, "precision=fp32")
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
     expected = generate_text(model, TOK, "Hello", max_new_tokens=5, temperature=0, top_k=50, top_p=None, seed=1)
     assert first.stdout == expected + "\n"
     import llmtrain.generate as gen
 
-    assert gen.run(parse_args([*args, "echo=true"])) == "Hello" + expected
+    assert gen.run(parse_args([*args, "precision=fp32", "echo=true"])) == "Hello" + expected
+    quantized = quantize_int8(copy.deepcopy(model))
+    assert gen.run(parse_args(args)) == generate_text(quantized, TOK, "Hello", max_new_tokens=5, temperature=0)
 
 
 @pytest.mark.slow
@@ -102,7 +110,7 @@ def test_cached_and_uncached_greedy_agree(model):
 def test_classifier_checkpoint_is_refused(tmp_path):
     torch.manual_seed(0)
     classifier = GPT(TINY)
-    classifier.head = torch.nn.Linear(TINY.emb_dim, 2, bias=True)  # one row per label, as the classify stage makes
+    classifier.replace_head(2)  # one row per label, as the classify stage makes
     path = save_checkpoint(tmp_path / "clf.ckpt", classifier, task="classify", label_names=["neg", "pos"])
     result = run_generate(f"ckpt_path={path}", "prompt=great film")
     assert result.returncode == 2

@@ -138,4 +138,13 @@ def test_replace_head_makes_a_classifier_untied_from_the_embedding():
     m = tiny(tie_weights=True)
     m.replace_head(3)
     assert m(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 3)
-    assert m.head.weight is not m.tok_emb.weight and torch.equal(m.head.bias, torch.zeros(3))
+    assert m.head.weight is not m.tok_emb.weight
+    assert m.head.bias is None  # as GPT-2's GPT2ForSequenceClassification.score: it exports unchanged
+
+
+def test_prefill_sends_only_the_last_prompt_position_through_the_head():
+    m = tiny()
+    rows = []
+    m.head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape))
+    m.generate(torch.randint(0, 97, (2, 9)), 3, temperature=0)
+    assert rows == [(2, 32)] * 3  # prompt (9 positions) and each new token: one position per row

@@ -110,13 +110,21 @@ EXACT = [*TINY, "data.max_documents=60", "model.drop_rate=0.1", "trainer.max_ste
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[int, float]:
-    run_dir = tmp_path_factory.mktemp("whole")
-    whole = run_cli([*EXACT, "checkpoint_every=5", f"hydra.run.dir={run_dir}"], cwd=run_dir)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    losses = dict(read_scalars(run_dir)["train/loss"])
-    assert sorted(losses) == list(range(36))  # one loss per optimizer step
-    return losses
+def uninterrupted(tmp_path_factory):
+    """The training losses of an uninterrupted run, per optimizer (each run once per module)."""
+    runs: dict[str, dict[int, float]] = {}
+
+    def losses_of(optimizer: str) -> dict[int, float]:
+        if optimizer not in runs:
+            run_dir = tmp_path_factory.mktemp("whole")
+            whole = run_cli([*EXACT, f"optimizer={optimizer}", "checkpoint_every=5", f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir)
+            assert whole.returncode == 0, whole.stderr[-3000:]
+            runs[optimizer] = dict(read_scalars(run_dir)["train/loss"])
+            assert sorted(runs[optimizer]) == list(range(36))  # one loss per optimizer step
+        return runs[optimizer]
+
+    return losses_of
 
 
 def _run_and_kill(args: list[str], cwd: Path, last: Path, after_step: int) -> int:
@@ -137,12 +145,14 @@ def _run_and_kill(args: list[str], cwd: Path, last: Path, after_step: int) -> in
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_run_killed_twice_resumes_with_bit_identical_losses(tmp_path, uninterrupted, workers):
+@pytest.mark.parametrize("workers, optimizer", [(0, "adamw"), (2, "muon")])
+def test_a_run_killed_twice_resumes_with_bit_identical_losses(tmp_path, uninterrupted, workers, optimizer):
     """Killed right after the save at the end of epoch 0, resumed, killed again in the middle of epoch 1,
-    resumed to the end: every step's training loss equals the uninterrupted run's, bit for bit."""
+    resumed to the end: every step's training loss equals the uninterrupted run's, bit for bit (with AdamW and
+    no DataLoader workers, and with Muon + AdamW and two workers)."""
     run_dir = tmp_path / "killed"
-    args = [*EXACT, f"data.num_workers={workers}", "ckpt_path=auto", f"hydra.run.dir={run_dir}"]
+    args = [*EXACT, f"optimizer={optimizer}", f"data.num_workers={workers}", "ckpt_path=auto",
+            f"hydra.run.dir={run_dir}"]
     last = run_dir / "checkpoints" / "last.ckpt"
     first = _run_and_kill([*args, "checkpoint_every=11"], tmp_path, last, after_step=11)
     assert first in (11, 22)  # saved after the last batch of an epoch
@@ -153,8 +163,9 @@ def test_a_run_killed_twice_resumes_with_bit_identical_losses(tmp_path, uninterr
     assert again.returncode == 0, again.stderr[-3000:]
     assert "done: 36 steps" in again.stdout
     got = read_scalars(run_dir)["train/loss"]  # the killed runs' events, then the resumed run's
-    assert {s for s, _ in got} == set(uninterrupted)
-    mismatched = [(s, v, uninterrupted[s]) for s, v in got if v != uninterrupted[s]]
+    whole = uninterrupted(optimizer)
+    assert {s for s, _ in got} == set(whole)
+    mismatched = [(s, v, whole[s]) for s, v in got if v != whole[s]]
     assert not mismatched, mismatched[:5]
 
 

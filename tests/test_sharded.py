@@ -54,11 +54,11 @@ def test_the_export_under_fsdp_is_the_full_weights_gathered_from_every_rank(tmp_
     meta = {"tokenizer": "bytes", "task": "classify", "stage": "classify", "label_names": ["a", "b", "c"]}
     module, trainer, cfg, full = sharded_run(tmp_path, ["finetune=classify"], rank=1, classes=3)
     assert write_outputs(module, trainer, None, cfg, meta) == [] and trainer.strategy.gathers == 1  # took part
-    assert not (tmp_path / "model").exists()
+    assert not (tmp_path / "hf").exists()
     module, trainer, cfg, full = sharded_run(tmp_path, ["finetune=classify"], rank=0, classes=3)
     written = write_outputs(module, trainer, None, cfg, meta)
-    assert written == [f"model exported to {tmp_path / 'model'} (gathered from the FSDP ranks)"]
-    model, info = load_pretrained(str(tmp_path / "model"))
+    assert written == [f"model exported to {tmp_path / 'hf'} (Hugging Face GPT-2 layout, gathered from the FSDP ranks)"]
+    model, info = load_pretrained(str(tmp_path / "hf"))
     assert info.num_classes == 3 and info.step == 7
     assert all(torch.equal(v, full.state_dict()[k]) for k, v in model.state_dict().items())
 

@@ -2,6 +2,7 @@
 
 import json
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -38,7 +39,7 @@ def test_classify_trains_last_block_final_norm_and_head_by_default():
     names = trainable_names(m)
     assert names == {n for n, _ in m.named_parameters() if n.startswith(("blocks.2.", "ln_f.", "head."))}
     set_trainable(m, "head")
-    assert trainable_names(m) == {"head.weight", "head.bias"}
+    assert trainable_names(m) == {"head.weight"}
     set_trainable(m, 2)
     assert {n.split(".")[1] for n in trainable_names(m) if n.startswith("blocks.")} == {"1", "2"}
     set_trainable(m, "all")
@@ -247,12 +248,34 @@ def test_lora_stage_trains_adapters_only_and_saves_them(tmp_path):
     adapter = tmp_path / "lora" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((adapter / "llmtrain_adapter.json").read_text())["base"] == str(tmp_path / "pre")
+    check_hf_adapter(tmp_path / "pre" / "hf", tmp_path / "lora", "lm")
 
     cls = run_cli([*args, "finetune.task=classify", "data=classify_embedded", f"hydra.run.dir={tmp_path / 'c'}"],
                   cwd=tmp_path)
     assert cls.returncode == 0, cls.stderr[-3000:]
     assert "test/acc" in cls.stdout
+    check_hf_adapter(tmp_path / "pre" / "hf", tmp_path / "c", "classify")
 
     bad = run_cli([*args, "finetune.lora.target_modules=[attn.qkvv]", f"hydra.run.dir={tmp_path / 'bad'}"],
                   cwd=tmp_path)
     assert bad.returncode == 2 and "'attn.qkvv' matches no linear layer" in bad.stderr.strip().splitlines()[-1]
+
+
+def check_hf_adapter(base_hf: Path, run_dir: Path, task: str) -> None:
+    """A LoRA run's hf_adapter names its base's Hugging Face export, and peft on transformers' GPT-2 with it
+    computes what the run's own merged export does."""
+    import transformers
+    from peft import PeftModel
+
+    config = json.loads((run_dir / "hf_adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_hf.resolve())
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if task == "classify":
+            base = transformers.GPT2ForSequenceClassification.from_pretrained(base_hf, num_labels=2, pad_token_id=256)
+            merged = transformers.AutoModelForSequenceClassification.from_pretrained(run_dir / "hf").eval()
+        else:
+            base = transformers.GPT2LMHeadModel.from_pretrained(base_hf)
+            merged = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
+        adapted = PeftModel.from_pretrained(base, run_dir / "hf_adapter").eval()
+        torch.testing.assert_close(adapted(x).logits, merged(x).logits, atol=1e-4, rtol=0)

@@ -58,7 +58,7 @@ def test_checkpoints_describe_themselves(short_run):
     assert len(ckpt["llmtrain_resume"]["rng"]) == 1  # one set of random states per rank
 
 
-def test_the_final_model_is_exported_as_safetensors(short_run):
+def test_the_final_model_is_exported_in_hugging_face_layout(short_run):
     import json
 
     from safetensors.torch import load_file
@@ -66,14 +66,16 @@ def test_the_final_model_is_exported_as_safetensors(short_run):
     from llmtrain.pretrained import load_pretrained
 
     run_dir, _ = short_run
-    config = json.loads((run_dir / "model" / "config.json").read_text())
-    assert config["format"] == "llmtrain" and config["step"] == 30 and config["tokenizer"] == "bytes"
-    assert config["model_config"]["emb_dim"] == 32 and config["task"] == "lm"
-    weights = load_file(run_dir / "model" / "model.safetensors")
-    assert "head.weight" in weights and "tok_emb.weight" not in weights  # tied: stored once
+    assert not (run_dir / "model").exists()  # the earlier format is no longer written
+    record = json.loads((run_dir / "hf" / "llmtrain.json").read_text())
+    assert record["format"] == "llmtrain" and record["step"] == 30 and record["tokenizer"] == "bytes"
+    assert record["model_config"]["emb_dim"] == 32 and record["task"] == "lm" and record["stage"] == "pretrain"
+    assert json.loads((run_dir / "hf" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    weights = load_file(run_dir / "hf" / "model.safetensors")
+    assert "transformer.wte.weight" in weights and "lm_head.weight" not in weights  # tied: stored once
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     final = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    model, info = load_pretrained(str(run_dir / "model"))
+    model, info = load_pretrained(str(run_dir / "hf"))
     assert info.tokenizer == "bytes" and model.config.n_layers == 2
     exported = model.state_dict()
     assert exported.keys() == final.keys()

@@ -1,0 +1,94 @@
+"""Optimizer policy: which parameters go in which group, the warmup + cosine schedule, and Muon.
+
+The optimizer itself comes from the config as a partial (`conf/optimizer/`); the LightningModule calls it on
+`param_groups(model)` and wraps it in the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ROLES = ("matrix", "embedding", "head", "scalar")
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_ratio of the peak at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
+def role_of(name: str, param: torch.Tensor) -> str:
+    """matrix: a 2-D weight inside a transformer block; embedding: token and position tables (and a head tied to
+    them); head: an untied LM or classifier head; scalar: LayerNorm gains and biases."""
+    if param.dim() < 2:
+        return "scalar"
+    if "blocks." in name:
+        return "matrix"
+    return "head" if name.split(".")[-2] == "head" or ".head." in name else "embedding"
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """The trainable parameters in one group per role (named, so that the LR monitor names the curves).
+
+    Weight decay applies to matrices (blocks, embeddings, head), not to gains and biases: the scalar group has
+    weight_decay 0, the others take the optimizer's. A tied head is its embedding and appears once.
+    """
+    groups: dict[str, list[torch.Tensor]] = {role: [] for role in ROLES}
+    for name, p in model.named_parameters():  # shared (tied) parameters are yielded once
+        if p.requires_grad:
+            groups[role_of(name, p)].append(p)
+    return [{"params": params, "name": role} | ({"weight_decay": 0.0} if role == "scalar" else {})
+            for role, params in groups.items() if params]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (Jordan et al., 2024: momentum orthogonalised by Newton-Schulz iterations) for the matrices inside
+    the blocks, AdamW for the embeddings, the head, gains and biases, each role with its own lr.
+
+    One optimizer for Lightning, the schedule and checkpoints: its param_groups are those of a torch.optim.Muon
+    and a torch.optim.AdamW that do the steps, and the three share one state dict.
+    """
+
+    def __init__(self, params: list[dict], *, lr: float, momentum: float, nesterov: bool, ns_steps: int,
+                 weight_decay: float, adjust_lr_fn: str | None, embedding_lr: float, head_lr: float,
+                 scalar_lr: float, adamw_betas: tuple[float, float], adamw_eps: float,
+                 adamw_weight_decay: float) -> None:
+        lrs = {"embedding": embedding_lr, "head": head_lr, "scalar": scalar_lr}
+        muon = [dict(g, optimizer="muon") for g in params if g["name"] == "matrix"]
+        adamw = [dict(g, optimizer="adamw", lr=lrs[g["name"]]) for g in params if g["name"] != "matrix"]
+        self._muon = torch.optim.Muon(muon, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn) if muon else None
+        self._adamw = torch.optim.AdamW(adamw, betas=tuple(adamw_betas), eps=adamw_eps,
+                                        weight_decay=adamw_weight_decay) if adamw else None
+        parts = [o for o in (self._muon, self._adamw) if o is not None]
+        super().__init__([g for o in parts for g in o.param_groups], defaults={})
+        self._link()
+
+    def _link(self) -> None:
+        """Point the two inner optimizers at this optimizer's groups and state (after init and after a load)."""
+        for inner, kind in ((self._muon, "muon"), (self._adamw, "adamw")):
+            if inner is not None:
+                inner.param_groups = [g for g in self.param_groups if g["optimizer"] == kind]
+                inner.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # replaces the group dicts and the state
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for inner in (self._muon, self._adamw):
+            if inner is not None:
+                inner.step()
+        return loss
