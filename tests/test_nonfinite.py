@@ -19,7 +19,7 @@ from llmtrain.train import train
 
 # ---- no host sync, no collective, between logging steps ----
 
-HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__")
 COLLECTIVES = ("reduce", "all_gather", "broadcast", "barrier", "reduce_boolean_decision")
 
 
