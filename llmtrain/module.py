@@ -12,7 +12,9 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import nn
 
 from llmtrain.losses import chunked_lm_loss_sum, last_token_logits, lm_loss_sum
@@ -215,6 +217,22 @@ class LanguageModel(L.LightningModule):
             new = [t for t in out[0, prompt.size(1):].tolist() if t < tok.eot_token]
             experiment.add_text(f"samples/{i}", f"{prompt_text}**{tok.decode(new)}**", self.global_step)
         self.model.train(was_training)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm=None) -> None:
+        """As Lightning clips, except in two cases where Lightning refuses what the defaults ask for:
+        - under FSDP, the norm is over every rank's shards: FSDP's own clip_grad_norm_ (a collective) computes it;
+        - bf16-mixed with a fused optimizer: Lightning refuses any mixed precision with one, since fp16's scaler
+          would leave the gradients scaled until the fused step, but bf16 has no scaler. (On GPUs, bf16-mixed and
+          a fused AdamW are both the defaults.)"""
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        plugin, strategy = self.trainer.precision_plugin, self.trainer.strategy
+        if gradient_clip_val and algorithm == GradClipAlgorithmType.NORM and isinstance(strategy, FSDPStrategy):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)  # the unchecked base clip
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.model))

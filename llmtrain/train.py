@@ -142,9 +142,12 @@ def device_peak(cfg: DictConfig, eff: Effective) -> float | None:
 
 
 def fused_where_supported(cfg: DictConfig) -> dict:
-    """AdamW's fused kernel (one kernel for the whole update) on CUDA and CPU when optimizer.fused is null."""
+    """AdamW's fused kernel (one kernel for the whole update) on CUDA and CPU when optimizer.fused is null; not
+    under 16-mixed with clipping: the fused step unscales fp16 gradients itself, after clipping would have seen
+    them scaled (Lightning refuses the pair)."""
     wants = "fused" in cfg.optimizer and cfg.optimizer.fused is None and fused_optimizer(cfg.trainer.accelerator)
-    return {"fused": True} if wants else {}
+    scaled = str(cfg.trainer.precision).startswith("16") and "mixed" in str(cfg.trainer.precision)
+    return {"fused": True} if wants and not (scaled and cfg.trainer.gradient_clip_val) else {}
 
 
 def build(node: DictConfig, **kwargs):
