@@ -10,7 +10,8 @@ The estimate, per process, from the effective config (the model is built on the 
   scores), 38 bytes x emb_dim under mixed precision, or one block's input with activation checkpointing; plus
   one block's worth for the gradients of the block being differentiated;
 - the LM head's logits: 12 bytes (fp32) or 14 bytes (16-bit) per token and vocabulary entry at the peak of the
-  loss (logits, log-softmax, their gradients);
+  loss (logits, log-softmax, their gradients), or with `perf.loss_chunk` one chunk's worth and the gradients
+  that the chunked loss keeps;
 - the runtime: Python, torch, Lightning and the data on a CPU (0.5 GiB), the CUDA context and the caching
   allocator's slack on a GPU (1 GiB).
 The limit: each GPU's memory; on a CPU the available RAM (the container's limit when there is one) shared by
@@ -94,9 +95,22 @@ def estimate(cfg: DictConfig, eff: Effective) -> Estimate:
         activations = tokens * blocks * per_block
     activations += tokens * per_block if blocks else 0  # the gradients of one block's activations, in its backward
     activations += tokens * 2 * config.emb_dim * width  # the embeddings' sum and the final LayerNorm's input
-    logits = tokens * model.head.out_features * logit_bytes
+    logits = logits_bytes(cfg, model, tokens, logit_bytes, width)
     device = "cuda" if on_cuda(cfg.trainer.accelerator) else "cpu"
     return Estimate(weights, gradients, optimizer, activations, logits, RUNTIME[device])
+
+
+def logits_bytes(cfg: DictConfig, model: GPT, tokens: int, per_value: int, width: int) -> float:
+    """The loss's peak: all logits, their log-softmax and gradients at once; or, with perf.loss_chunk (a plain LM
+    head), a chunk's fp32 logits and the log-sum-exp's temporary (8 bytes a value; 12 when there are several
+    chunks, since the next chunk's logits exist before the last one's are freed), plus the head's weight gradient
+    (fp32) and the hidden states' gradient that the chunked loss keeps for the backward pass."""
+    vocab, dim, chunk = model.head.out_features, model.config.emb_dim, cfg.perf.loss_chunk
+    lora_head = cfg.finetune.lora and any(t == "head" or t.endswith(".head") for t in cfg.finetune.lora.target_modules)
+    if chunk and cfg.finetune.task != "classify" and not lora_head:
+        per_chunk = min(chunk, tokens) * vocab * (12 if tokens > chunk else 8)
+        return per_chunk + vocab * dim * 4 + tokens * dim * width
+    return tokens * vocab * per_value
 
 
 def number_kind(precision: str | int) -> str:

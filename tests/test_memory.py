@@ -21,17 +21,18 @@ def checked(overrides: list[str], tmp_path):
     return cfg, check_config(cfg)
 
 
-# Two CPU shapes whose peak is made of different things: a wide vocabulary (the logits), a deep and wide stack at a
-# small vocabulary (the activations); 2 optimizer steps (the second runs with AdamW's state), fp32.
+# Two CPU shapes whose peak is made of different things: a wide vocabulary (the logits, two chunks of the default
+# perf.loss_chunk), a deep and wide stack at a small vocabulary (the activations); 2 optimizer steps (the second
+# runs with AdamW's state), fp32 on any CPU.
 SHAPES = {
     "logits": ["data.tokenizer=gpt2", "model.vocab_size=50257", "model.emb_dim=64", "model.n_layers=2",
                "model.n_heads=2", "model.context_length=128", "data.batch_size=16"],
     "activations": ["data.tokenizer=bytes", "model.vocab_size=257", "model.emb_dim=256", "model.n_layers=8",
                     "model.n_heads=4", "model.context_length=256", "data.batch_size=16"],
 }
-SHORT = ["trainer.accelerator=cpu", "trainer.max_steps=2", "trainer.val_check_interval=1000",
-         "trainer.limit_val_batches=1", "callbacks.progress_bar=null", "data.max_documents=100",
-         "scheduler.warmup_steps=1"]
+SHORT = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=2",
+         "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "callbacks.progress_bar=null",
+         "data.max_documents=100", "scheduler.warmup_steps=1"]
 
 
 @pytest.mark.slow
@@ -56,7 +57,7 @@ def test_a_run_that_cannot_fit_stops_in_one_line_naming_the_estimate_the_limit_a
     four that share the RAM do not."""
     monkeypatch.setattr(memory, "available_ram", lambda: 40 * GIB)
     memory.preflight(*checked(["model=gpt124m"], tmp_path))
-    cfg, eff = checked(["model=gpt124m", "trainer.devices=4"], tmp_path)
+    cfg, eff = checked(["model=gpt124m", "trainer.devices=4", "trainer.precision=32-true"], tmp_path)
     with pytest.raises(UserError) as e:
         memory.preflight(cfg, eff)
     message = str(e.value)
@@ -76,12 +77,12 @@ def test_on_gpus_the_limit_is_each_gpus_memory_and_fsdp_shards_the_states(tmp_pa
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-40GB")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=40 * GIB))
-    cfg, eff = checked(["model=gpt1558m", "trainer.devices=8", "trainer.strategy=ddp", "data.batch_size=4"], tmp_path)
+    cfg, eff = checked(["model=gpt1558m", "trainer.devices=8", "trainer.strategy=ddp", "data.batch_size=8"], tmp_path)
     with pytest.raises(UserError, match=r"but NVIDIA A100-SXM4-40GB has 40\.0 GiB: .*shard weights, gradients and "
                                         r"optimizer state over the GPUs with trainer=fsdp, or set perf.memory_gb"):
         memory.preflight(cfg, eff)
     ddp = memory.estimate(cfg, eff)
-    cfg, eff = checked(["model=gpt1558m", "trainer=fsdp", "data.batch_size=4"], tmp_path)
+    cfg, eff = checked(["model=gpt1558m", "trainer=fsdp", "data.batch_size=8"], tmp_path)
     fsdp = memory.preflight(cfg, eff)
     assert fsdp.optimizer == pytest.approx(ddp.optimizer / 8) and fsdp.gradients == pytest.approx(ddp.gradients / 8)
     assert fsdp.activations < ddp.activations / 5  # the preset checkpoints every block's activations
