@@ -4,6 +4,7 @@ checkpoint by val/loss, LR monitor, progress bar) come from Lightning."""
 from __future__ import annotations
 
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -14,89 +15,105 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-# Dense peak FLOP/s per device from vendors' datasheets (no sparsity): bf16 and tf32 tensor-core rates.
-PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "tf32": 494e12},
-    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12},
-    "H100": {"bf16": 989e12, "tf32": 494e12},
-    "A100": {"bf16": 312e12, "tf32": 156e12},
-    "A10": {"bf16": 125e12, "tf32": 62.5e12},
-    "L4": {"bf16": 121e12, "tf32": 60e12},
-    "RTX 4090": {"bf16": 165e12, "tf32": 82.6e12},
-}
+from llmtrain.flops import TrainingFlops
 
 
-def device_peak_flops(precision: str) -> float | None:
-    """The peak of the current CUDA device for this precision, from PEAK_FLOPS; None when unknown (e.g. CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    kind = "bf16" if "bf16" in str(precision) or "16" in str(precision) else "tf32"
-    for key, peaks in PEAK_FLOPS.items():  # the more specific names come first
-        if key in name:
-            return peaks[kind]
-    return None
+class TokenCounts:
+    """Tokens that are not padding, and tokens x their batch's sequence length (what attention costs): plain numbers
+    for batches without padding, sums kept on the device for padded ones (read back only when asked)."""
+
+    def __init__(self) -> None:
+        self.host = [0, 0]
+        self.device: torch.Tensor | None = None
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        ids = batch["input_ids"]  # (B, T)
+        if "lengths" in batch:  # right-padded sequences
+            tokens = batch["lengths"].sum()
+            counts = torch.stack([tokens, tokens * ids.size(1)])
+            self.device = counts if self.device is None else self.device + counts
+        else:  # windows: every position is a token
+            self.host[0] += ids.numel()
+            self.host[1] += ids.numel() * ids.size(1)
+
+    def empty(self) -> bool:
+        return self.host[0] == 0 and self.device is None
+
+    def total(self, device: torch.device) -> torch.Tensor:
+        counts = torch.tensor(self.host, dtype=torch.float64, device=device)
+        return counts if self.device is None else counts + self.device.double()
 
 
 class Throughput(L.Callback):
-    """Logs train/tokens_per_sec (all ranks together) and, when the FLOPs are known, train/mfu.
+    """Logs train/tokens_per_sec (all ranks together) and, when the FLOPs and the peak are known, train/mfu.
 
-    The rate covers the optimizer steps since the previous log (every `log_every_n_steps`), so the first
-    step (start-up, compilation) drops out of every figure after the first. MFU = achieved model FLOP/s
-    (flops_per_token x tokens/s) over the peak of all devices; the recipe (train.py) fills in flops_per_token
-    from the model's shape and peak_flops from `perf.peak_flops` or the table above. The means over the run
-    are printed at the end.
+    Tokens are the ones the model processed that are not padding (the sequences' real lengths; every position of
+    a pretraining window). They are counted on the device and read back, summed over ranks, only on logging
+    steps (every `log_every_n_steps` optimizer steps): the steps in between wait for nothing. The rate covers the
+    steps since the previous log, so the first step (start-up, compilation) drops out of every figure after the
+    first. MFU = the FLOPs those tokens cost (`flops`: flops.TrainingFlops, from which weights train) per second,
+    over the peak of all devices; the recipe (train.py) sets `flops` and `peak_flops`. The means over the run and
+    the peak memory of this process are printed at the end.
     """
 
-    def __init__(self, log_every_n_steps: int | None = None, flops_per_token: float | None = None,
+    def __init__(self, log_every_n_steps: int | None = None, flops: TrainingFlops | None = None,
                  peak_flops: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.flops, self.peak_flops = flops, peak_flops
         self._t_last = self._t_first_step = None
-        self._tokens_window = self._tokens_since_first = 0
-        self._last_step = 0
+        self._window, self._since_first = TokenCounts(), TokenCounts()
+        self._last_step = self._first_step = 0
 
-    def _mfu(self, tokens_per_sec: float, world_size: int) -> float | None:
-        if not self.flops_per_token or not self.peak_flops:
-            return None
-        return tokens_per_sec * self.flops_per_token / (self.peak_flops * world_size)
+    def _rate(self, counts: TokenCounts, seconds: float, trainer, device) -> tuple[float, float | None]:
+        """(tokens/s, MFU or None) of this rank's counts over seconds: the one host sync, after a sum over ranks."""
+        tokens, positions = trainer.strategy.reduce(counts.total(device), reduce_op="sum").tolist()
+        seconds = max(seconds, 1e-9)
+        if not self.flops or not self.peak_flops:
+            return tokens / seconds, None
+        flops = self.flops.per_token * tokens + self.flops.per_position * positions
+        return tokens / seconds, flops / seconds / (self.peak_flops * trainer.world_size)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t_last = time.perf_counter()
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        tokens = batch["input_ids"].numel() * trainer.world_size
-        self._tokens_window += tokens
+        self._window.add(batch)
         if self._t_first_step is not None:
-            self._tokens_since_first += tokens
+            self._since_first.add(batch)
         step = trainer.global_step
         if step == self._last_step:  # still accumulating gradients
             return
         self._last_step = step
         now = time.perf_counter()
         if self._t_first_step is None:
-            self._t_first_step = now
+            self._t_first_step, self._first_step = now, step
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step % every == 0:
-            rate = self._tokens_window / max(now - self._t_last, 1e-9)
+            rate, mfu = self._rate(self._window, now - self._t_last, trainer, pl_module.device)
             pl_module.log("train/tokens_per_sec", rate, rank_zero_only=True)
-            mfu = self._mfu(rate, trainer.world_size)
             if mfu is not None:
                 pl_module.log("train/mfu", mfu, rank_zero_only=True)
-            self._t_last, self._tokens_window = now, 0
+            self._t_last, self._window = now, TokenCounts()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._t_first_step is None or not self._tokens_since_first:
+        if self._t_first_step is None or self._since_first.empty():  # the same on every rank
             return
         seconds = time.perf_counter() - self._t_first_step
-        rate = self._tokens_since_first / seconds
-        mfu = self._mfu(rate, trainer.world_size)
+        rate, mfu = self._rate(self._since_first, seconds, trainer, pl_module.device)
         rank_zero_info(
-            f"throughput: {rate:,.0f} tokens/s over {trainer.global_step - 1} steps after the first "
-            f"({self._tokens_since_first:,} tokens in {seconds:.1f} s, including validation)"
-            + (f", MFU {mfu:.1%}" if mfu is not None else "")
+            f"throughput: {rate:,.0f} tokens/s over {trainer.global_step - self._first_step} steps after the first "
+            f"({seconds:.1f} s, including validation)" + (f", MFU {mfu:.1%}" if mfu is not None else "")
+            + f", peak memory {peak_memory_gib(pl_module.device):.2f} GiB"
+            + (" (GPU, this rank)" if pl_module.device.type == "cuda" else " (RSS, this process)")
         )
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The most memory this process held: allocated on its GPU, or resident in RAM (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class LastCheckpoint(L.Callback):
@@ -175,13 +192,21 @@ def newest_checkpoint(trainer: L.Trainer) -> str | None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint beside its destination, syncs it to disk, then renames it into place.
+    """Reads every checkpoint with weights_only=True; writes each one beside its destination, syncs it to disk, then
+    renames it into place.
 
     A kill or a full disk during a save leaves the previous file whole (a rename within one folder is
     atomic); Lightning's own writer goes through the system temp dir, which on clusters often lies on another
     filesystem, where the final move is a copy that a kill can cut short. Remote paths (s3://, ...) are left
     to Lightning.
     """
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
+        """Every load Lightning makes (fit's ckpt_path, validate's and test's) unpickles no objects: weights_only=True,
+        whatever the caller asked; llmtrain's checkpoints hold tensors, dicts and plain values only. (Under FSDP a
+        full checkpoint is read by Lightning's own lazy loader instead; train.py opens it with `safe_load` first.)"""
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        return super().load_checkpoint(path, weights_only=True, **kwargs)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if "://" in str(path):

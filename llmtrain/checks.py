@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmtrain.checkpoints import ModelInfo
+from llmtrain.data.choice import SHIPPED_FRACTIONS, SOURCES, TABLE_SOURCES, choose_source
 from llmtrain.errors import UserError
 from llmtrain.hardware import choose_precision, cuda_bf16, on_cuda
 from llmtrain.hub import GPT2_NAMES
@@ -32,6 +33,11 @@ DATA_FOR_TASK = {"lm": ("TextDataModule", "data=embedded or data=text"),
                  "instruct": ("InstructDataModule", "data=instruct_embedded or data=alpaca"),
                  "classify": ("ClassifyDataModule", "data=classify_embedded or data=sms_spam")}
 TRAIN_BLOCKS_CHOICES = "all, last, head, none, or N (the last N blocks)"
+# the finetune keys each task reads beyond name, task, train_blocks and lora, and the stage that sets them
+STAGE_KEYS = {"lm": ("sample_prompt", "sample_tokens"),
+              "instruct": ("num_samples", "sample_tokens", "test_generations", "max_new_tokens"), "classify": ()}
+STAGE_FOR_TASK = {"lm": "finetune=pretrain", "instruct": "finetune=instruct (or finetune=lora)",
+                  "classify": "finetune=classify (or finetune=lora finetune.task=classify)"}
 
 
 @dataclass(frozen=True)
@@ -57,16 +63,22 @@ def check_config(cfg: DictConfig) -> Effective:
     context_length = model_config.context_length if model_config else 1
     if task in DATA_FOR_TASK:
         wanted, examples = DATA_FOR_TASK[task]
+        missing = [f"finetune.{key}" for key in STAGE_KEYS[task] if key not in cfg.finetune]
+        if missing:
+            problems.append(f"finetune.task={task} needs {', '.join(missing)}, which finetune={cfg.finetune.name} does "
+                            f"not set: choose {STAGE_FOR_TASK[task]}")
         if not str(cfg.data._target_).endswith(wanted):
             problems.append(f"finetune.task={task} needs a {wanted} but data is {cfg.data._target_}: choose {examples}")
-        elif task == "lm" and cfg.data.context_length is not None:
-            context_length = cfg.data.context_length
-            if model_config and context_length > model_config.context_length:
-                problems.append(f"data.context_length={context_length} is larger than model.context_length="
-                                f"{model_config.context_length}: lower data.context_length or raise "
-                                f"model.context_length")
-            if context_length < 1:
-                problems.append(f"data.context_length must be positive, got {context_length}")
+        else:
+            problems += unread_data_values(cfg.data)
+            if task == "lm" and cfg.data.context_length is not None:
+                context_length = cfg.data.context_length
+                if model_config and context_length > model_config.context_length:
+                    problems.append(f"data.context_length={context_length} is larger than model.context_length="
+                                    f"{model_config.context_length}: lower data.context_length or raise "
+                                    f"model.context_length")
+                if context_length < 1:
+                    problems.append(f"data.context_length must be positive, got {context_length}")
     else:
         problems.append(f"finetune.task={task!r} is not known: choose one of {', '.join(DATA_FOR_TASK)}")
     n_vocab = _vocabulary_size(tokenizer, problems) if tokenizer and model_config else None
@@ -157,6 +169,40 @@ def _gpt2_preset(config: GPTConfig) -> str | None:
     return next((name for name in GPT2_NAMES.values() if shapes[name] == shape and config.vocab_size == 50257), None)
 
 
+def unread_data_values(data: DictConfig) -> list[str]:
+    """Values of the data node that the source it reads would not use: each one is refused, never ignored.
+    (data.path with source embedded is read: its extension names the source.)"""
+    tables = not str(data._target_).endswith("TextDataModule")
+    path = OmegaConf.to_container(data.path) if isinstance(data.path, ListConfig) else data.path
+    try:
+        source = choose_source(data.source, path, TABLE_SOURCES if tables else SOURCES)
+    except UserError as e:
+        return [str(e)]
+    problems = []
+    if data.subset is not None and source != "hub":
+        problems.append(f"data.subset={data.subset!r} names a configuration of a Hub dataset, but this run reads "
+                        f"data.source={source}: drop data.subset (or set data.source=hub)")
+    if data.split != "train" and source != "hub":
+        held_out = "data.val_fraction and data.test_fraction hold out rows" if tables else \
+            "data.val_fraction holds out documents"
+        problems.append(f"data.split={data.split!r} picks a split of a Hub dataset, but data.source={source} has one "
+                        f"split (train): drop data.split ({held_out})")
+    if not tables and data.sample_by is not None and source != "text":
+        problems.append(f"data.sample_by={data.sample_by} splits text files into documents, but data.source={source} "
+                        f"reads a document per row: drop data.sample_by (or set it to null)")
+    if not tables and data.sample_by is None and source == "text":
+        problems.append(f"data.path={path!r} is read as text files, which need data.sample_by: set "
+                        f"data.sample_by=paragraph (or line, document), or choose data=text")
+    if tables and source == "embedded":
+        changed = [f"data.{key}={data[key]}" for key, value in SHIPPED_FRACTIONS.items() if data[key] != value]
+        if changed:
+            shipped = ", ".join(f"{k}={v}" for k, v in SHIPPED_FRACTIONS.items())
+            problems.append(f"{', '.join(changed)} would divide a table of your own (data.path), but the shipped data "
+                            f"comes in fixed splits ({shipped}, by headword): drop it, or give your table with "
+                            f"data.path")
+    return problems
+
+
 def effective_tokenizer(requested: str | None, start: ModelInfo | None, init_from: str | None,
                         problems: list[str]) -> str | None:
     """data.tokenizer; null means the tokenizer of init_from's weights. Naming another one than the weights were
@@ -195,6 +241,11 @@ def accumulation_steps(cfg: DictConfig, context_length: int, problems: list[str]
     target = cfg.tokens_per_step
     if not target:
         return cfg.trainer.accumulate_grad_batches
+    if cfg.trainer.accumulate_grad_batches != 1:
+        problems.append(f"tokens_per_step={target} sets the gradient accumulation itself, so "
+                        f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} would be ignored: "
+                        f"drop one of the two")
+        return 1
     devices = cfg.trainer.devices
     if not isinstance(devices, int) or devices < 1:
         problems.append(f"tokens_per_step needs a number of devices, but trainer.devices={devices!r}: "

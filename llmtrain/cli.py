@@ -14,6 +14,7 @@ from llmtrain.checks import check_config
 from llmtrain.distributed import is_launch_rank
 from llmtrain.errors import UserError
 from llmtrain.jobs import only_hydra_files, remove_run_dir
+from llmtrain.memory import preflight
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The configs: inside the package when installed from a wheel (pyproject.toml maps conf/ to llmtrain/conf), at the
@@ -27,6 +28,7 @@ CONF_DIR = next((d for d in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf") 
 def main(cfg: DictConfig) -> float:
     try:
         eff = check_config(cfg)
+        preflight(cfg, eff)  # before any process starts: a run that cannot fit stops here
         # Lightning, datasets and peft take seconds to import: the recipe is imported only once the config is
         # known to be good, so that `--help` and a mistaken override answer at once
         from llmtrain.train import train

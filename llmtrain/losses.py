@@ -49,9 +49,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             total += torch.where(valid, lse - target, 0.0).sum()
             if needs_hidden or needs_weight:
                 probs = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
-                rows = valid.nonzero()[:, 0]
-                probs[rows, y[rows]] -= 1.0
-                probs[~valid] = 0.0
+                # minus the one-hot target, and no gradient from unlabelled rows: without nonzero() or boolean
+                # indexing, which would wait for the device to learn how many rows there are
+                probs.scatter_add_(1, y.clamp(min=0)[:, None], -valid[:, None].to(probs.dtype))
+                probs.mul_(valid[:, None])
                 dlogits = probs.to(h.dtype)
                 if needs_hidden:
                     grad_hidden[start : start + chunk] = dlogits @ weight.to(h.dtype)

@@ -12,15 +12,17 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import nn
 
-from llmtrain.callbacks import newest_checkpoint
-from llmtrain.errors import UserError
 from llmtrain.losses import chunked_lm_loss_sum, last_token_logits, lm_loss_sum
 from llmtrain.model import GPT
+from llmtrain.nonfinite import NonFiniteGuard
 from llmtrain.optim import lr_factor, param_groups
 from llmtrain.resume import gather_rng_states, set_rng_states
+from llmtrain.sharded import is_sharded, skip_sharded
 from llmtrain.tokenizer import build_tokenizer, continuation_text
 
 
@@ -52,6 +54,7 @@ class LanguageModel(L.LightningModule):
         checkpoint_info: dict | None = None,
         max_nonfinite_steps: int = 0,
         loss_chunk: int | None = None,
+        tokens_vary: bool = True,
     ) -> None:
         super().__init__()
         if task not in ("lm", "classify"):
@@ -62,8 +65,9 @@ class LanguageModel(L.LightningModule):
         self.tokenizer_name, self.task, self.label_names = tokenizer, task, label_names
         self.sample_prompts, self.sample_tokens = sample_prompts or [], sample_tokens
         self.checkpoint_info = checkpoint_info or {}
-        self.max_nonfinite_steps, self.nonfinite_steps = max_nonfinite_steps, 0
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
         self.loss_chunk = loss_chunk  # tokens per chunk of the LM head + loss (None: all logits at once)
+        self.tokens_vary = tokens_vary  # False: every rank's micro-batches carry the same number of loss tokens
         self._step_tokens = torch.zeros(())
         self._eval: dict[str, torch.Tensor] = {}
         self.validated_at_step = -1  # global step of the last finished validation
@@ -92,55 +96,42 @@ class LanguageModel(L.LightningModule):
     def _class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return last_token_logits(self.model(batch["input_ids"]), batch["lengths"])  # (B, C)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # No host sync and no collective here (a progress-bar metric would be read back every batch): the NaN
+        # guard looks at the step as a whole in on_before_optimizer_step.
         bs = batch["input_ids"].size(0)
         if self.task == "classify":
             loss = F.cross_entropy(self._class_logits(batch), batch["label"])
-            if self._nonfinite(loss):
-                return None
-            self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+            self.guard.add(loss)
+            self.log("train/loss", loss, batch_size=bs)
             return loss
         loss_sum, n = self._lm_loss(batch)
-        if self._nonfinite(loss_sum):
-            return None
         self._step_tokens = self._step_tokens.to(n.device) + n
-        self.log("train/loss", loss_sum / n.clamp(min=1), prog_bar=True, batch_size=bs)
+        self.guard.add(loss_sum / n.clamp(min=1))
+        self.log("train/loss", loss_sum / n.clamp(min=1), batch_size=bs)
         return loss_sum / self.LOSS_SCALE
-
-    def _nonfinite(self, loss: torch.Tensor) -> bool:
-        """Catch a NaN/Inf loss at the step it happens (on any rank): skip the batch while fewer than
-        max_nonfinite_steps were skipped, else stop with the step and the last good checkpoint."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if not bad.item():
-            return False
-        self.nonfinite_steps += 1
-        if self.nonfinite_steps > self.max_nonfinite_steps:
-            ckpt = newest_checkpoint(self.trainer) or "none yet"
-            raise UserError(
-                f"the training loss is {loss.item()} at step {self.global_step}; last good checkpoint: {ckpt}. "
-                f"Lower optimizer.lr or trainer.gradient_clip_val, or skip such batches with "
-                f"max_nonfinite_steps=K (skipped so far: {self.nonfinite_steps - 1})"
-            )
-        rank_zero_warn(f"skipped a batch whose loss is {loss.item()} at step {self.global_step} "
-                       f"({self.nonfinite_steps} of max_nonfinite_steps={self.max_nonfinite_steps})")
-        self.log("train/skipped_nonfinite", float(self.nonfinite_steps))
-        return True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]
         if self.task == "lm":
             # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over ranks:
-            # undo both and divide by the tokens of the whole step instead.
-            tokens = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
-            factor = self.LOSS_SCALE * self.trainer.accumulate_grad_batches * self.trainer.world_size
-            factor = factor / tokens.clamp(min=1)
+            # undo both and divide by the tokens of the whole step instead (summed over ranks where they differ:
+            # one all-reduce of one number per step; pretraining windows carry the same number on every rank)
+            tokens = self._step_tokens.float()
+            world = self.trainer.world_size
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum") if self.tokens_vary else tokens * world
+            factor = self.LOSS_SCALE * self.trainer.accumulate_grad_batches * world / tokens.clamp(min=1)
             for p in params:
                 p.grad.mul_(factor.to(p.grad.dtype))
             self._step_tokens = torch.zeros((), device=self._step_tokens.device)
-        if params and self.trainer.global_step % self.trainer.log_every_n_steps == 0:  # before clipping
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # before clipping; on the device
+        logging = (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0  # as Lightning decides
+        if self.guard.skip_step(self, norm, sync=logging):
+            for p in params:  # the optimizer leaves parameters without a gradient (and their state) alone
+                p.grad = None
+        elif params and logging:
+            if is_sharded(self.trainer.strategy):  # each rank holds a shard of the gradients
+                norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
             self.log("train/grad_norm", norm)
 
     # ---- evaluation (validation and test share it) ----
@@ -180,6 +171,7 @@ class LanguageModel(L.LightningModule):
             self.log(f"{prefix}/f1", f1.mean().float())
 
     def on_validation_epoch_start(self) -> None:
+        self.guard.check(self)  # a validation inside fit is a sync point: never validate weights after a NaN
         self._eval_start()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -201,8 +193,14 @@ class LanguageModel(L.LightningModule):
         self._eval_end("test")
 
     def _log_samples(self) -> None:
-        """Write continuations of the sample prompts to TensorBoard's text tab (rank zero only)."""
-        if self.task != "lm" or not self.sample_prompts or self.global_rank != 0 or self.logger is None:
+        """Write continuations of the sample prompts to TensorBoard's text tab (rank zero only; none under FSDP,
+        where rank zero alone cannot run the sharded model)."""
+        if self.task != "lm" or not self.sample_prompts or self.logger is None:
+            return
+        if is_sharded(self.trainer.strategy):
+            skip_sharded("text samples")
+            return
+        if self.global_rank != 0:
             return
         experiment = getattr(self.logger, "experiment", None)
         if not hasattr(experiment, "add_text"):
@@ -220,6 +218,22 @@ class LanguageModel(L.LightningModule):
             experiment.add_text(f"samples/{i}", f"{prompt_text}**{new}**", self.global_step)
         self.model.train(was_training)
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm=None) -> None:
+        """As Lightning clips, except in two cases where Lightning refuses what the defaults ask for:
+        - under FSDP, the norm is over every rank's shards: FSDP's own clip_grad_norm_ (a collective) computes it;
+        - bf16-mixed with a fused optimizer: Lightning refuses any mixed precision with one, since fp16's scaler
+          would leave the gradients scaled until the fused step, but bf16 has no scaler. (On GPUs, bf16-mixed and
+          a fused AdamW are both the defaults.)"""
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        plugin, strategy = self.trainer.precision_plugin, self.trainer.strategy
+        if gradient_clip_val and algorithm == GradClipAlgorithmType.NORM and isinstance(strategy, FSDPStrategy):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)  # the unchecked base clip
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.model))
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -228,19 +242,23 @@ class LanguageModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.check(self)  # a checkpoint never holds the weights of a step after a NaN
         # checkpoints describe themselves: the model config and tokenizer travel with the weights
         num_classes = self.gpt.head.out_features if self.task == "classify" else None
         checkpoint["llmtrain"] = {"tokenizer": self.tokenizer_name, "task": self.task, "label_names": self.label_names,
                                   **self.checkpoint_info, "model_config": asdict(self.gpt.config),
                                   "num_classes": num_classes, "step": self.global_step}
         # and what an exact resume needs beyond Lightning's own state: every rank's generators
-        checkpoint["llmtrain_resume"] = {"rng": gather_rng_states(), "nonfinite_steps": self.nonfinite_steps}
+        checkpoint["llmtrain_resume"] = {"rng": gather_rng_states(), "nonfinite_steps": self.guard.skipped}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         resume = checkpoint.get("llmtrain_resume")
         if resume:
-            self.nonfinite_steps = resume["nonfinite_steps"]
+            self.guard.skipped = resume["nonfinite_steps"]
             self._rng_to_restore = resume["rng"]
+
+    def on_train_end(self) -> None:
+        self.guard.check(self)
 
     def on_train_start(self) -> None:
         # restored as late as possible: nothing between here and the first batch draws a random number

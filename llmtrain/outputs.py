@@ -1,6 +1,7 @@
-"""What a finished run leaves beside its checkpoints (rank zero): the final model as a Hugging Face GPT-2 folder
-(`hf/`, which llmtrain reads back exactly), a LoRA stage's adapter (`adapter/` for llmtrain's GPT, `hf_adapter/`
-for transformers' GPT-2), an instruct stage's answers to the test split.
+"""What a finished run leaves beside its checkpoints (written by rank zero): the final model as a Hugging Face GPT-2
+folder (`hf/`, which llmtrain reads back exactly), a LoRA stage's adapter (`adapter/` for llmtrain's GPT,
+`hf_adapter/` for transformers' GPT-2), an instruct stage's answers to the test split (see sharded.py for what
+changes under FSDP).
 
 Every file describes itself with the same record (`run_meta`): tokenizer, task, stage, labels, prompt template,
 the weights the run started from. Checkpoints carry it too (the LightningModule stores it).
@@ -15,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
 from llmtrain.errors import UserError
@@ -23,6 +23,7 @@ from llmtrain.hf_export import export_hf, export_hf_adapter, gpt2_mismatches
 from llmtrain.lora import save_adapter
 from llmtrain.pretrained import hf_folder
 from llmtrain.prompts import record_prompt, template_of
+from llmtrain.sharded import gathered_gpt, is_sharded, skip_sharded
 from llmtrain.tokenizer import TOKENIZER_FILE, continuation_text, is_file_tokenizer
 
 ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: its base (init_from) and the run's record
@@ -51,17 +52,21 @@ def keep_tokenizer(tokenizer: str, run_dir: Path, write: bool = True) -> str:
 
 
 def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> list[str]:
-    """Write the run's outputs into its run dir; a phrase for the summary line per thing written."""
+    """Write the run's outputs into its run dir; a phrase for the summary line per thing written (or skipped).
+
+    Every rank calls it: under FSDP the export gathers the weights from all of them. Rank zero writes the files;
+    the other ranks return an empty list."""
     run_dir, written = Path(cfg.run_dir), []
-    if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded across ranks here
-        written.append(f"no export under FSDP (the final state is in {run_dir / 'checkpoints' / 'last.ckpt'})")
-    else:  # LoRA merged: what transformers, init_from= and generate.py read, without pickle
-        try:
-            export_hf(module.model, run_dir / "hf", {**meta, "step": trainer.global_step})
-            layout = "GPT-2" if not gpt2_mismatches(module.gpt) else "Llama"
-            written.append(f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout)")
-        except UserError as e:  # an architecture that no Hugging Face class computes
-            written.append(f"no export: {e}")
+    if is_sharded(trainer.strategy):
+        return _write_sharded(module, trainer, cfg, meta)
+    if not trainer.is_global_zero:
+        return []
+    try:  # LoRA merged: what transformers, init_from= and generate.py read, without pickle
+        export_hf(module.model, run_dir / "hf", {**meta, "step": trainer.global_step})
+        layout = "GPT-2" if not gpt2_mismatches(module.gpt) else "Llama"
+        written.append(f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout)")
+    except UserError as e:  # an architecture that no Hugging Face class computes
+        written.append(f"no export: {e}")
     if cfg.finetune.lora:
         save_adapter(module.model, run_dir / "adapter")
         (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
@@ -76,6 +81,26 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
         n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,
                                    cfg.finetune.max_new_tokens)
         written.append(f"{n} test answers in {path}")
+    return written
+
+
+def _write_sharded(module, trainer, cfg: DictConfig, meta: dict) -> list[str]:
+    """Under FSDP: the export from the weights gathered on rank zero (every rank takes part); the LoRA outputs and
+    the test answers are skipped, with the reason."""
+    run_dir = Path(cfg.run_dir)
+    classes = module.gpt.head.out_features if cfg.finetune.task == "classify" else None
+    gpt = None if cfg.finetune.lora else gathered_gpt(trainer, module.gpt.config, classes)
+    if not trainer.is_global_zero:
+        return []
+    if gpt is None:
+        what = "LoRA adapter or merged export" if cfg.finetune.lora else "export of sharded state dicts"
+        written = [f"{skip_sharded(what)}; the final state is in {run_dir / 'checkpoints' / 'last.ckpt'}"]
+    else:
+        export_hf(gpt, run_dir / "hf", {**meta, "step": trainer.global_step})
+        layout = "GPT-2" if not gpt2_mismatches(gpt) else "Llama"
+        written = [f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout, gathered from the FSDP ranks)"]
+    if cfg.finetune.task == "instruct":
+        written.append(skip_sharded("test answers"))
     return written
 
 

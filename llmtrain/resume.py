@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llmtrain.distributed import world
+from llmtrain.errors import UserError
 
 
 class EpochSampler(DistributedSampler):
@@ -97,9 +98,33 @@ def trainer_batches_done(trainer) -> int:
     return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
+class EvalSampler(DistributedSampler):
+    """This rank's share of an evaluation set, each sample on exactly one rank: rank r takes samples r, r + W, ...
+
+    Lightning would give evaluation loaders a DistributedSampler that pads the last ranks' shares with repeated
+    samples, so that sums over ranks count those twice; this one is a DistributedSampler too, so Lightning leaves
+    it in place. The shares may differ by one sample (and so in batches): evaluation steps run no collective, and
+    the module reduces its sums once at the end of the pass.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        num_replicas, rank = world()
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
 def eval_loader(dataset: Dataset, batch_size: int, seed: int, **kwargs) -> DataLoader:
-    """An unshuffled loader with its own generator: a validation pass leaves the global RNG alone."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+    """An unshuffled loader of this rank's share (EvalSampler) with its own generator: a validation pass leaves the
+    global RNG alone."""
+    sampler = EvalSampler(dataset)
+    if sampler.num_replicas > len(dataset):  # a rank without a batch would skip the pass and its final reduction
+        raise UserError(f"an evaluation split of {len(dataset)} samples cannot give each of the {sampler.num_replicas} "
+                        f"ranks one: raise data.val_fraction (or data.test_fraction), or use fewer trainer.devices")
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       generator=torch.Generator().manual_seed(seed), **kwargs)
 
 

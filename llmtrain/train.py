@@ -20,15 +20,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from llmtrain.board import log_hparams, run_hparams
-from llmtrain.callbacks import AtomicCheckpointIO, Throughput, device_peak_flops, newest_checkpoint
+from llmtrain.callbacks import AtomicCheckpointIO, Throughput, newest_checkpoint
 from llmtrain.checkpoints import read_info, resolve_ckpt_path
 from llmtrain.checks import Effective, check_config, check_resume
 from llmtrain.distributed import ddp_job_of_a_sweep, is_launch_rank, wait_for
 from llmtrain.errors import UserError
+from llmtrain.flops import peak_flops, training_flops
 from llmtrain.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.jobs import write_metrics
 from llmtrain.logs import ModelSummary, quiet_lightning
 from llmtrain.lora import format_trainable
+from llmtrain.memory import preflight
 from llmtrain.module import LanguageModel
 from llmtrain.outputs import keep_tokenizer, run_meta, write_outputs
 from llmtrain.stages import build_model, sample_prompts
@@ -38,8 +40,11 @@ warnings.filterwarnings("ignore", ".*is not a valid batch size.*|.*Trying to inf
 
 
 def train(cfg: DictConfig, eff: Effective | None = None) -> float:
-    """Train as `cfg` says; return the final val/loss (what a sweeper minimises). `eff`: check_config(cfg)."""
-    eff = eff or check_config(cfg)
+    """Train as `cfg` says; return the final val/loss (what a sweeper minimises). `eff`: check_config(cfg), when the
+    caller has run it and the memory pre-flight (as the command line does)."""
+    if eff is None:
+        eff = check_config(cfg)
+        preflight(cfg, eff)
     quiet_lightning()
     run_dir, task = Path(cfg.run_dir), cfg.finetune.task
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
@@ -71,6 +76,7 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
         sample_prompts=sample_prompts(cfg.finetune, datamodule.records["val"] if task == "instruct" else None),
         sample_tokens=cfg.finetune.sample_tokens if task != "classify" else 0,
         max_nonfinite_steps=cfg.max_nonfinite_steps, checkpoint_info=meta, loss_chunk=cfg.perf.loss_chunk,
+        tokens_vary=task == "instruct",
     )
     module.gpt.gradient_checkpointing = cfg.perf.activation_checkpointing
     if on_cuda(cfg.trainer.accelerator):
@@ -107,9 +113,10 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
                     f"(majority class {datamodule.majority_baseline('test'):.4f}), test/f1 {test['test/f1']:.4f}")
     else:
         summary += f", val/ppl {float(metrics['val/ppl']):.2f}"
+    written = write_outputs(module, trainer, datamodule, cfg, meta)  # every rank: FSDP gathers the weights
     if trainer.is_global_zero:
         write_metrics(run_dir, final)  # what a sweep's summary table reads
-        print("; ".join([summary, *write_outputs(module, trainer, datamodule, cfg, meta), f"run dir {run_dir}"]))
+        print("; ".join([summary, *written, f"run dir {run_dir}"]))
     return float(metrics["val/loss"])
 
 
@@ -124,8 +131,8 @@ def build_trainer(cfg: DictConfig, eff: Effective, module: LanguageModel) -> L.T
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
     for cb in callbacks:
         if isinstance(cb, Throughput):
-            cb.flops_per_token = module.gpt.flops_per_token(eff.context_length)
-            cb.peak_flops = cfg.perf.peak_flops or device_peak_flops(eff.precision)
+            cb.flops = training_flops(module.model, module.gpt.config.n_layers, module.gpt.config.emb_dim)
+            cb.peak_flops = cfg.perf.peak_flops or device_peak(cfg, eff)
         if isinstance(cb, ModelSummary):
             cb.context_length = eff.context_length
     # a progress bar or model summary set to null in cfg.callbacks means none, not Lightning's default one
@@ -135,10 +142,25 @@ def build_trainer(cfg: DictConfig, eff: Effective, module: LanguageModel) -> L.T
     return L.Trainer(**kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
 
 
+def device_peak(cfg: DictConfig, eff: Effective) -> float | None:
+    """The peak FLOP/s of this run's device from the table in flops.py; for a device not in it, a line saying how to
+    get train/mfu anyway."""
+    cuda = on_cuda(cfg.trainer.accelerator)
+    name = torch.cuda.get_device_name() if cuda else "this CPU"
+    peak = peak_flops(name, eff.precision, tf32=cfg.perf.tf32 and cuda)
+    if peak is None:
+        rank_zero_info(f"train/mfu is not logged: the peak FLOP/s of {name} at trainer.precision={eff.precision} is "
+                       f"not in llmtrain's table; set perf.peak_flops=<its dense peak per device> to log it")
+    return peak
+
+
 def fused_where_supported(cfg: DictConfig) -> dict:
-    """AdamW's fused kernel (one kernel for the whole update) on CUDA and CPU when optimizer.fused is null."""
+    """AdamW's fused kernel (one kernel for the whole update) on CUDA and CPU when optimizer.fused is null; not
+    under 16-mixed with clipping: the fused step unscales fp16 gradients itself, after clipping would have seen
+    them scaled (Lightning refuses the pair)."""
     wants = "fused" in cfg.optimizer and cfg.optimizer.fused is None and fused_optimizer(cfg.trainer.accelerator)
-    return {"fused": True} if wants else {}
+    scaled = str(cfg.trainer.precision).startswith("16") and "mixed" in str(cfg.trainer.precision)
+    return {"fused": True} if wants and not (scaled and cfg.trainer.gradient_clip_val) else {}
 
 
 def build(node: DictConfig, **kwargs):

@@ -11,8 +11,11 @@ deterministic, gzip-compressed JSON Lines files:
 
 Outputs (written to ``--out``, default ``llmtrain/assets/data``):
 
-* ``entries.jsonl.gz`` -- one document per dictionary entry, both books:
-  ``{"source": "devil"|"jargon", "term": ..., "text": ...}`` (pretraining corpus).
+* ``entries.jsonl.gz`` -- the pretraining corpus: one document per dictionary entry of the train
+  split, both books: ``{"source": "devil"|"jargon", "term": ..., "text": ...}``. The entries of the
+  val and test headwords are left out, and so is any entry that contains the text of one of them (a
+  few definitions are shared by two headwords), so that the stages' held-out records were never
+  pretrained on (see :func:`pretraining_entries`).
 * ``classify_{train,val,test}.jsonl.gz`` -- ``{"text": <definition>, "label": "devil"|"jargon"}``.
 * ``instruct_{train,val,test}.jsonl.gz`` -- Alpaca records ``{"instruction", "input", "output"}``.
 * ``PROVENANCE.md`` -- sources, licences, counts, checksums and how to rebuild.
@@ -478,6 +481,31 @@ def instruct_records(entries: list[Entry]) -> dict[str, list[dict[str, str]]]:
     return out
 
 
+def normalise(text: str) -> str:
+    """Whitespace collapsed to single spaces: how held-out text is compared with the corpus."""
+    return " ".join(text.split())
+
+
+def held_out_texts(by_kind: dict[str, dict[str, list[dict[str, str]]]]) -> list[str]:
+    """The val and test texts of every stage set, normalised: classify texts, instruct answers (without the
+    ellipsis a cut answer ends with)."""
+    texts = []
+    for kind, by_split in by_kind.items():
+        for split in ("val", "test"):
+            for record in by_split[split]:
+                text = record["text"] if kind == "classify" else record["output"].removesuffix(" ...")
+                texts.append(normalise(text))
+    return texts
+
+
+def pretraining_entries(entries: list[Entry], held_out: list[str]) -> list[Entry]:
+    """The pretraining corpus: the entries whose headword is in the train split, less those whose text contains
+    a held-out stage text (a definition shared with a val or test headword). The stages' held-out records are
+    then nowhere in the pretraining documents, neither in its training nor in its validation split."""
+    kept = [e for e in entries if split_of(e.source, e.term) == "train"]
+    return [e for e in kept if not any(text in normalise(e.text) for text in held_out)]
+
+
 def write_jsonl_gz(path: Path, records: Iterable[dict[str, str]]) -> int:
     """Write records as gzip-compressed UTF-8 JSON Lines, reproducibly (mtime=0, no file name)."""
     buffer = io.BytesIO()
@@ -629,11 +657,16 @@ def provenance(packages: list[Package], entries: list[Entry], counts: dict[str, 
         f"headword is in the same split in every dataset. Definitions shorter than {MIN_BODY_CHARS} characters are",
         "left out of the classify and instruct sets.",
         "",
+        "The pretraining corpus (`entries.jsonl.gz`) holds the train headwords only, less the entries whose text",
+        "contains a val or test text of a stage set (a few definitions are shared by two headwords): what the stages",
+        "hold out was never pretrained on. `tests/test_datasets.py` checks that no val or test text of a stage set",
+        "(whitespace-normalised) occurs in a pretraining training document.",
+        "",
         "| File | Records | Bytes | sha256 | Contents |",
         "| --- | --- | --- | --- | --- |",
     ]
     descriptions = {
-        "entries": f"`{{source, term, text}}`: one document per entry ({by_source['devil']} devil, "
+        "entries": f"`{{source, term, text}}`: one document per train-split entry ({by_source['devil']} devil, "
         f"{by_source['jargon']} jargon), book order; `text` is the whole cleaned entry",
         "classify": f"`{{text, label}}`: definition without its headword line, cut to <= {CLASSIFY_CHARS} chars "
         "at a word boundary; label `devil` or `jargon`",
@@ -676,13 +709,16 @@ def main(argv: list[str] | None = None) -> int:
         out: Path = args.out
         out.mkdir(parents=True, exist_ok=True)
         counts: dict[str, int] = {}
-        records = ({"source": e.source, "term": e.term, "text": e.text} for e in entries)
+        stage_sets = {"classify": classify_records(entries), "instruct": instruct_records(entries)}
+        corpus = pretraining_entries(entries, held_out_texts(stage_sets))
+        print(f"pretraining corpus: {len(corpus)} of {len(entries)} entries (train headwords, no held-out text)")
+        records = ({"source": e.source, "term": e.term, "text": e.text} for e in corpus)
         counts["entries.jsonl.gz"] = write_jsonl_gz(out / "entries.jsonl.gz", records)
-        for kind, by_split in (("classify", classify_records(entries)), ("instruct", instruct_records(entries))):
+        for kind, by_split in stage_sets.items():
             for split in SPLITS:
                 counts[f"{kind}_{split}.jsonl.gz"] = write_jsonl_gz(out / f"{kind}_{split}.jsonl.gz", by_split[split])
 
-        (out / "PROVENANCE.md").write_text(provenance(packages, entries, counts, out), encoding="utf-8")
+        (out / "PROVENANCE.md").write_text(provenance(packages, corpus, counts, out), encoding="utf-8")
 
     total = 0
     for name, count in counts.items():

@@ -105,3 +105,20 @@ def read_hparams(run_dir: Path) -> dict[str, float | str]:
             start = metadata.parse_session_start_info_plugin_data(content)
             found = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
     return found
+
+
+def write_checkpoint(path: Path, n_layers: int = 2, **meta) -> Path:
+    """A checkpoint as the pretraining stage writes it: a random bytes-tokenizer GPT (width 32, context 64) and its
+    llmtrain record (`meta` added)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from llmtrain.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=n_layers,
+                          tie_weights=True))
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes", "task": "lm",
+                             "stage": "pretrain", **meta}}, path)
+    return path

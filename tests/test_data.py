@@ -18,7 +18,7 @@ def write_paragraphs(path, n=60):
 
 
 def make_dm(tmp_path, **kw) -> TextDataModule:
-    args = dict(source="text", tokenizer="bytes", context_length=16, batch_size=4, num_proc=1,
+    args = dict(source="text", sample_by="paragraph", tokenizer="bytes", context_length=16, batch_size=4, num_proc=1,
                 cache_dir=str(tmp_path / "cache"), val_fraction=0.2) | kw
     return make_datamodule("embedded", **args)
 

@@ -143,17 +143,17 @@ def test_a_moved_run_finds_its_copied_tokenizer(tmp_path, gpt2_json):
 def test_pretraining_data_from_a_tokenizer_json_has_the_ids_of_the_same_tokenizer(tmp_path, gpt2_json):
     """The token cache: same ids as the built-in gpt2; keyed by the file's content, so that a copy reuses it."""
     (tmp_path / "a.txt").write_text("\n\n".join(f"Paragraph {i}: naïve café, the quick brown fox." for i in range(40)))
-    args = dict(source="text", path=str(tmp_path / "a.txt"), context_length=16, batch_size=4, num_proc=1,
+    args = dict(path=str(tmp_path / "a.txt"), context_length=16, batch_size=4, num_proc=1,
                 val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
-    builtin = make_datamodule("embedded", tokenizer="gpt2", **args)
-    from_json = make_datamodule("embedded", tokenizer=str(gpt2_json), **args)
+    builtin = make_datamodule("text", tokenizer="gpt2", **args)
+    from_json = make_datamodule("text", tokenizer=str(gpt2_json), **args)
     for dm in (builtin, from_json):
         dm.prepare_data()
     assert from_json.cache.dir != builtin.cache.dir
     assert (from_json.cache.tokens("train") == builtin.cache.tokens("train")).all()
     copy = tmp_path / "copy.json"
     shutil.copy(gpt2_json, copy)
-    assert make_datamodule("embedded", tokenizer=str(copy), **args).cache.dir == from_json.cache.dir
+    assert make_datamodule("text", tokenizer=str(copy), **args).cache.dir == from_json.cache.dir
 
 
 def test_an_export_carries_its_tokenizer_json_and_finds_it_after_a_move(tmp_path):
@@ -277,6 +277,7 @@ def test_test_answers_and_tensorboard_samples_use_the_tokenizers_end_of_text(eot
     class Probe(LanguageModel):  # a module with a logger, outside a Trainer
         logger = SimpleNamespace(experiment=SimpleNamespace(add_text=lambda tag, text, step: texts.append(text)))
         global_rank, global_step = 0, 0
+        trainer = SimpleNamespace(strategy=None)  # not sharded
 
     probe = Probe(model, optimizer=None, warmup_steps=0, max_steps=1, min_lr_ratio=0.1,
                   tokenizer=str(tmp_path / "tokenizer.json"), sample_prompts=["ab"], sample_tokens=4)

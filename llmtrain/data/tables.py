@@ -16,7 +16,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llmtrain.data.sources import SPLITS, TABLE_SOURCES, choose_source, load_table_splits
+from llmtrain.data.choice import TABLE_SOURCES, choose_source
+from llmtrain.data.sources import SPLITS, load_table_splits
 from llmtrain.errors import UserError
 from llmtrain.losses import IGNORE_INDEX
 from llmtrain.prompts import record_prompt

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from llmtrain.data.sources import SOURCES, choose_source, embedded_path, load_documents, resolve_files, weyl
+from llmtrain.data.choice import SOURCES, choose_source
+from llmtrain.data.sources import embedded_path, load_documents, resolve_files, weyl
 from llmtrain.errors import UserError
 from llmtrain.resume import ResumableLoader, eval_loader, trainer_batches_done
 from llmtrain.tokenizer import build_tokenizer, tokenizer_key
