@@ -1,0 +1,222 @@
+"""DPO: the loss and its gradient against a direct computation, the reference model (frozen copy or, with LoRA, the
+base with adapters disabled), the exact mean over the pairs of an accumulated step, and what checkpoints hold."""
+
+import copy
+import math
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from llmtrain.data.tables import pad_batch
+from llmtrain.dpo import PAIR_STATS, DPOLoss, frozen_copy, reference_for, sequence_logps
+from llmtrain.lora import apply_lora
+from llmtrain.model import GPT, GPTConfig
+from llmtrain.module import LanguageModel
+
+BETA = 0.5
+VOCAB = 61
+
+
+def tiny_gpt(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    config = dict(vocab_size=VOCAB, context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0) | kw
+    return GPT(GPTConfig(**config))
+
+
+def nudged(model: GPT, seed: int = 1, scale: float = 0.05) -> GPT:
+    """A copy of model with every weight moved a little: a policy some steps away from its reference."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def pair_batch(n_pairs: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """n_pairs pairs of random prompts and responses of different lengths, as the preference collate lays them out:
+    chosen rows first, then the rejected rows; labels -100 on the prompt and the padding."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, labels = [], []
+    for side in range(2):
+        for i in range(n_pairs):
+            prompt = torch.randint(0, VOCAB, (3 + i,), generator=g).tolist()
+            response = torch.randint(0, VOCAB, (2 + (3 * i + 5 * side) % 7,), generator=g).tolist()
+            full = prompt + response
+            seqs.append(full[:-1])
+            labels.append([-100] * (len(prompt) - 1) + full[len(prompt):])
+    return pad_batch(seqs, 0, labels)
+
+
+def direct_logp(model: GPT, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """log pi(response | prompt) of each row, one token at a time from the softmax over the vocabulary."""
+    probs = torch.softmax(model(input_ids), dim=-1)  # (N, T, V)
+    out = []
+    for row in range(input_ids.size(0)):
+        total = torch.zeros(())
+        for t in range(input_ids.size(1)):
+            if labels[row, t] != -100:
+                total = total + torch.log(probs[row, t, labels[row, t]])
+        out.append(total)
+    return out
+
+
+def direct_dpo(policy: GPT, reference: GPT, batch: dict[str, torch.Tensor], beta: float) -> dict:
+    """The paper's eq. 7 written out pair by pair: the mean loss, and each pair's rewards."""
+    pi = direct_logp(policy, batch["input_ids"], batch["labels"])
+    with torch.no_grad():
+        ref = direct_logp(reference, batch["input_ids"], batch["labels"])
+    b = len(pi) // 2
+    losses, chosen, rejected = [], [], []
+    for i in range(b):
+        z = beta * ((pi[i] - pi[b + i]) - (ref[i] - ref[b + i]))
+        losses.append(-torch.log(1 / (1 + torch.exp(-z))))
+        chosen.append(float(beta * (pi[i] - ref[i])))
+        rejected.append(float(beta * (pi[b + i] - ref[b + i])))
+    return {"loss": sum(losses) / b, "chosen": chosen, "rejected": rejected}
+
+
+def test_sequence_logps_sums_the_response_tokens_only():
+    model = tiny_gpt()
+    batch = pair_batch(2)
+    got = sequence_logps(model(batch["input_ids"]), batch["labels"])
+    expected = torch.stack(direct_logp(model, batch["input_ids"], batch["labels"]))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (batch["labels"] == -100).sum(dim=1).min() >= 2  # every row has masked positions to leave out
+
+
+def test_loss_rewards_and_gradient_equal_a_direct_computation():
+    reference = tiny_gpt()
+    policy = nudged(reference)
+    batch = pair_batch(3)
+    stats = DPOLoss(BETA, frozen_copy(reference))(policy, batch)
+    stats["loss"].mean().backward()
+
+    twin = copy.deepcopy(policy)
+    twin.zero_grad()
+    expected = direct_dpo(twin, reference, batch, BETA)
+    expected["loss"].backward()
+
+    assert stats["loss"].mean().item() == pytest.approx(expected["loss"].item(), abs=1e-6)
+    assert stats["rewards/chosen"].tolist() == pytest.approx(expected["chosen"], abs=1e-5)
+    assert stats["rewards/rejected"].tolist() == pytest.approx(expected["rejected"], abs=1e-5)
+    margins = [c - r for c, r in zip(expected["chosen"], expected["rejected"], strict=True)]
+    assert stats["rewards/margin"].tolist() == pytest.approx(margins, abs=1e-5)
+    assert stats["rewards/accuracy"].tolist() == [float(m > 0) for m in margins]
+    assert 0 < sum(m > 0 for m in margins) < 3  # the batch tells a right and a wrong ranking apart
+    for (name, p), q in zip(policy.named_parameters(), twin.parameters(), strict=True):
+        assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-6), name
+    assert set(stats) == set(PAIR_STATS)
+
+
+def test_at_the_start_the_policy_is_its_reference():
+    """Step 0: every reward is exactly 0, the loss log 2, and no pair counts as ranked right."""
+    policy = tiny_gpt()
+    stats = DPOLoss(BETA, reference_for(policy))(policy, pair_batch(3))
+    assert torch.equal(stats["rewards/chosen"], torch.zeros(3))
+    assert torch.allclose(stats["loss"], torch.full((3,), math.log(2)))
+    assert stats["rewards/accuracy"].sum() == 0
+
+
+def test_beta_must_be_positive():
+    with pytest.raises(ValueError, match="beta must be positive"):
+        DPOLoss(0.0, None)
+
+
+def fit_one_step(module: LanguageModel, batches: list[dict], accumulate: int) -> None:
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+
+
+def test_one_step_averages_over_the_pairs_of_the_accumulated_step_and_the_reference_stays_put():
+    """Micro-batches of 1 and 3 pairs accumulated into one SGD step (lr 1) move the weights by minus the gradient
+    of the mean loss over all 4 pairs -- not the mean of the two micro-batch means; the reference gets no gradient
+    and keeps its weights."""
+    start = tiny_gpt()
+    policy = nudged(start)  # away from its reference, so that the gradient differs from pair to pair
+    small, large = pair_batch(1, seed=1), pair_batch(3, seed=2)
+
+    twin = copy.deepcopy(policy)
+    a, b = direct_dpo(twin, start, small, BETA), direct_dpo(twin, start, large, BETA)
+    ((a["loss"] * 1 + b["loss"] * 3) / 4).backward()
+    expected = {n: -p.grad for n, p in twin.named_parameters()}
+
+    preference = DPOLoss(BETA, frozen_copy(start))
+    reference_before = copy.deepcopy(preference.reference.state_dict())
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    module = LanguageModel(policy, partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, task="dpo", preference=preference)
+    fit_one_step(module, [small, large], accumulate=2)
+    for n, p in policy.named_parameters():
+        assert torch.allclose(p.detach() - before[n], expected[n], atol=1e-5), n
+    assert all(p.grad is None and not p.requires_grad for p in preference.reference.parameters())
+    for k, v in preference.reference.state_dict().items():
+        assert torch.equal(v, reference_before[k]), k
+
+
+def test_with_lora_the_reference_is_the_base_with_adapters_disabled_and_no_copy():
+    base = tiny_gpt()
+    plain = frozen_copy(base)  # what the base computes, kept aside for the comparison only
+    policy = apply_lora(base, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)  # adapters that change the output
+    preference = DPOLoss(BETA, reference_for(policy))
+    assert preference.reference is None and list(preference.parameters()) == []
+    module = LanguageModel(policy, partial(torch.optim.SGD, lr=0.1), 0, 1, 1.0, task="dpo", preference=preference)
+    assert sum(isinstance(m, GPT) for m in module.modules()) == 1  # one model in memory, not two
+    batch = pair_batch(2)
+    ref = preference.reference_logps(policy, batch["input_ids"], batch["labels"])
+    assert torch.allclose(ref, sequence_logps(plain(batch["input_ids"]), batch["labels"]), atol=1e-5)
+    with_adapters = sequence_logps(policy(batch["input_ids"]), batch["labels"])  # adapters back on afterwards
+    assert (with_adapters - ref).abs().max() > 1e-3
+    assert policy.training == module.training  # the reference pass put the policy back in its mode
+
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    fit_one_step(module, [batch], accumulate=1)
+    assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, adapters[n]) for n, p in policy.named_parameters() if n in adapters)
+
+
+def test_the_reference_runs_without_dropout_whatever_the_policy_mode():
+    reference = tiny_gpt(drop_rate=0.5)
+    policy = copy.deepcopy(reference).train()
+    preference = DPOLoss(BETA, frozen_copy(reference))
+    preference.train()  # Lightning puts every submodule in training mode
+    batch = pair_batch(2)
+    first = preference.reference_logps(policy, batch["input_ids"], batch["labels"])
+    second = preference.reference_logps(policy, batch["input_ids"], batch["labels"])
+    assert torch.equal(first, second)  # no dropout: no random numbers drawn, the same values every time
+    assert preference.reference.training  # and its mode is given back
+
+
+def test_checkpoints_leave_the_reference_out_and_a_resume_puts_it_back():
+    start = tiny_gpt()
+    preference = DPOLoss(BETA, frozen_copy(start))
+    module = LanguageModel(nudged(start), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, task="dpo",
+                           preference=preference)
+    checkpoint = {"state_dict": module.state_dict()}
+    assert any(k.startswith("preference.reference.") for k in checkpoint["state_dict"])
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and all(k.startswith("model.") for k in checkpoint["state_dict"])
+
+    resumed = LanguageModel(tiny_gpt(seed=5), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, task="dpo",
+                            preference=DPOLoss(BETA, frozen_copy(start)))
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])  # strict: every key is there
+    for (n, p), q in zip(resumed.model.state_dict().items(), module.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+    assert all(torch.equal(p, q) for p, q in zip(resumed.preference.reference.parameters(), start.parameters(),
+                                                 strict=True))
+
+
+def test_task_dpo_and_its_loss_go_together():
+    with pytest.raises(ValueError, match="task 'dpo' takes a preference loss"):
+        LanguageModel(tiny_gpt(), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, task="dpo")
+    with pytest.raises(ValueError, match="task 'dpo' takes a preference loss"):
+        LanguageModel(tiny_gpt(), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, preference=DPOLoss(BETA, None))
