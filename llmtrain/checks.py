@@ -27,7 +27,8 @@ FREE_KEYS = ("drop_rate",)
 # the data module each task trains on, and the presets that provide one
 DATA_FOR_TASK = {"lm": ("TextDataModule", "data=embedded or data=text"),
                  "instruct": ("InstructDataModule", "data=instruct_embedded or data=alpaca"),
-                 "classify": ("ClassifyDataModule", "data=classify_embedded or data=sms_spam")}
+                 "classify": ("ClassifyDataModule", "data=classify_embedded or data=sms_spam"),
+                 "dpo": ("PreferenceDataModule", "data=preference_embedded or data=truthy_dpo")}
 TRAIN_BLOCKS_CHOICES = "all, last, head, none, or N (the last N blocks)"
 
 
@@ -75,6 +76,8 @@ def check_config(cfg: DictConfig) -> Effective:
             isinstance(train_blocks, int) and model_config and 0 <= train_blocks <= model_config.n_layers):
         choices = f"0..{model_config.n_layers} or " if model_config and isinstance(train_blocks, int) else ""
         problems.append(f"finetune.train_blocks={train_blocks!r} is not one of {choices}{TRAIN_BLOCKS_CHOICES}")
+    if task == "dpo":
+        check_dpo(cfg.finetune, problems)
     if cfg.data.batch_size < 1:
         problems.append(f"data.batch_size must be positive, got {cfg.data.batch_size}")
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
@@ -185,6 +188,18 @@ def accumulation_steps(cfg: DictConfig, context_length: int, problems: list[str]
     return target // per_micro_step
 
 
+def check_dpo(finetune: DictConfig, problems: list[str]) -> None:
+    """DPO's own settings: the stage file's beta (another stage with finetune.task=dpo has none)."""
+    if "beta" not in finetune:
+        problems.append(f"finetune.task=dpo needs finetune.beta, which finetune={finetune.name} does not have: "
+                        f"choose finetune=dpo (with finetune.lora=... for adapters)")
+        return
+    beta = finetune.beta
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        problems.append(f"finetune.beta must be positive (how far the policy may move from the reference; 0.1 is "
+                        f"usual), got {beta}")
+
+
 def hardware_problems(trainer: DictConfig) -> list[str]:
     """Devices and precisions this machine cannot train with."""
     problems = []
@@ -207,12 +222,18 @@ def hardware_problems(trainer: DictConfig) -> list[str]:
     return problems
 
 
-def check_resume(info: ModelInfo, model_config: GPTConfig, stage: str, ckpt_path: str) -> None:
-    """Resuming needs the checkpoint's stage and architecture: name what differs, with the value to use."""
+def check_resume(info: ModelInfo, model_config: GPTConfig, stage: str, ckpt_path: str,
+                 init_from: str | None = None) -> None:
+    """Resuming needs the checkpoint's stage and architecture, and for DPO its init_from (the reference model, which
+    checkpoints do not hold): name what differs, with the value to use."""
     if info.stage is not None and info.stage != stage:
         raise UserError(f"ckpt_path={ckpt_path} was written by finetune={info.stage}, this run is finetune={stage}: "
                         f"resume with finetune={info.stage} (and its data), or use init_from= to start a new "
                         f"stage from its weights")
+    if info.task == "dpo" and info.init_from != init_from:
+        raise UserError(f"ckpt_path={ckpt_path} was trained against the reference init_from={info.init_from}, this "
+                        f"run has init_from={init_from}: resume with init_from={info.init_from} (DPO's reference is "
+                        f"the starting weights)")
     saved, ours = asdict(info.model_config), asdict(model_config)
     differ = [f"model.{k}={saved[k]} (this run: {ours[k]})" for k in ours
               if saved[k] != ours[k] and k not in FREE_KEYS]  # dropout holds no weights

@@ -34,6 +34,11 @@ def make_files(tmp_path: Path) -> Path:
     torch.save({"state_dict": {}, "llmtrain": {"model_config": pretrain, "stage": "pretrain", "task": "lm",
                                                "tokenizer": "gpt2"}},
                tmp_path / "pretrain.ckpt")
+    dpo = {"model_config": pretrain, "stage": "dpo", "task": "dpo", "tokenizer": "gpt2", "init_from": "runs/instruct"}
+    torch.save({"state_dict": {}, "llmtrain": dpo}, tmp_path / "dpo.ckpt")
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(
+        {"prompt": f"q{i}", "chosen": [{"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "assistant", "content": "no"}]}) for i in range(20)))
     data = (tmp_path / "other.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "outputs" / "earlier").mkdir(parents=True)
