@@ -505,11 +505,12 @@ def preference_records(entries: list[Entry]) -> dict[str, list[dict[str, str]]]:
         after = {i: ring[(k + 1) % len(ring)] for k, i in enumerate(ring)}
         out[split] = []
         for i, entry in enumerate(kept):
-            j = after[i]
-            while answer_of(kept[j]) == answer_of(entry):  # two headwords with one definition: take the next
-                j = after[j]
-            out[split].append({"prompt": instruction_of(entry), "chosen": answer_of(entry),
-                               "rejected": answer_of(kept[j])})
+            others = [after[i]]
+            while len(others) < len(ring) and answer_of(kept[others[-1]]) == answer_of(entry):
+                others.append(after[others[-1]])  # two headwords with one definition: take the next
+            if answer_of(kept[others[-1]]) != answer_of(entry):  # else the split has no other definition
+                out[split].append({"prompt": instruction_of(entry), "chosen": answer_of(entry),
+                                   "rejected": answer_of(kept[others[-1]])})
     return out
 
 

@@ -121,6 +121,18 @@ def test_at_the_start_the_policy_is_its_reference():
     assert stats["rewards/accuracy"].sum() == 0
 
 
+def test_the_reference_of_a_plain_model_is_a_frozen_copy_of_its_starting_weights():
+    policy = tiny_gpt(tie_weights=True)
+    reference = reference_for(policy)
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)  # the policy trains on
+    assert all(torch.equal(v, start[k]) for k, v in reference.state_dict().items())
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert reference.head.weight is reference.tok_emb.weight  # tied within the copy, as in the model
+
+
 def test_beta_must_be_positive():
     with pytest.raises(ValueError, match="beta must be positive"):
         DPOLoss(0.0, None)

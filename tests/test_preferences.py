@@ -120,3 +120,35 @@ def test_other_column_names_and_conversations(tmp_path):
     datasets.Dataset.from_dict(chat).to_parquet(str(tmp_path / "chat.parquet"))
     with pytest.raises(UserError, match="data.chosen_column='chosen' holds list values, not text"):
         make_datamodule("preference_parquet", path=str(tmp_path / "chat.parquet"), tokenizer="gpt2").setup()
+
+
+def test_the_build_script_pairs_each_entry_with_another_of_its_own_split():
+    """scripts/build_datasets.py on made-up entries: rejected from the same split, never the entry's own answer,
+    each answer rejected once, the same pairs on every run."""
+    import importlib.util
+    import sys
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("build_datasets", ROOT / "scripts" / "build_datasets.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["build_datasets"] = script  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    entries = [script.Entry(source, f"term{i}", "", f"what {source} says of term{i}, at some length", "")
+               for i in range(60) for source in ("devil", "jargon")]
+    out = script.preference_records(entries)
+    assert out == script.preference_records(entries)
+    for split, records in out.items():
+        own = [e for e in entries if script.split_of(e.source, e.term) == split]
+        assert [r["chosen"] for r in records] == [script.answer_of(e) for e in own]
+        assert [r["prompt"] for r in records] == [script.instruction_of(e) for e in own]
+        assert all(r["rejected"] != r["chosen"] for r in records)
+        assert {r["rejected"] for r in records} <= {r["chosen"] for r in records}
+        assert len({r["rejected"] for r in records}) >= len(records) - 2
+    # two headwords with one definition (there are such in the Jargon File) are never each other's rejected one
+    words = [w for w in (f"w{i}" for i in range(200)) if script.split_of("jargon", w) == "test"][:3]
+    same = "See the other entry, which says it all."
+    few = [script.Entry("jargon", w, "", body, "") for w, body in zip(words, [same, same, "Something else entirely."])]
+    records = script.preference_records(few)["test"]
+    assert len(records) == 3 and all(r["rejected"] != r["chosen"] for r in records)
+    assert script.preference_records(few[:2]) == {"train": [], "val": [], "test": []}  # nothing else to reject
