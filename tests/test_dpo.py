@@ -2,16 +2,24 @@
 base with adapters disabled), the exact mean over the pairs of an accumulated step, and what checkpoints hold."""
 
 import copy
+import json
 import math
+import re
+import subprocess
+from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import read_scalars, run_cli
 from torch.utils.data import DataLoader
 
 from llmtrain.data.tables import pad_batch
 from llmtrain.dpo import PAIR_STATS, DPOLoss, frozen_copy, reference_for, sequence_logps
+from llmtrain.errors import UserError
+from llmtrain.export import export_model
 from llmtrain.lora import apply_lora
 from llmtrain.model import GPT, GPTConfig
 from llmtrain.module import LanguageModel
@@ -232,3 +240,124 @@ def test_task_dpo_and_its_loss_go_together():
         LanguageModel(tiny_gpt(), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, task="dpo")
     with pytest.raises(ValueError, match="task 'dpo' takes a preference loss"):
         LanguageModel(tiny_gpt(), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, preference=DPOLoss(BETA, None))
+
+
+# ---- the stage's config checks ----
+
+def test_the_stage_checks_its_data_and_beta(tmp_path):
+    from conftest import compose
+
+    from llmtrain.checks import check_config
+
+    start = export_start(tmp_path / "instruct")
+    eff = check_config(compose(["finetune=dpo", f"init_from={start}"], tmp_path))
+    assert eff.tokenizer == "bytes" and eff.model_config.drop_rate == 0.0
+    cases = {("finetune.beta=0",): "finetune.beta must be positive",
+             ("finetune.beta=-1", "data=instruct_embedded"): "finetune.task=dpo needs a PreferenceDataModule but data "
+                                                              "is llmtrain.data.tables.InstructDataModule: choose "
+                                                              "data=preference_embedded or data=truthy_dpo; finetune."
+                                                              "beta must be positive",
+             ("finetune=instruct", "finetune.task=dpo", "data=preference_embedded"): "finetune.task=dpo needs "
+                                                                                     "finetune.beta, which finetune="
+                                                                                     "instruct does not have"}
+    for overrides, message in cases.items():
+        args = ["finetune=dpo", f"init_from={start}", *overrides] if overrides[0] != "finetune=instruct" else \
+            [*overrides, f"init_from={start}"]
+        with pytest.raises(UserError, match=re.escape(message)):
+            check_config(compose(args, tmp_path))
+
+
+def test_a_dpo_checkpoint_resumes_only_against_its_own_reference(tmp_path):
+    from llmtrain.checkpoints import ModelInfo
+    from llmtrain.checks import check_resume
+
+    config = tiny_gpt().config
+    info = ModelInfo(kind="llmtrain", path="x.ckpt", model_config=config, task="dpo", stage="dpo",
+                     init_from="runs/instruct")
+    check_resume(info, config, "dpo", "x.ckpt", "runs/instruct")
+    with pytest.raises(UserError, match="resume with init_from=runs/instruct"):
+        check_resume(info, config, "dpo", "x.ckpt", "runs/other")
+    check_resume(replace(info, task="instruct", stage="dpo"), config, "dpo", "x.ckpt", "runs/other")  # not DPO
+
+
+# ---- the stage from the command line ----
+
+def export_start(folder: Path) -> Path:
+    """A tiny byte-level model exported as an instruct run leaves it: the DPO stage's usual init_from."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=257, context_length=320, emb_dim=32, n_heads=2, n_layers=2, tie_weights=True))
+    meta = {"tokenizer": "bytes", "task": "instruct", "stage": "instruct", "prompt_template": "alpaca"}
+    return export_model(model, folder / "model", meta)
+
+
+STAGE = ["trainer.accelerator=cpu", "callbacks.progress_bar=null", "data.batch_size=8", "trainer.log_every_n_steps=2",
+         "optimizer.lr=1e-3", "scheduler.warmup_steps=2", "finetune.num_samples=1", "finetune.sample_tokens=8"]
+
+
+def write_pairs(path: Path, n: int = 240) -> Path:
+    """Pairs whose preference a tiny model learns in a few steps and that holds on held-out prompts: the same answer,
+    begun gladly (chosen) or curtly (rejected). On the shipped pairs a model as small and as briefly trained as the
+    tests can afford stays at chance: those need the prompt understood (which definition, in which voice)."""
+    rows = [{"prompt": f"Tell me about item {i}.", "chosen": f"Gladly! Item {i} weighs {i % 7 + 1} kg.",
+             "rejected": f"No. Item {i} weighs {i % 7 + 1} kg."} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory) -> tuple[list[str], Path, subprocess.CompletedProcess]:
+    """One DPO run from the command line, from a tiny model exported as an instruct run leaves it; its arguments,
+    run dir and process."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    args = ["finetune=dpo", f"init_from={export_start(tmp / 'instruct')}", "data=preference_json",
+            f"data.path={write_pairs(tmp / 'pairs.jsonl')}", *STAGE]
+    run = run_cli([*args, "trainer.max_steps=10", "trainer.val_check_interval=5", f"hydra.run.dir={tmp / 'dpo'}"],
+                  cwd=tmp)
+    return args, tmp / "dpo", run
+
+
+@pytest.mark.slow
+def test_dpo_raises_val_reward_accuracy_from_the_start_and_logs_the_usual_names(dpo_run):
+    args, run_dir, run = dpo_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "before fine-tuning: val/loss 0.6931, val/rewards/accuracy 0.0000" in run.stdout
+    scalars = read_scalars(run_dir)
+    for prefix in ("train", "val"):
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+            assert f"{prefix}/{name}" in scalars, f"{prefix}/{name} missing from {sorted(scalars)}"
+    accuracy = [v for _, v in sorted(scalars["val/rewards/accuracy"])]
+    assert accuracy[0] == 0.0  # step 0: the policy is its reference, every reward 0
+    assert accuracy[-1] > 0.5 and accuracy[-1] > accuracy[0]
+    assert f"val/rewards/accuracy {accuracy[-1]:.4f}" in run.stdout.splitlines()[-1]
+    margins = [v for _, v in sorted(scalars["val/rewards/margin"])]
+    assert margins[-1] > 0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])  # the reference is not saved
+    assert ckpt["llmtrain"]["task"] == "dpo" and f"init_from={ckpt['llmtrain']['init_from']}" in args
+    assert ckpt["llmtrain"]["prompt_template"] == "alpaca"
+
+
+@pytest.mark.slow
+def test_a_dpo_run_resumes_from_its_checkpoint(dpo_run):
+    args, run_dir, run = dpo_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    more = run_cli([*args, "trainer.max_steps=12", "trainer.val_check_interval=5", "ckpt_path=last",
+                    f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "before fine-tuning" not in more.stdout  # a resume, not a new start
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    # resuming against another reference is refused: a row of docs/errors.md (tests/test_errors.py)
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_trains_adapters_against_the_base(dpo_run, tmp_path):
+    args, _, _ = dpo_run
+    lora = "finetune.lora={r:4,alpha:8,dropout:0.0,target_modules:[attn.qkv,attn.out_proj]}"
+    run = run_cli([*args, lora, "trainer.max_steps=4", "trainer.val_check_interval=4",
+                   f"hydra.run.dir={tmp_path / 'lora'}"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "dpo: trainable params" in run.stdout + run.stderr
+    assert 0 < read_scalars(tmp_path / "lora")["model/trainable_fraction"][0][1] < 0.5
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+    accuracy = [v for _, v in sorted(read_scalars(tmp_path / "lora")["val/rewards/accuracy"])]
+    assert accuracy[0] == 0.0 and accuracy[-1] > 0  # the adapters moved the policy away from the base
