@@ -373,3 +373,29 @@ def test_dpo_with_lora_trains_adapters_against_the_base(dpo_run, tmp_path):
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
     accuracy = [v for _, v in sorted(read_scalars(tmp_path / "lora")["val/rewards/accuracy"])]
     assert accuracy[0] == 0.0 and accuracy[-1] > 0  # the adapters moved the policy away from the base
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_of_half_the_pairs_step_as_one_process_does(dpo_run, tmp_path):
+    """The loss is a mean over all pairs of a step across ranks: 2 CPU ranks of 4 pairs (the same 8 pairs, split
+    by the sampler) give one process's weights with 8 pairs per batch, up to the order of the float sums. Plain
+    SGD, unclipped: AdamW would hide a gradient off by a constant factor."""
+    from conftest import compose
+
+    from llmtrain.train import train
+
+    args, _, _ = dpo_run
+    sgd = ["optimizer._target_=torch.optim.SGD", "~optimizer.betas", "~optimizer.eps",
+           "optimizer.weight_decay=0", "optimizer.lr=0.5", "trainer.gradient_clip_val=null"]
+    short = [*args, *sgd, "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+             "finetune.num_samples=0"]
+    train(compose([*short, "data.batch_size=8"], tmp_path / "one"))
+    ddp = run_cli([*short, "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp",
+                   f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path, timeout=400)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in ddp.stdout + ddp.stderr
+    one, two = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+                for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for key, value in one.items():
+        assert torch.allclose(value, two[key], atol=1e-6), key
