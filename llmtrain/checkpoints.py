@@ -32,7 +32,7 @@ class ModelInfo:
     path: str  # the file or folder read
     model_config: GPTConfig
     tokenizer: str | None = "gpt2"  # gpt2, bytes or a tokenizer.json's path; None: a Hugging Face folder without one
-    task: str = "lm"  # lm | instruct | classify
+    task: str = "lm"  # lm | instruct | classify | dpo
     stage: str | None = None  # the finetune stage that wrote it
     label_names: list[str] | None = None  # a classifier's classes, in head order
     prompt_template: str | None = None  # e.g. "alpaca" for an instruction-tuned model

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmtrain.checkpoints import ModelInfo
 from llmtrain.data.choice import SHIPPED_FRACTIONS, SOURCES, TABLE_SOURCES, choose_source
 from llmtrain.errors import UserError
-from llmtrain.hardware import choose_precision, cuda_bf16, on_cuda
+from llmtrain.hardware import choose_precision, hardware_problems
 from llmtrain.hub import GPT2_NAMES
 from llmtrain.model import GPTConfig
 from llmtrain.pretrained import describe
@@ -31,13 +30,16 @@ DERIVED_KEYS = ("n_kv_heads", "mlp_hidden")
 # the data module each task trains on, and the presets that provide one
 DATA_FOR_TASK = {"lm": ("TextDataModule", "data=embedded or data=text"),
                  "instruct": ("InstructDataModule", "data=instruct_embedded or data=alpaca"),
-                 "classify": ("ClassifyDataModule", "data=classify_embedded or data=sms_spam")}
+                 "classify": ("ClassifyDataModule", "data=classify_embedded or data=sms_spam"),
+                 "dpo": ("PreferenceDataModule", "data=preference_embedded or data=truthy_dpo")}
 TRAIN_BLOCKS_CHOICES = "all, last, head, none, or N (the last N blocks)"
 # the finetune keys each task reads beyond name, task, train_blocks and lora, and the stage that sets them
 STAGE_KEYS = {"lm": ("sample_prompt", "sample_tokens"),
-              "instruct": ("num_samples", "sample_tokens", "test_generations", "max_new_tokens"), "classify": ()}
+              "instruct": ("num_samples", "sample_tokens", "test_generations", "max_new_tokens"), "classify": (),
+              "dpo": ("beta", "num_samples", "sample_tokens")}
 STAGE_FOR_TASK = {"lm": "finetune=pretrain", "instruct": "finetune=instruct (or finetune=lora)",
-                  "classify": "finetune=classify (or finetune=lora finetune.task=classify)"}
+                  "classify": "finetune=classify (or finetune=lora finetune.task=classify)",
+                  "dpo": "finetune=dpo (with finetune.lora=... for adapters)"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ def check_config(cfg: DictConfig) -> Effective:
             isinstance(train_blocks, int) and model_config and 0 <= train_blocks <= model_config.n_layers):
         choices = f"0..{model_config.n_layers} or " if model_config and isinstance(train_blocks, int) else ""
         problems.append(f"finetune.train_blocks={train_blocks!r} is not one of {choices}{TRAIN_BLOCKS_CHOICES}")
+    if task == "dpo" and "beta" in cfg.finetune:
+        check_dpo(cfg.finetune, problems)
     if cfg.data.batch_size < 1:
         problems.append(f"data.batch_size must be positive, got {cfg.data.batch_size}")
     elif cfg.data.max_train_samples is not None and cfg.data.max_train_samples < cfg.data.batch_size:
@@ -262,34 +266,26 @@ def accumulation_steps(cfg: DictConfig, context_length: int, problems: list[str]
     return target // per_micro_step
 
 
-def hardware_problems(trainer: DictConfig) -> list[str]:
-    """Devices and precisions this machine cannot train with."""
-    problems = []
-    accelerator = str(trainer.accelerator)
-    n_gpus = torch.cuda.device_count()
-    if accelerator in ("gpu", "cuda") and n_gpus == 0:
-        problems.append(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: "
-                        f"use trainer.accelerator=cpu (or auto)")
-    elif (accelerator in ("gpu", "cuda", "auto") and n_gpus and isinstance(trainer.devices, int)
-          and trainer.devices > n_gpus):
-        problems.append(f"trainer.devices={trainer.devices} but this machine has {n_gpus} GPUs: "
-                        f"set trainer.devices={n_gpus} or fewer")
-    precision = str(trainer.precision)
-    if precision.startswith("16") and not on_cuda(accelerator):
-        problems.append(f"trainer.precision={precision} needs a CUDA GPU (fp16 on CPU gives NaN losses or silently "
-                        f"becomes bf16): use trainer.precision=bf16-mixed or 32-true")
-    if precision.startswith("bf16") and on_cuda(accelerator) and not cuda_bf16():
-        problems.append(f"trainer.precision={precision} but {torch.cuda.get_device_name()} has no bf16 support "
-                        f"(it needs an Ampere or newer GPU): use trainer.precision=16-mixed or 32-true")
-    return problems
+def check_dpo(finetune: DictConfig, problems: list[str]) -> None:
+    """DPO's own settings (their presence is checked with STAGE_KEYS)."""
+    beta = finetune.beta
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        problems.append(f"finetune.beta must be positive (how far the policy may move from the reference; 0.1 is "
+                        f"usual), got {beta}")
 
 
-def check_resume(info: ModelInfo, model_config: GPTConfig, stage: str, ckpt_path: str) -> None:
-    """Resuming needs the checkpoint's stage and architecture: name what differs, with the value to use."""
+def check_resume(info: ModelInfo, model_config: GPTConfig, stage: str, ckpt_path: str,
+                 init_from: str | None = None) -> None:
+    """Resuming needs the checkpoint's stage and architecture, and for DPO its init_from (the reference model, which
+    checkpoints do not hold): name what differs, with the value to use."""
     if info.stage is not None and info.stage != stage:
         raise UserError(f"ckpt_path={ckpt_path} was written by finetune={info.stage}, this run is finetune={stage}: "
                         f"resume with finetune={info.stage} (and its data), or use init_from= to start a new "
                         f"stage from its weights")
+    if info.task == "dpo" and info.init_from != init_from:
+        raise UserError(f"ckpt_path={ckpt_path} was trained against the reference init_from={info.init_from}, this "
+                        f"run has init_from={init_from}: resume with init_from={info.init_from} (DPO's reference is "
+                        f"the starting weights)")
     saved, ours = asdict(info.model_config), asdict(model_config)
     differ = [f"model.{k}={saved[k]} (this run: {ours[k]})" for k in ours
               if saved[k] != ours[k] and k not in FREE_KEYS]  # dropout holds no weights

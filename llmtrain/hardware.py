@@ -7,6 +7,7 @@ import platform
 from functools import cache
 
 import torch
+from omegaconf import DictConfig
 
 # CPU features that make bf16 arithmetic native (not emulated): x86 AVX512-BF16 or AMX tiles, Arm BF16
 CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
@@ -69,3 +70,25 @@ def allow_tf32(enabled: bool) -> None:
     """TF32 tensor-core matmuls (Ampere and newer GPUs): ~8x the fp32 rate at a 10-bit mantissa."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+def hardware_problems(trainer: DictConfig) -> list[str]:
+    """Devices and precisions this machine cannot train with."""
+    problems = []
+    accelerator = str(trainer.accelerator)
+    n_gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") and n_gpus == 0:
+        problems.append(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: "
+                        f"use trainer.accelerator=cpu (or auto)")
+    elif (accelerator in ("gpu", "cuda", "auto") and n_gpus and isinstance(trainer.devices, int)
+          and trainer.devices > n_gpus):
+        problems.append(f"trainer.devices={trainer.devices} but this machine has {n_gpus} GPUs: "
+                        f"set trainer.devices={n_gpus} or fewer")
+    precision = str(trainer.precision)
+    if precision.startswith("16") and not on_cuda(accelerator):
+        problems.append(f"trainer.precision={precision} needs a CUDA GPU (fp16 on CPU gives NaN losses or silently "
+                        f"becomes bf16): use trainer.precision=bf16-mixed or 32-true")
+    if precision.startswith("bf16") and on_cuda(accelerator) and not cuda_bf16():
+        problems.append(f"trainer.precision={precision} but {torch.cuda.get_device_name()} has no bf16 support "
+                        f"(it needs an Ampere or newer GPU): use trainer.precision=16-mixed or 32-true")
+    return problems

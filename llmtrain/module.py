@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import nn
 
+from llmtrain.dpo import PAIR_STATS, DPOLoss
 from llmtrain.losses import chunked_lm_loss_sum, last_token_logits, lm_loss_sum
 from llmtrain.model import GPT
 from llmtrain.nonfinite import NonFiniteGuard
@@ -35,6 +36,8 @@ class LanguageModel(L.LightningModule):
       summed loss; `on_before_optimizer_step` divides the accumulated gradient by the global token count.
     - task "classify": the model's head maps to classes; the logits of the last real (non-pad) token of
       each sequence are the prediction; cross-entropy per sequence; accuracy and macro-F1.
+    - task "dpo": `preference` (dpo.py) scores the policy against its frozen reference on pairs; the loss is
+      averaged over all pairs of the optimizer step as "lm" averages over tokens; rewards and log-probabilities.
     """
 
     LOSS_SCALE = 1024.0  # keeps summed-token losses at a familiar magnitude before the exact rescale
@@ -55,11 +58,14 @@ class LanguageModel(L.LightningModule):
         max_nonfinite_steps: int = 0,
         loss_chunk: int | None = None,
         tokens_vary: bool = True,
+        preference: DPOLoss | None = None,
     ) -> None:
         super().__init__()
-        if task not in ("lm", "classify"):
-            raise ValueError(f"task must be 'lm' or 'classify', got {task!r}")
-        self.model = model
+        if task not in ("lm", "classify", "dpo"):
+            raise ValueError(f"task must be 'lm', 'classify' or 'dpo', got {task!r}")
+        if (task == "dpo") != (preference is not None):
+            raise ValueError("task 'dpo' takes a preference loss (DPOLoss), and only it does")
+        self.model, self.preference = model, preference
         self.optimizer_factory = optimizer
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
         self.tokenizer_name, self.task, self.label_names = tokenizer, task, label_names
@@ -105,17 +111,23 @@ class LanguageModel(L.LightningModule):
             self.guard.add(loss)
             self.log("train/loss", loss, batch_size=bs)
             return loss
-        loss_sum, n = self._lm_loss(batch)
-        self._step_tokens = self._step_tokens.to(n.device) + n
+        if self.task == "dpo":
+            stats = self.preference(self.model, batch)
+            loss_sum, n = stats["loss"].sum(), torch.tensor(stats["loss"].numel(), device=self.device)
+            for name in PAIR_STATS[1:]:
+                self.log(f"train/{name}", stats[name].mean(), batch_size=bs)
+        else:
+            loss_sum, n = self._lm_loss(batch)
+        self._step_tokens = self._step_tokens.to(n.device) + n  # tokens (lm) or pairs (dpo) of this step
         self.guard.add(loss_sum / n.clamp(min=1))
         self.log("train/loss", loss_sum / n.clamp(min=1), batch_size=bs)
         return loss_sum / self.LOSS_SCALE
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]
-        if self.task == "lm":
+        if self.task in ("lm", "dpo"):
             # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over ranks:
-            # undo both and divide by the tokens of the whole step instead (summed over ranks where they differ:
+            # undo both and divide by the tokens (pairs) of the whole step instead (summed over ranks where they differ:
             # one all-reduce of one number per step; pretraining windows carry the same number on every rank)
             tokens = self._step_tokens.float()
             world = self.trainer.world_size
@@ -142,6 +154,8 @@ class LanguageModel(L.LightningModule):
         if self.task == "classify":
             n = len(self.label_names or []) or self.gpt.head.out_features
             self._eval["confusion"] = z(n, n)  # rows: truth, columns: prediction
+        if self.task == "dpo":
+            self._eval |= {name: z() for name in PAIR_STATS}
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         if self.task == "classify":
@@ -151,6 +165,10 @@ class LanguageModel(L.LightningModule):
             idx = batch["label"] * logits.size(1) + logits.argmax(dim=-1)
             self._eval["confusion"] += torch.bincount(idx, minlength=logits.size(1) ** 2).view(
                 logits.size(1), logits.size(1)).double()
+        elif self.task == "dpo":
+            for name, value in self.preference(self.model, batch).items():
+                self._eval[name] += value.sum().double()
+            self._eval["count"] += batch["input_ids"].size(0) // 2
         else:
             loss_sum, n = self._lm_loss(batch)
             self._eval["loss"] += loss_sum.double()
@@ -163,6 +181,10 @@ class LanguageModel(L.LightningModule):
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         if self.task == "lm":
             self.log(f"{prefix}/ppl", torch.exp(loss))
+        elif self.task == "dpo":
+            for name in PAIR_STATS[1:]:
+                self.log(f"{prefix}/{name}", (totals[name] / totals["count"].clamp(min=1)).float(),
+                         prog_bar=prefix == "val" and name == "rewards/accuracy")
         else:
             conf = totals["confusion"]
             tp = conf.diag()
@@ -195,7 +217,7 @@ class LanguageModel(L.LightningModule):
     def _log_samples(self) -> None:
         """Write continuations of the sample prompts to TensorBoard's text tab (rank zero only; none under FSDP,
         where rank zero alone cannot run the sharded model)."""
-        if self.task != "lm" or not self.sample_prompts or self.logger is None:
+        if self.task == "classify" or not self.sample_prompts or self.logger is None:
             return
         if is_sharded(self.trainer.strategy):
             skip_sharded("text samples")
@@ -250,8 +272,13 @@ class LanguageModel(L.LightningModule):
                                   "num_classes": num_classes, "step": self.global_step}
         # and what an exact resume needs beyond Lightning's own state: every rank's generators
         checkpoint["llmtrain_resume"] = {"rng": gather_rng_states(), "nonfinite_steps": self.guard.skipped}
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("preference.")]:
+            del state[key]  # DPO's frozen reference is init_from's weights: loaded, not saved
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.preference is not None:  # the reference as the recipe loaded it, for Lightning's strict load
+            checkpoint["state_dict"] |= {f"preference.{k}": v for k, v in self.preference.state_dict().items()}
         resume = checkpoint.get("llmtrain_resume")
         if resume:
             self.guard.skipped = resume["nonfinite_steps"]

@@ -6,6 +6,9 @@
 | classify | init_from           | new head to classes   | last block + final LayerNorm + head  |
 | instruct | init_from           | LM head               | everything                           |
 | lora     | init_from           | LM head (or classes)  | LoRA adapters (+ a new head)         |
+| dpo      | init_from           | LM head               | everything, or LoRA adapters         |
+
+DPO also keeps the starting weights as its reference: a frozen copy, or with LoRA the base with adapters disabled.
 
 The loss and metrics that go with the task are the LightningModule's; the data format is the data module's.
 """
@@ -16,10 +19,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmtrain.checks import Effective
+from llmtrain.dpo import DPOLoss, reference_for
 from llmtrain.lora import apply_lora
 from llmtrain.model import GPT
 from llmtrain.pretrained import load_pretrained
-from llmtrain.prompts import record_prompt, template_of
+from llmtrain.prompts import format_prompt, record_prompt, template_of
 
 
 def build_model(finetune: DictConfig, eff: Effective, init_from: str | None,
@@ -42,6 +46,12 @@ def build_model(finetune: DictConfig, eff: Effective, init_from: str | None,
                            target_modules=list(lora.target_modules),
                            modules_to_save=["head"] if num_classes is not None else None)
     return model.train()
+
+
+def build_preference(finetune: DictConfig, model: nn.Module) -> DPOLoss | None:
+    """The DPO loss with its reference, taken from the model a stage starts with (before any step); None for
+    the other tasks."""
+    return DPOLoss(finetune.beta, reference_for(model)) if finetune.task == "dpo" else None
 
 
 def set_trainable(model: GPT, train_blocks: str | int) -> None:
@@ -67,9 +77,11 @@ def set_trainable(model: GPT, train_blocks: str | int) -> None:
 
 def sample_prompts(finetune: DictConfig, val_records: list[dict] | None) -> list[str]:
     """The prompts continued at each validation for TensorBoard's text tab: the first held-out instructions
-    (instruct), the configured sample_prompt (lm), none (classify)."""
+    (instruct) or preference prompts (dpo), the configured sample_prompt (lm), none (classify)."""
     if finetune.task == "instruct":
         return [record_prompt(r, template_of("instruct")) for r in val_records[: finetune.num_samples]]
+    if finetune.task == "dpo":
+        return [format_prompt(r["prompt"], template=template_of("dpo")) for r in val_records[: finetune.num_samples]]
     if finetune.task == "lm" and finetune.sample_prompt:
         return [finetune.sample_prompt]
     return []

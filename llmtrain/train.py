@@ -33,7 +33,7 @@ from llmtrain.lora import format_trainable
 from llmtrain.memory import preflight
 from llmtrain.module import LanguageModel
 from llmtrain.outputs import keep_tokenizer, run_meta, write_outputs
-from llmtrain.stages import build_model, sample_prompts
+from llmtrain.stages import build_model, build_preference, sample_prompts
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is not a valid batch size.*|.*Trying to infer the `batch_size`.*")
@@ -51,7 +51,7 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
     if ckpt_path is not None:  # that it loads and fits: not deep inside fit
         info = read_info(ckpt_path, f"ckpt_path={ckpt_path}", hint="; pass another one (ckpt_path=auto "
                          "hydra.run.dir=<its run dir> takes the newest one that loads)")
-        check_resume(info, eff.model_config, cfg.finetune.name, ckpt_path)
+        check_resume(info, eff.model_config, cfg.finetune.name, ckpt_path, cfg.init_from)
     elif is_launch_rank() and any(run_dir.glob("checkpoints/*.ckpt")):
         raise UserError(f"{run_dir} already holds checkpoints of an earlier run: resume it with ckpt_path=last, "
                         f"or leave hydra.run.dir unset for a new run dir")
@@ -72,11 +72,12 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
     module = LanguageModel(
         model, optimizer=build(cfg.optimizer, **fused_where_supported(cfg)), warmup_steps=cfg.scheduler.warmup_steps,
         max_steps=cfg.trainer.max_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio, tokenizer=eff.tokenizer,
-        task="classify" if task == "classify" else "lm", label_names=label_names,
-        sample_prompts=sample_prompts(cfg.finetune, datamodule.records["val"] if task == "instruct" else None),
+        task=task if task in ("classify", "dpo") else "lm", label_names=label_names,
+        preference=build_preference(cfg.finetune, model),
+        sample_prompts=sample_prompts(cfg.finetune, datamodule.records["val"] if task in ("instruct", "dpo") else None),
         sample_tokens=cfg.finetune.sample_tokens if task != "classify" else 0,
         max_nonfinite_steps=cfg.max_nonfinite_steps, checkpoint_info=meta, loss_chunk=cfg.perf.loss_chunk,
-        tokens_vary=task == "instruct",
+        tokens_vary=task in ("instruct", "dpo"),
     )
     module.gpt.gradient_checkpointing = cfg.perf.activation_checkpointing
     if on_cuda(cfg.trainer.accelerator):
@@ -90,7 +91,8 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
     if cfg.init_from and ckpt_path is None:  # the starting point, at step 0 of the curves
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         if trainer.is_global_zero:
-            print(f"before fine-tuning: val/loss {start['val/loss']:.4f}")
+            extra = f", val/rewards/accuracy {start['val/rewards/accuracy']:.4f}" if task == "dpo" else ""
+            print(f"before fine-tuning: val/loss {start['val/loss']:.4f}{extra}")
     try:
         with ddp_job_of_a_sweep(trainer.world_size, trainer.num_nodes):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -111,6 +113,9 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
         final |= test
         summary += (f", val/acc {float(metrics['val/acc']):.4f}, test/acc {test['test/acc']:.4f} "
                     f"(majority class {datamodule.majority_baseline('test'):.4f}), test/f1 {test['test/f1']:.4f}")
+    elif task == "dpo":
+        summary += (f", val/rewards/accuracy {float(metrics['val/rewards/accuracy']):.4f}, val/rewards/margin "
+                    f"{float(metrics['val/rewards/margin']):.4f}")
     else:
         summary += f", val/ppl {float(metrics['val/ppl']):.2f}"
     written = write_outputs(module, trainer, datamodule, cfg, meta)  # every rank: FSDP gathers the weights

@@ -18,6 +18,7 @@ Outputs (written to ``--out``, default ``llmtrain/assets/data``):
   pretrained on (see :func:`pretraining_entries`).
 * ``classify_{train,val,test}.jsonl.gz`` -- ``{"text": <definition>, "label": "devil"|"jargon"}``.
 * ``instruct_{train,val,test}.jsonl.gz`` -- Alpaca records ``{"instruction", "input", "output"}``.
+* ``preference_{train,val,test}.jsonl.gz`` -- DPO pairs ``{"prompt", "chosen", "rejected"}``.
 * ``PROVENANCE.md`` -- sources, licences, counts, checksums and how to rebuild.
 
 Usage::
@@ -465,19 +466,54 @@ def classify_records(entries: list[Entry]) -> dict[str, list[dict[str, str]]]:
     return out
 
 
+def instruction_of(entry: Entry) -> str:
+    """The request to define a headword in the voice of its book."""
+    if entry.source == "devil":
+        return f'Define "{entry.term}" as The Devil\'s Dictionary would.'
+    return f'What does "{entry.term}" mean in hacker jargon?'
+
+
+def answer_of(entry: Entry) -> str:
+    """The definition as an answer: cut to INSTRUCT_CHARS at a sentence or word boundary."""
+    return truncate(entry.body, INSTRUCT_CHARS, sentence=True, ellipsis=" ...")
+
+
 def instruct_records(entries: list[Entry]) -> dict[str, list[dict[str, str]]]:
     """Alpaca-style instruction records: define a headword in the voice of its book."""
     out: dict[str, list[dict[str, str]]] = {split: [] for split in SPLITS}
     for entry in entries:
         if len(entry.body) < MIN_BODY_CHARS:
             continue
-        split = out[split_of(entry.source, entry.term)]
-        if entry.source == "devil":
-            instruction = f'Define "{entry.term}" as The Devil\'s Dictionary would.'
-        else:
-            instruction = f'What does "{entry.term}" mean in hacker jargon?'
-        output = truncate(entry.body, INSTRUCT_CHARS, sentence=True, ellipsis=" ...")
-        split.append({"instruction": instruction, "input": "", "output": output})
+        record = {"instruction": instruction_of(entry), "input": "", "output": answer_of(entry)}
+        out[split_of(entry.source, entry.term)].append(record)
+    return out
+
+
+def preference_records(entries: list[Entry]) -> dict[str, list[dict[str, str]]]:
+    """Preference pairs for DPO: the instruct set's requests, chosen = the headword's own definition, rejected =
+    the definition of another headword of the same split (so val and test pairs hold val and test entries only).
+
+    The other headword is the next one on a ring of the split's entries ordered by ``sha1("rejected:source:term")``:
+    every definition is rejected exactly once, never for its own headword, and from either book, so some pairs
+    differ in voice and the others only in what the definition is about.
+    """
+    by_split: dict[str, list[Entry]] = {split: [] for split in SPLITS}
+    for entry in entries:
+        if len(entry.body) >= MIN_BODY_CHARS:
+            by_split[split_of(entry.source, entry.term)].append(entry)
+    out: dict[str, list[dict[str, str]]] = {}
+    for split, kept in by_split.items():
+        ring = sorted(range(len(kept)), key=lambda i: hashlib.sha1(
+            f"rejected:{kept[i].source}:{kept[i].term}".encode()).hexdigest())
+        after = {i: ring[(k + 1) % len(ring)] for k, i in enumerate(ring)}
+        out[split] = []
+        for i, entry in enumerate(kept):
+            others = [after[i]]
+            while len(others) < len(ring) and answer_of(kept[others[-1]]) == answer_of(entry):
+                others.append(after[others[-1]])  # two headwords with one definition: take the next
+            if answer_of(kept[others[-1]]) != answer_of(entry):  # else the split has no other definition
+                out[split].append({"prompt": instruction_of(entry), "chosen": answer_of(entry),
+                                   "rejected": answer_of(kept[others[-1]])})
     return out
 
 
@@ -655,7 +691,7 @@ def provenance(packages: list[Package], entries: list[Entry], counts: dict[str, 
         "All `.jsonl.gz` files are gzip-compressed UTF-8 JSON Lines, one record per line.",
         'Splits are fixed by `sha1(f"{source}:{term}") mod 100`: < 80 train, 80-89 val, >= 90 test, so one',
         f"headword is in the same split in every dataset. Definitions shorter than {MIN_BODY_CHARS} characters are",
-        "left out of the classify and instruct sets.",
+        "left out of the classify, instruct and preference sets.",
         "",
         "The pretraining corpus (`entries.jsonl.gz`) holds the train headwords only, less the entries whose text",
         "contains a val or test text of a stage set (a few definitions are shared by two headwords): what the stages",
@@ -673,6 +709,9 @@ def provenance(packages: list[Package], entries: list[Entry], counts: dict[str, 
         "instruct": '`{instruction, input, output}` (Alpaca): `Define "term" as The Devil\'s Dictionary '
         'would.` / `What does "term" mean in hacker jargon?`; output is the definition cut to <= '
         f"{INSTRUCT_CHARS} chars at a sentence or word boundary",
+        "preference": "`{prompt, chosen, rejected}` (DPO): the instruct requests; chosen is the headword's own "
+        "definition, rejected the definition of another headword of the same split (the next one on a ring "
+        'ordered by `sha1("rejected:source:term")`, so each is rejected once, from either book)',
     }
     for name, count in counts.items():
         path = out / name
@@ -714,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretraining corpus: {len(corpus)} of {len(entries)} entries (train headwords, no held-out text)")
         records = ({"source": e.source, "term": e.term, "text": e.text} for e in corpus)
         counts["entries.jsonl.gz"] = write_jsonl_gz(out / "entries.jsonl.gz", records)
-        for kind, by_split in stage_sets.items():
+        # the preference pairs' texts are the instruct answers of the same split: held out with them
+        for kind, by_split in {**stage_sets, "preference": preference_records(entries)}.items():
             for split in SPLITS:
                 counts[f"{kind}_{split}.jsonl.gz"] = write_jsonl_gz(out / f"{kind}_{split}.jsonl.gz", by_split[split])
 

@@ -38,6 +38,11 @@ def make_files(tmp_path: Path) -> Path:
     (tmp_path / "llama" / "config.json").write_text(json.dumps(
         {"model_type": "llama", "vocab_size": 257, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}))
+    dpo = {"model_config": pretrain, "stage": "dpo", "task": "dpo", "tokenizer": "gpt2", "init_from": "runs/instruct"}
+    torch.save({"state_dict": {}, "llmtrain": dpo}, tmp_path / "dpo.ckpt")
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(
+        {"prompt": f"q{i}", "chosen": [{"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "assistant", "content": "no"}]}) for i in range(20)))
     data = (tmp_path / "other.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "outputs" / "earlier").mkdir(parents=True)

@@ -170,11 +170,13 @@ def test_every_config_option_composes_and_validates(tmp_path):
     from llmtrain.hf_tokenizer import tokenizer_json
 
     (tmp_path / "x.txt").write_text("some text")
-    stage_for_data = {"ClassifyDataModule": "classify", "InstructDataModule": "instruct"}
+    stage_for_data = {"ClassifyDataModule": "classify", "InstructDataModule": "instruct",
+                      "PreferenceDataModule": "dpo"}
     from_scratch = ["model=gpt_tiny", "data.tokenizer=gpt2"]  # a stage without init_from needs a model and tokenizer
+    needs_path = ("text", "json", "parquet", "preference_json", "preference_parquet")  # their data.path is ???
     for group in ("model", "data", "optimizer", "scheduler", "finetune", "trainer", "logger", "callbacks"):
         for option in sorted(Path(CONF_DIR, group).glob("*.yaml")):
-            extra = [f"data.path={tmp_path / 'x.txt'}"] if option.stem in ("text", "json", "parquet") else []
+            extra = [f"data.path={tmp_path / 'x.txt'}"] if option.stem in needs_path else []
             if group == "data":
                 target = compose([f"data={option.stem}", *extra], tmp_path).data._target_.rsplit(".", 1)[-1]
                 extra += [f"finetune={stage_for_data[target]}", *from_scratch] if target in stage_for_data else []
