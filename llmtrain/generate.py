@@ -22,13 +22,12 @@ from llmtrain.checkpoints import ModelInfo
 from llmtrain.decoding import PRECISIONS, decode_precision, prepare_for_decoding, resolve_device
 from llmtrain.errors import UserError, one_line_errors
 from llmtrain.hf_export import is_hf_adapter
-from llmtrain.lora import load_adapter, merge
+from llmtrain.lora import ADAPTER_META, load_adapter, merge
 from llmtrain.model import GPT
 from llmtrain.pretrained import describe, load_pretrained
 from llmtrain.prompts import format_prompt
 from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer, continuation_text, find_tokenizer
 
-ADAPTER_META = "llmtrain_adapter.json"  # written next to a LoRA adapter: {"base": <init_from of the base>, ...}
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 NULL = ("null", "none", "~", "")
 

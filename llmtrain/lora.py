@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.out_proj")
+ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: {"base": <init_from of its base>, the run's record}
 
 
 def _matches(name: str, target: str) -> bool:

@@ -20,13 +20,11 @@ from omegaconf import DictConfig
 
 from llmtrain.errors import UserError
 from llmtrain.hf_export import export_hf, export_hf_adapter, gpt2_mismatches
-from llmtrain.lora import save_adapter
+from llmtrain.lora import ADAPTER_META, save_adapter
 from llmtrain.pretrained import hf_folder
 from llmtrain.prompts import record_prompt, template_of
 from llmtrain.sharded import gathered_gpt, is_sharded, skip_sharded
 from llmtrain.tokenizer import TOKENIZER_FILE, continuation_text, is_file_tokenizer
-
-ADAPTER_META = "llmtrain_adapter.json"  # beside a LoRA adapter: its base (init_from) and the run's record
 
 
 def run_meta(cfg: DictConfig, tokenizer: str, label_names: list[str] | None) -> dict:
