@@ -29,7 +29,8 @@ from llmtrain.lora import trainable_summary
 
 # the metrics the HPARAMS tab shows for each job: their last value in the run, i.e. the final validation
 HPARAM_METRICS = {"lm": ("val/loss", "val/ppl"), "instruct": ("val/loss", "val/ppl"),
-                  "classify": ("val/loss", "val/acc", "val/f1")}
+                  "classify": ("val/loss", "val/acc", "val/f1"),
+                  "dpo": ("val/loss", "val/rewards/accuracy", "val/rewards/margin")}
 DATA_TYPES = {int: api_pb2.DATA_TYPE_FLOAT64, float: api_pb2.DATA_TYPE_FLOAT64, str: api_pb2.DATA_TYPE_STRING}
 # the groups whose choice names a run (experiment=..., model=...), in the order the table shows them
 GROUPS = ("experiment", "debug", "model", "data", "finetune", "optimizer", "scheduler", "trainer")

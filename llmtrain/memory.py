@@ -83,9 +83,11 @@ def estimate(cfg: DictConfig, eff: Effective) -> Estimate:
         weights += n_all / config.n_layers * width  # the block being computed, gathered
     elif kind == "mixed":
         weights += 2 * n_train  # autocast caches a 16-bit copy of each trainable weight
+    if cfg.finetune.task == "dpo" and not cfg.finetune.lora:
+        weights += n_all * width / shards  # DPO's frozen reference (with LoRA: the base, adapters disabled)
     gradients = n_train * width / shards
     optimizer = n_train * width * optimizer_states(cfg) / shards
-    tokens = cfg.data.batch_size * sequence_length(cfg, eff)
+    tokens = cfg.data.batch_size * sequence_length(cfg, eff) * (2 if cfg.finetune.task == "dpo" else 1)  # DPO: pairs
     per_block = act_bytes * config.emb_dim + (2 * config.emb_dim if config.drop_rate > 0 else 0)  # + dropout masks
     blocks = config.n_layers if cfg.finetune.lora else layers_with_backward(model, config.n_layers)
     strategy = cfg.trainer.strategy
@@ -107,7 +109,7 @@ def logits_bytes(cfg: DictConfig, model: GPT, tokens: int, per_value: int, width
     (fp32) and the hidden states' gradient that the chunked loss keeps for the backward pass."""
     vocab, dim, chunk = model.head.out_features, model.config.emb_dim, cfg.perf.loss_chunk
     lora_head = cfg.finetune.lora and any(t == "head" or t.endswith(".head") for t in cfg.finetune.lora.target_modules)
-    if chunk and cfg.finetune.task != "classify" and not lora_head:
+    if chunk and cfg.finetune.task not in ("classify", "dpo") and not lora_head:  # DPO: full logits per pair
         per_chunk = min(chunk, tokens) * vocab * (12 if tokens > chunk else 8)
         return per_chunk + vocab * dim * 4 + tokens * dim * width
     return tokens * vocab * per_value
@@ -141,7 +143,7 @@ def lora_parameters(cfg: DictConfig, model: nn.Module) -> int:
     targets = list(lora.target_modules or DEFAULT_TARGETS)
     hit = [m for name, m in model.named_modules() if isinstance(m, nn.Linear)
            and any(name == t or name.endswith("." + t) for t in targets)]
-    head = model.head.weight.numel() + model.head.bias.numel() if cfg.finetune.task == "classify" else 0
+    head = sum(p.numel() for p in model.head.parameters()) if cfg.finetune.task == "classify" else 0
     return sum(lora.r * (m.in_features + m.out_features) for m in hit) + head
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import read_scalars, run_cli
+from conftest import read_hparams, read_scalars, run_cli
 from torch.utils.data import DataLoader
 
 from llmtrain.data.tables import pad_batch
@@ -369,7 +369,7 @@ def test_dpo_with_lora_trains_adapters_against_the_base(dpo_run, tmp_path):
                    f"hydra.run.dir={tmp_path / 'lora'}"], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dpo: trainable params" in run.stdout + run.stderr
-    assert 0 < read_scalars(tmp_path / "lora")["model/trainable_fraction"][0][1] < 0.5
+    assert 0 < read_hparams(tmp_path / "lora")["model.trainable_fraction"] < 0.5  # in the HPARAMS tab
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
     accuracy = [v for _, v in sorted(read_scalars(tmp_path / "lora")["val/rewards/accuracy"])]
     assert accuracy[0] == 0.0 and accuracy[-1] > 0  # the adapters moved the policy away from the base

@@ -102,6 +102,18 @@ def test_the_estimate_follows_what_trains(tmp_path, base_ckpt):
     ckpt = memory.estimate(*checked(["model=checkpoint", f"init_from={base_ckpt}", "data.tokenizer=bytes",
                                      "perf.activation_checkpointing=true"], tmp_path))
     assert ckpt.activations < pre.activations
+    # DPO: a pair is two sequences through the policy, and a frozen copy of the start is the reference (with
+    # LoRA the base itself is, its adapters disabled); the classifier's head (bias-free) is counted under LoRA
+    ins = memory.estimate(*checked(["finetune=instruct", f"init_from={base_ckpt}", "data.max_length=64"], tmp_path))
+    dpo = memory.estimate(*checked(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64"], tmp_path))
+    dpo_lora = memory.estimate(*checked(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64",
+                                         "finetune.lora={r:8,alpha:16,dropout:0.0,target_modules:[attn.qkv]}"],
+                                        tmp_path))
+    assert dpo.activations == 2 * ins.activations  # 8 pairs a micro-batch, against 8 instruct records
+    assert dpo.weights == 2 * ins.weights and dpo_lora.weights == ins.weights
+    lora_cls = memory.estimate(*checked(["finetune=lora", "finetune.task=classify", "data=classify_embedded",
+                                         f"init_from={base_ckpt}"], tmp_path))
+    assert lora_cls.gradients == 4 * (4 * 8 * (32 + 96 + 32 + 32) + 3 * 32)  # adapters + the 3-class head
 
 
 def test_cpu_processes_sharing_the_cores_are_warned_about(tmp_path, capsys):
