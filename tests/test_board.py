@@ -142,7 +142,7 @@ def sweep(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_multirun_ends_with_a_table_of_its_jobs_best_first(sweep):
+def test_a_multirun_sweeps_into_one_dir_and_ends_with_a_table_of_its_jobs_best_first(sweep):
     sweep_dir, result = sweep
     finals = {job: json.loads((sweep_dir / job / "metrics.json").read_text()) for job in ("0", "1")}
     for job in ("0", "1"):  # metrics.json holds the final validation, as TensorBoard does
@@ -152,6 +152,9 @@ def test_a_multirun_ends_with_a_table_of_its_jobs_best_first(sweep):
     assert rows and rows[0].split("|")[2].strip() == best
     assert rows[0].split("|")[3].strip() == {"0": "optimizer.lr=0.0001", "1": "optimizer.lr=0.003"}[best]
     assert rows[0] in result.stdout  # printed too
+    for job, lr in (("0", "0.0001"), ("1", "0.003")):  # one sweep dir, a subdir per job, each a whole run
+        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+        assert f"optimizer.lr={lr}" in (sweep_dir / job / ".hydra" / "overrides.yaml").read_text()
 
 
 @pytest.mark.slow
