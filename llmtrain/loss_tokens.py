@@ -14,7 +14,7 @@ import sys
 
 from llmtrain.data.sources import load_table_splits
 from llmtrain.data.tables import IGNORE_INDEX, encode_instruction
-from llmtrain.errors import UserError
+from llmtrain.errors import UserError, one_line_errors
 from llmtrain.tokenizer import build_tokenizer
 
 KEYS = {"instruction": None, "input": "", "output": None, "record": None, "split": "train", "max_length": 256,
@@ -61,11 +61,8 @@ def describe(args: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with one_line_errors():
         print("\n".join(describe(parse_args(sys.argv[1:] if argv is None else argv))))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
