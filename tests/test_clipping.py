@@ -41,16 +41,16 @@ def test_under_fsdp_the_norm_is_clipped_by_fsdp_over_every_shard():
 
 
 def test_a_run_with_bf16_mixed_and_a_fused_adamw_trains(tmp_path):
-    cfg = compose([*TINY, "trainer.precision=bf16-mixed", "optimizer.fused=true", "trainer.max_steps=3",
-                   "trainer.val_check_interval=3", "trainer.limit_val_batches=1"], tmp_path)
+    cfg = compose([*TINY, "optimizer=adamw", "trainer.precision=bf16-mixed", "optimizer.fused=true",
+                   "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1"], tmp_path)
     assert train(cfg) < 6.0
 
 
 def test_fp16_with_clipping_gets_the_unfused_optimizer():
     """16-mixed scales the gradients; a fused optimizer unscales them inside its step, after clipping would have
     run on scaled values: Lightning rightly refuses that, so the recipe asks for the unfused one."""
-    assert fused_where_supported(compose(["trainer.precision=16-mixed", "trainer.accelerator=cpu"], "x")) == {}
-    assert fused_where_supported(compose(["trainer.precision=16-mixed", "trainer.accelerator=cpu",
-                                          "trainer.gradient_clip_val=null"], "x")) == {"fused": True}
-    assert fused_where_supported(compose(["trainer.precision=bf16-mixed", "trainer.accelerator=cpu"], "x")) == {
-        "fused": True}
+    adamw = ["optimizer=adamw", "trainer.accelerator=cpu"]
+    assert fused_where_supported(compose([*adamw, "trainer.precision=16-mixed"], "x")) == {}
+    assert fused_where_supported(compose([*adamw, "trainer.precision=16-mixed", "trainer.gradient_clip_val=null"],
+                                         "x")) == {"fused": True}
+    assert fused_where_supported(compose([*adamw, "trainer.precision=bf16-mixed"], "x")) == {"fused": True}

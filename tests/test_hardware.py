@@ -69,9 +69,9 @@ def test_a_run_on_this_cpu_builds_a_fused_adamw(tmp_path):
 
     from llmtrain.train import build, fused_where_supported
 
-    cfg = compose(TINY, tmp_path)
+    cfg = compose([*TINY, "optimizer=adamw"], tmp_path)
     opt = build(cfg.optimizer, **fused_where_supported(cfg))([torch.nn.Parameter(torch.zeros(2))])
     assert opt.defaults["fused"] is True
-    cfg = compose([*TINY, "optimizer.fused=false"], tmp_path)
+    cfg = compose([*TINY, "optimizer=adamw", "optimizer.fused=false"], tmp_path)
     assert build(cfg.optimizer, **fused_where_supported(cfg))([torch.nn.Parameter(torch.zeros(2))]).defaults[
         "fused"] is False

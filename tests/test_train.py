@@ -35,7 +35,8 @@ def test_short_run_val_loss_falls_and_is_returned(short_run):
 def test_tensorboard_holds_the_metrics_a_user_watches(short_run):
     run_dir, _ = short_run
     scalars = read_scalars(run_dir)
-    for tag in ("train/loss", "val/loss", "val/ppl", "train/tokens_per_sec", "train/grad_norm", "train/lr"):
+    for tag in ("train/loss", "val/loss", "val/ppl", "train/tokens_per_sec", "train/grad_norm", "train/lr/matrix",
+                "train/lr/embedding"):  # pretraining's Muon: one lr per role (a single train/lr for AdamW)
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     # only train/ and val/ groups: no `epoch`, no lr card per parameter group (TensorBoard sorts groups by name)
     assert {t.split("/")[0] for t in scalars} == {"train", "val"}, sorted(scalars)
@@ -44,10 +45,10 @@ def test_tensorboard_holds_the_metrics_a_user_watches(short_run):
     for step, v in loss.items():
         assert ppl[step] == pytest.approx(float(torch.tensor(v).exp()), rel=1e-4)
     assert all(v > 0 for _, v in scalars["train/tokens_per_sec"])
-    lr = dict(scalars["train/lr"])
+    lr, embedding_lr = dict(scalars["train/lr/matrix"]), dict(scalars["train/lr/embedding"])
     assert sorted(lr) == sorted(dict(scalars["train/loss"]))  # at the steps of the loss it drove
-    assert lr[4] == pytest.approx(1e-3, rel=1e-6)  # warmup (5 steps) reaches the peak at the 5th step, then decays
-    assert lr[29] < lr[4]
+    assert lr[4] == pytest.approx(0.02, rel=1e-6)  # warmup (5 steps) reaches the peak at the 5th step, then decays
+    assert embedding_lr[4] == pytest.approx(3e-3, rel=1e-6) and lr[29] < lr[4]
 
 
 def test_checkpoints_describe_themselves(short_run):
@@ -160,6 +161,17 @@ def test_unknown_group_option_names_the_choices(tmp_path):
 def test_a_typo_in_a_key_is_caught_at_compose_time(tmp_path):
     result = run_cli(["model.n_layrs=3"], cwd=tmp_path)
     assert result.returncode != 0 and "n_layrs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_stage_sets_its_own_steps_and_optimizer_over_the_groups_defaults(tmp_path):
+    """Pretraining: Muon for 150 steps; DPO: its 200 steps at AdamW's lr 1e-5; the command line wins over both."""
+    pre = compose([], tmp_path)
+    assert pre.optimizer._target_.endswith("MuonAdamW") and (pre.trainer.max_steps, pre.trainer.val_check_interval) == (
+        150, 50)
+    dpo = compose(["finetune=dpo"], tmp_path)
+    assert dpo.optimizer._target_ == "torch.optim.AdamW" and dpo.optimizer.lr == 1e-5 and dpo.trainer.max_steps == 200
+    old = compose(["optimizer=adamw", "trainer.max_steps=300"], tmp_path)  # the earlier defaults, by overrides
+    assert old.optimizer._target_ == "torch.optim.AdamW" and old.trainer.max_steps == 300
 
 
 def test_every_config_option_composes_and_validates(tmp_path):
