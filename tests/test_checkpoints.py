@@ -181,3 +181,13 @@ def test_newest_loadable_prefers_last_and_passes_over_a_cut_file(tmp_path, capsy
     (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 2])
     assert newest_loadable_checkpoint(tmp_path) == str(tmp_path / "best-step20.ckpt")
     assert f"warning: skipping {tmp_path / 'last.ckpt'}: it does not load" in capsys.readouterr().err
+
+
+def test_newest_loadable_prefers_last_over_a_newer_best_file(tmp_path):
+    """A best-* file written after last.ckpt (it may fall inside an accumulation window) still loses to last."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    for age, name in enumerate(("last.ckpt", "best-step30.ckpt")):
+        fake_checkpoint(tmp_path / name, model)
+        os.utime(tmp_path / name, (1e9 + age, 1e9 + age))  # best-step30 is one second newer
+    assert newest_loadable_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")

@@ -40,6 +40,23 @@ def test_under_fsdp_the_norm_is_clipped_by_fsdp_over_every_shard():
     assert calls == [1.0]
 
 
+def test_under_fsdp_clipping_by_value_stays_clipping_by_value():
+    """Clipping each element needs no collective, so each rank clips its own shards; FSDP's norm clip is not used."""
+    calls = []
+    strategy = FSDPStrategy()
+    strategy._model = SimpleNamespace(clip_grad_norm_=calls.append)  # would record a clip by norm
+    model = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    module = LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1)
+    module.trainer = SimpleNamespace(precision_plugin=FSDPPrecision("bf16-mixed"), strategy=strategy,
+                                     gradient_clip_val=0.5, gradient_clip_algorithm=None)
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, 3.0 if i % 2 else -3.0)
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="value")
+    assert calls == []
+    assert all(p.grad.abs().eq(0.5).all() for p in model.parameters())  # every element cut to +-0.5
+
+
 def test_a_run_with_bf16_mixed_and_a_fused_adamw_trains(tmp_path):
     cfg = compose([*TINY, "optimizer=adamw", "trainer.precision=bf16-mixed", "optimizer.fused=true",
                    "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1"], tmp_path)

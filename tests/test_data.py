@@ -163,6 +163,34 @@ def test_resumable_loader_continues_the_epoch_where_the_checkpoint_left_it():
         loader().load_state_dict(state | {"batch_size": 8})
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resumable_loader_resumes_each_of_two_ranks_at_its_own_position(monkeypatch, rank):
+    """With two ranks, samples_done counts both ranks' batches; each rank resumes at its own share's offset."""
+    import torch
+
+    import llmtrain.resume as resume
+
+    monkeypatch.setattr(resume, "world", lambda: (2, rank))
+    data = torch.arange(50)  # 25 samples a rank: 6 batches of 4
+
+    def loader(done=lambda: 0):
+        return resume.ResumableLoader(data, batch_size=4, shuffle=True, seed=7, batches_done=done, drop_last=True)
+
+    whole = loader()
+    whole.sampler.set_epoch(3)
+    epoch3 = [b.tolist() for b in whole]
+    assert len(epoch3) == 6
+
+    first = loader(done=lambda: 3)  # 3 batches trained on each rank
+    first.sampler.set_epoch(3)
+    state = first.state_dict()
+    assert (state["num_replicas"], state["samples_done"]) == (2, 24)  # 3 batches x 4 x 2 ranks
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == epoch3[3:]
+
+
 def test_creating_loaders_draws_nothing_from_the_global_generator(tmp_path):
     import torch
 

@@ -82,6 +82,20 @@ def test_show_top_prints_k_sorted_candidates(ckpt, model):
     assert all(0 <= p <= 1 for _, _, p in candidates)
 
 
+def test_top_candidates_are_the_distribution_after_the_last_prompt_token(model):
+    """show_top lists what the model predicts next: softmax of the logits at the prompt's last position."""
+    ids = torch.tensor([TOK.encode("Hello")])  # (1, 5): one byte a token
+    with torch.no_grad():
+        probs = model(ids)[0, -1].softmax(dim=-1)  # (257,)
+    want = torch.topk(probs, 7)
+    candidates = top_candidates(model, TOK, "Hello", 7)
+    assert [i for i, _, _ in candidates] == want.indices.tolist()
+    assert [p for _, _, p in candidates] == pytest.approx(want.values.tolist(), abs=1e-6)
+    # a byte that is part of a UTF-8 character shows as \xNN
+    assert [s for _, s, _ in candidates] == [
+        TOK.decode_single_token_bytes(i).decode("utf-8", errors="backslashreplace") for i in want.indices.tolist()]
+
+
 def test_same_seed_same_sample_and_other_seed_differs(model):
     sample = lambda seed: generate_text(model, TOK, "Once", max_new_tokens=20, temperature=1.0, top_k=None,
                                         top_p=None, seed=seed)

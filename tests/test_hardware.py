@@ -41,6 +41,14 @@ def test_auto_on_a_gpu_follows_the_gpu(machine):
     assert hw.choose_precision("auto", "cpu")[0] == "bf16-mixed"  # accelerator=cpu on the same machine
 
 
+def test_a_gpu_that_only_emulates_bf16_trains_in_fp32(machine, monkeypatch):
+    """A V100 answers is_bf16_supported() True by emulation (the default); only the native answer counts."""
+    machine(gpu="Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert hw.cuda_bf16() is False
+    assert hw.choose_precision("auto", "gpu")[0] == "32-true"
+
+
 def test_a_precision_that_is_set_is_kept(machine):
     machine(flags={"avx512_bf16"})
     assert hw.choose_precision("32-true", "auto") == ("32-true", "as set by trainer.precision")

@@ -140,6 +140,22 @@ def test_merge_matches_adapters(base, tokens):
         torch.testing.assert_close(merged(tokens), want, atol=1e-5, rtol=0)
 
 
+def test_alpha_sets_the_adapter_scale(base):
+    """peft scales B @ A by alpha / r: doubling alpha doubles a layer's update for the same A and B."""
+    x = torch.randn(2, 5, CFG["emb_dim"], generator=torch.Generator().manual_seed(3))  # (B, T, emb_dim)
+    deltas = []
+    for alpha in (2 * R, 4 * R):  # scale 2, then 4
+        torch.manual_seed(4)  # the same A and B in both
+        pm = apply_lora(copy.deepcopy(base), r=R, alpha=alpha, dropout=0.0).eval()
+        randomise_lora_b(pm)
+        qkv = pm.base_model.model.blocks[0].attn.qkv
+        assert qkv.scaling["default"] == alpha / R
+        with torch.no_grad():
+            deltas.append(qkv(x) - qkv.base_layer(x))  # (2, 5, 3 * emb_dim): the adapter's part alone
+    assert deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[1], 2 * deltas[0], atol=1e-6, rtol=1e-5)
+
+
 def with_class_head(model: GPT, classes: int = 3) -> GPT:
     torch.manual_seed(2)
     model.head = nn.Linear(model.config.emb_dim, classes)  # a new module: no longer tied to tok_emb

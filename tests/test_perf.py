@@ -34,6 +34,17 @@ def test_tokens_per_step_sets_gradient_accumulation(tmp_path):
         check_config(cfg)
 
 
+def test_tokens_per_step_counts_every_node(tmp_path):
+    """Each node adds its devices' batches to one optimizer step, so two nodes halve the accumulation."""
+    cfg = compose([*TINY, "tokens_per_step=1024", "trainer.num_nodes=2"], tmp_path)  # 1 x 2 nodes x 8 x 32 = 512
+    problems = []
+    assert accumulation_steps(cfg, 32, problems) == 2 and not problems
+    cfg = compose([*TINY, "tokens_per_step=768", "trainer.num_nodes=2"], tmp_path)  # a multiple of 256, not 512
+    assert accumulation_steps(cfg, 32, problems) == 1
+    assert problems == ["tokens_per_step=768 is not a multiple of devices x nodes x data.batch_size x context "
+                        "(1 x 2 x 8 x 32 = 512): choose a multiple of 512 or change data.batch_size"]
+
+
 def test_flops_per_token_follows_the_model_shape():
     m = GPT(GPTConfig(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12, qkv_bias=True,
                       tie_weights=True))
