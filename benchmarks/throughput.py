@@ -7,8 +7,9 @@
 A script that prints figures, not a test. Each measured run is a fresh subprocess of this file (so peak memory
 and start-up time belong to one run); the two paths alternate (A B, B A, ...) so that drift of the machine
 falls on both. Both paths use the same GPT class (llmtrain.model), the same seed, the same cached GPT-2 BPE
-tokens of the embedded corpus, batch and windows, AdamW over llmtrain.module.param_groups, the schedule
-llmtrain.module.lr_factor and gradient clipping at 1.0.
+tokens of the embedded corpus, batch and windows, AdamW over llmtrain.optim.param_groups, the schedule
+llmtrain.optim.lr_factor and gradient clipping at 1.0 (llmtrain with optimizer=adamw, except in the row of its
+defaults, where pretraining's default optimizer, Muon, runs).
 
 - llmtrain: the real config composed with Hydra's compose API (as tests/conftest.py does), shrunk only where
   a benchmark must be: trainer.max_steps=N, no validation inside the timed steps, no progress bar. The
@@ -78,6 +79,7 @@ def compose_config(args: argparse.Namespace, run_dir: str, extra: list[str] = ()
         f"seed={args.seed}",
         f"perf.compile={str(args.compile).lower()}",
         f"perf.loss_chunk={args.loss_chunk or 'null'}",
+        *([f"optimizer={args.optimizer}"] if args.optimizer != "default" else []),  # the plain loop's AdamW
         *extra,
         f"run_dir={run_dir}",
     ]
@@ -382,7 +384,7 @@ def run_worker(path: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", path, "--model", args.model,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
            "--device", args.device, "--precision", args.precision, "--seed", str(args.seed),
-           "--loss-chunk", str(args.loss_chunk)]
+           "--loss-chunk", str(args.loss_chunk), "--optimizer", args.optimizer]
     if args.compile:
         cmd.append("--compile")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -415,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip the rows of llmtrain's defaults and of the best settings (auto precision, compile, "
                         "chunked loss) for both paths")
     p.add_argument("--seed", type=int, default=1337)
+    # llmtrain's optimizer: AdamW as the plain loop's, or "default" (the config's: Muon when pretraining) for the
+    # row of llmtrain's defaults
+    p.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
     p.add_argument("--skip-machine", action="store_true", help="skip the matmul peak and tokenization figures")
     p.add_argument("--worker", choices=("llmtrain", "plain"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -507,7 +512,8 @@ def best_rows(args: argparse.Namespace, plain_rate: float) -> None:
 
     chunk = OmegaConf.load(CONF_DIR / "config.yaml").perf.loss_chunk or 0
     precision, why = choose_precision("auto", "gpu" if args.device == "cuda" else "cpu")
-    defaults = argparse.Namespace(**{**vars(args), "precision": "auto", "loss_chunk": chunk, "compile": False})
+    defaults = argparse.Namespace(**{**vars(args), "precision": "auto", "loss_chunk": chunk, "compile": False,
+                                     "optimizer": "default"})
     best = argparse.Namespace(**{**vars(args), "precision": "auto", "loss_chunk": chunk, "compile": True})
     runs: dict[str, list[float]] = {"llmtrain defaults": [], "llmtrain best": [], "plain best": []}
     print(f"\nprecision auto here: {precision} ({why}); loss chunk {chunk} tokens")
@@ -519,7 +525,8 @@ def best_rows(args: argparse.Namespace, plain_rate: float) -> None:
             runs[name].append(rate)
             print(f"  run {i + 1} {name:17s}: {rate:,.0f} tokens/s", flush=True)
     med = {name: statistics.median(rates) for name, rates in runs.items()}
-    print(f"llmtrain defaults ({precision}, loss chunk {chunk}, no compile): {spread(runs['llmtrain defaults'])} "
+    print(f"llmtrain defaults ({precision}, loss chunk {chunk}, no compile, its default optimizer): "
+          f"{spread(runs['llmtrain defaults'])} "
           f"tokens/s = {med['llmtrain defaults'] / plain_rate:.2f}x the plain loop at equal settings ({args.precision}"
           f"{', compile' if args.compile else ''}{f', loss chunk {args.loss_chunk}' if args.loss_chunk else ''})")
     print(f"best settings ({precision}, compile, loss chunk {chunk}): llmtrain {spread(runs['llmtrain best'])}, "

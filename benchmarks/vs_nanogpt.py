@@ -11,10 +11,10 @@ alternate, and the rate is tokens per second over the steps after --warmup (nano
 `time ...ms` lines; llmtrain: the same stamps from a callback, as benchmarks/throughput.py takes them).
 
 Rows:
-- equal settings: fp32, no compile, each program's vocabulary (nanoGPT pads 50,257 to 50,304) and its loss
-  path (llmtrain: its default chunked head + loss; nanoGPT: the full logits);
-- llmtrain's defaults (trainer.precision=auto: bf16 where the CPU has native bf16) against nanoGPT's CPU
-  recipe (its train.py on a CPU always runs fp32: it uses autocast only on CUDA).
+- equal settings: fp32, no compile, AdamW, each program's vocabulary (nanoGPT pads 50,257 to 50,304) and its
+  loss path (llmtrain: its default chunked head + loss; nanoGPT: the full logits);
+- llmtrain's defaults (trainer.precision=auto: bf16 where the CPU has native bf16; pretraining's Muon) against
+  nanoGPT's CPU recipe (its train.py on a CPU always runs fp32: it uses autocast only on CUDA).
 """
 
 from __future__ import annotations
@@ -73,10 +73,11 @@ def run_nanogpt(nanogpt: Path, steps: int, warmup: int) -> float:
     return tokens * len(times[warmup:]) / (sum(times[warmup:]) / 1000)
 
 
-def run_llmtrain(steps: int, warmup: int, precision: str) -> float:
-    """The whole stack (python -m llmtrain's config and recipe), stamped per step by throughput.py's StepTimer."""
+def run_llmtrain(steps: int, warmup: int, precision: str, optimizer: str) -> float:
+    """The whole stack (python -m llmtrain's config and recipe), stamped per step by throughput.py's StepTimer.
+    optimizer: "adamw" (nanoGPT's) or "default" (the config's: Muon when pretraining)."""
     cmd = [sys.executable, str(BENCH_DIR / "vs_nanogpt.py"), "--llmtrain-worker", "--steps", str(steps),
-           "--warmup", str(warmup), "--precision", precision]
+           "--warmup", str(warmup), "--precision", precision, "--optimizer", optimizer]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     found = re.search(r"^RATE (\S+)$", result.stdout, flags=re.M)
     if result.returncode or not found:
@@ -84,7 +85,7 @@ def run_llmtrain(steps: int, warmup: int, precision: str) -> float:
     return float(found.group(1))
 
 
-def llmtrain_worker(steps: int, warmup: int, precision: str) -> None:
+def llmtrain_worker(steps: int, warmup: int, precision: str, optimizer: str) -> None:
     import io
     from contextlib import redirect_stdout
 
@@ -98,7 +99,8 @@ def llmtrain_worker(steps: int, warmup: int, precision: str) -> None:
         overrides = [*LLMTRAIN_SHAPE, f"trainer.precision={precision}", f"trainer.max_steps={steps}",
                      f"trainer.val_check_interval={steps + 1000}", "trainer.limit_val_batches=2",
                      "trainer.accelerator=cpu", "callbacks.progress_bar=null",
-                     "+callbacks.bench._target_=throughput.StepTimer", f"run_dir={run_dir}"]
+                     "+callbacks.bench._target_=throughput.StepTimer", f"run_dir={run_dir}",
+                     *([f"optimizer={optimizer}"] if optimizer != "default" else [])]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
         with redirect_stdout(io.StringIO()):
@@ -115,17 +117,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--llmtrain-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="32-true", help=argparse.SUPPRESS)
+    p.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.llmtrain_worker:
-        llmtrain_worker(args.steps, args.warmup, args.precision)
+        llmtrain_worker(args.steps, args.warmup, args.precision, args.optimizer)
         return
     if args.nanogpt is None or not (args.nanogpt / "train.py").is_file():
         p.error("--nanogpt must point at a checkout of karpathy/nanoGPT (with train.py)")
     prepare_tokens(args.nanogpt)
     runs: dict[str, list[float]] = {"nanoGPT fp32": [], "llmtrain fp32": [], "llmtrain defaults": []}
     makers = {"nanoGPT fp32": lambda: run_nanogpt(args.nanogpt, args.steps, args.warmup),
-              "llmtrain fp32": lambda: run_llmtrain(args.steps, args.warmup, "32-true"),
-              "llmtrain defaults": lambda: run_llmtrain(args.steps, args.warmup, "auto")}
+              "llmtrain fp32": lambda: run_llmtrain(args.steps, args.warmup, "32-true", "adamw"),
+              "llmtrain defaults": lambda: run_llmtrain(args.steps, args.warmup, "auto", "default")}
     for i in range(args.repeats):
         for name in (list(makers) if i % 2 == 0 else list(makers)[::-1]):
             runs[name].append(makers[name]())
