@@ -44,6 +44,12 @@ def cpu_bf16() -> bool:
     return bool(CPU_BF16_FLAGS & cpu_flags())
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are native on this device; where they are emulated they run many times slower
+    than fp32 (a CPU without AVX512-BF16 or AMX: ~6 against ~100 GFLOP/s on the 2-core CPU of our figures)."""
+    return cuda_bf16() if device.type == "cuda" else device.type == "cpu" and cpu_bf16()
+
+
 def choose_precision(requested: str | int, accelerator: str) -> tuple[str | int, str]:
     """(trainer.precision as Lightning takes it, why). `auto` is bf16-mixed where the device has native bf16
     (Ampere and newer GPUs; CPUs with AVX512-BF16, AMX or Arm BF16) and 32-true elsewhere."""

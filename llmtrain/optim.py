@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from llmtrain.hardware import native_bf16
+
 ROLES = ("matrix", "embedding", "head", "scalar")
 
 
@@ -48,12 +50,66 @@ def param_groups(model: nn.Module) -> list[dict]:
             for role, params in groups.items() if params]
 
 
+def orthogonalize(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz iterations towards the nearest semi-orthogonal matrix of g (rows x cols), computed in
+    `dtype`: the quintic iteration of torch.optim.Muon (and Keller Jordan's Muon), which maps every singular
+    value into roughly (0.5, 1.5) rather than exactly 1."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:  # iterate on the wide orientation: the Gram matrix is the smaller square
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T  # (r, r), r = min(rows, cols)
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon (same hyperparameters, state and update) whose Newton-Schulz iterations run in bf16 only
+    where bf16 matmuls are native: torch's always casts to bf16, which on a CPU without bf16 units made Muon's
+    step cost more than the rest of a small model's optimizer step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                dtype = torch.bfloat16 if native_bf16(p.device) else torch.float32
+                update = orthogonalize(update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * lr_scale(group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's per-matrix lr factor, as torch.optim.Muon names them: "original" (Keller Jordan's,
+    sqrt(max(1, rows / cols))) or "match_rms_adamw" (0.2 sqrt(max(rows, cols)), Moonshot's)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024: momentum orthogonalised by Newton-Schulz iterations) for the matrices inside
     the blocks, AdamW for the embeddings, the head, gains and biases, each role with its own lr.
 
-    One optimizer for Lightning, the schedule and checkpoints: its param_groups are those of a torch.optim.Muon
-    and a torch.optim.AdamW that do the steps, and the three share one state dict.
+    One optimizer for Lightning, the schedule and checkpoints: its param_groups are those of a Muon (above) and a
+    torch.optim.AdamW that do the steps, and the three share one state dict.
     """
 
     def __init__(self, params: list[dict], *, lr: float, momentum: float, nesterov: bool, ns_steps: int,
@@ -63,7 +119,7 @@ class MuonAdamW(torch.optim.Optimizer):
         lrs = {"embedding": embedding_lr, "head": head_lr, "scalar": scalar_lr}
         muon = [dict(g, optimizer="muon") for g in params if g["name"] == "matrix"]
         adamw = [dict(g, optimizer="adamw", lr=lrs[g["name"]]) for g in params if g["name"] != "matrix"]
-        self._muon = torch.optim.Muon(muon, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+        self._muon = Muon(muon, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn) if muon else None
         self._adamw = torch.optim.AdamW(adamw, betas=tuple(adamw_betas), eps=adamw_eps,
                                         weight_decay=adamw_weight_decay) if adamw else None

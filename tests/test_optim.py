@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose
 
+from llmtrain import optim
 from llmtrain.model import GPT, GPTConfig
 from llmtrain.module import LanguageModel
 from llmtrain.optim import MuonAdamW, lr_factor, param_groups
@@ -143,3 +144,47 @@ def test_the_muon_preset_builds_this_optimizer(tmp_path):
     cfg = compose(["optimizer=muon"], tmp_path)
     opt = build(cfg.optimizer)(param_groups(tiny()))
     assert isinstance(opt, MuonAdamW) and opt._muon.param_groups[0]["lr"] == cfg.optimizer.lr
+
+
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_where_bf16_is_native_our_muon_steps_as_torchs_does(monkeypatch, adjust_lr_fn):
+    """Three steps on a tall, a wide and a square matrix with Nesterov momentum and weight decay: bit for bit
+    torch.optim.Muon's, whose Newton-Schulz iterations always run in bf16."""
+    monkeypatch.setattr(optim, "native_bf16", lambda device: True)
+    torch.manual_seed(0)
+    shapes = [(24, 8), (8, 24), (16, 16)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kwargs = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
+    a, b = optim.Muon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    for step in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + p.numel()))
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        assert torch.equal(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"])
+
+
+def test_without_native_bf16_newton_schulz_runs_in_fp32(monkeypatch):
+    """On a CPU without bf16 units the iterations run in fp32 (bf16 there is emulated, many times slower): the
+    result is still Muon's semi-orthogonal update (singular values in about (0.5, 1.5)) and within bf16's
+    rounding of the bf16 result."""
+    torch.manual_seed(0)
+    g = torch.randn(24, 8)
+    fp32 = optim.orthogonalize(g, 5, (3.4445, -4.7750, 2.0315), 1e-7, torch.float32)
+    bf16 = optim.orthogonalize(g, 5, (3.4445, -4.7750, 2.0315), 1e-7, torch.bfloat16)
+    assert fp32.dtype == torch.float32 and fp32.shape == g.shape
+    singular = torch.linalg.svdvals(fp32)
+    assert singular.min() > 0.5 and singular.max() < 1.5
+    assert (fp32 - bf16.float()).abs().max() < 0.05
+    used = []
+    monkeypatch.setattr(optim, "native_bf16", lambda device: False)
+    real = optim.orthogonalize
+    monkeypatch.setattr(optim, "orthogonalize", lambda *args: used.append(args[-1]) or real(*args))
+    p = torch.nn.Parameter(torch.randn(24, 8))
+    p.grad = g
+    optim.Muon([p], lr=0.02, adjust_lr_fn="original").step()
+    assert used == [torch.float32]

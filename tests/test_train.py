@@ -167,7 +167,7 @@ def test_a_stage_sets_its_own_steps_and_optimizer_over_the_groups_defaults(tmp_p
     """Pretraining: Muon for 150 steps; DPO: its 200 steps at AdamW's lr 1e-5; the command line wins over both."""
     pre = compose([], tmp_path)
     assert pre.optimizer._target_.endswith("MuonAdamW") and (pre.trainer.max_steps, pre.trainer.val_check_interval) == (
-        150, 50)
+        150, 75)
     dpo = compose(["finetune=dpo"], tmp_path)
     assert dpo.optimizer._target_ == "torch.optim.AdamW" and dpo.optimizer.lr == 1e-5 and dpo.trainer.max_steps == 200
     old = compose(["optimizer=adamw", "trainer.max_steps=300"], tmp_path)  # the earlier defaults, by overrides
