@@ -67,6 +67,14 @@ def orthogonalize(g: torch.Tensor, steps: int, coefficients: tuple[float, float,
     return x.T if tall else x
 
 
+def closure_loss(closure) -> torch.Tensor | None:
+    """The loss that an optimizer's step closure returns, computed with gradients on (torch's convention)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Muon):
     """torch.optim.Muon (same hyperparameters, state and update) whose Newton-Schulz iterations run in bf16 only
     where bf16 matmuls are native: torch's always casts to bf16, which on a CPU without bf16 units made Muon's
@@ -74,10 +82,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
@@ -140,10 +145,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for inner in (self._muon, self._adamw):
             if inner is not None:
                 inner.step()
