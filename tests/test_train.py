@@ -93,16 +93,15 @@ def test_resume_continues_steps_optimizer_and_schedule_past_a_truncated_checkpoi
     file): ckpt_path=auto passes over it, resumes from the newest checkpoint that loads (a best-step one) and runs
     to 30 with the schedule and AdamW's moments going on, not restarting."""
     run_dir = tmp_path / "run"
-    first = run_cli([*TINY, "trainer.max_steps=20", "trainer.val_check_interval=10", f"hydra.run.dir={run_dir}"],
-                    cwd=tmp_path)
+    adamw = [*TINY, "optimizer=adamw", "trainer.val_check_interval=10", f"hydra.run.dir={run_dir}"]
+    first = run_cli([*adamw, "trainer.max_steps=20"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 20
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
     os.utime(last, (time.time() + 5, time.time() + 5))
-    second = run_cli([*TINY, "trainer.max_steps=30", "trainer.val_check_interval=10", "ckpt_path=auto",
-                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    second = run_cli([*adamw, "trainer.max_steps=30", "ckpt_path=auto"], cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"warning: skipping {last}: it does not load" in second.stderr
     after = torch.load(last, map_location="cpu", weights_only=False)
