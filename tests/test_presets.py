@@ -116,7 +116,7 @@ def test_the_hub_recipes_run_on_local_stand_ins(experiment, stand_ins, tmp_path)
 
 @pytest.mark.slow
 def test_debug_overfit_learns_one_batch(tmp_path):
-    cfg = compose([*SHORT, "debug=overfit", "optimizer.lr=1e-2", "trainer.max_steps=70",
+    cfg = compose([*SHORT, "debug=overfit", "optimizer=adamw", "optimizer.lr=1e-2", "trainer.max_steps=70",
                    "trainer.val_check_interval=70"], tmp_path)
     assert cfg.data.max_train_samples == cfg.data.batch_size == 8
     train(cfg)
