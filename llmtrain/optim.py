@@ -83,6 +83,7 @@ class Muon(torch.optim.Muon):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
+        dtypes: dict[torch.device, torch.dtype] = {}  # asked once per device and step, not once per matrix
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
@@ -91,7 +92,9 @@ class Muon(torch.optim.Muon):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                dtype = torch.bfloat16 if native_bf16(p.device) else torch.float32
+                if p.device not in dtypes:
+                    dtypes[p.device] = torch.bfloat16 if native_bf16(p.device) else torch.float32
+                dtype = dtypes[p.device]
                 update = orthogonalize(update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * lr_scale(group["adjust_lr_fn"], p.shape))
