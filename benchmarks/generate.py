@@ -52,7 +52,7 @@ def save_weights(folder: Path, seed: int) -> None:
 
 
 def prompt_ids(n: int) -> list[int]:
-    from llmtrain.tokenizer import build_tokenizer
+    from llmtrain.data.tokenizer import build_tokenizer
 
     ids = build_tokenizer("gpt2").encode_ordinary(PROMPT * 4)
     return ids[:n]
@@ -64,8 +64,8 @@ def api_level(folder: Path, ids: list[int], new_tokens: int, repeats: int) -> No
     import torch
     import transformers
 
-    from llmtrain.decoding import quantize_int8
-    from llmtrain.pretrained import load_pretrained
+    from llmtrain.interop.pretrained import load_pretrained
+    from llmtrain.run.decoding import quantize_int8
 
     ours, _ = load_pretrained(str(folder))
     ours_int8 = quantize_int8(copy.deepcopy(ours))
@@ -117,7 +117,7 @@ def timed(cmd: list[str], expect_count: int | None = None) -> float:
 
 
 def cli_level(folder: Path, ids: list[int], repeats: int) -> None:
-    from llmtrain.tokenizer import build_tokenizer
+    from llmtrain.data.tokenizer import build_tokenizer
 
     text = build_tokenizer("gpt2").decode(ids)
     ours = lambda n: [sys.executable, "-m", "llmtrain.generate", f"ckpt_path={folder}", f"prompt={text}",  # noqa: E731

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmtrain.model import GPT, GPTConfig, KVCache
+from llmtrain.model.gpt import GPT, GPTConfig, KVCache
 
 PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
 

@@ -5,11 +5,11 @@
 
 A script that prints figures, not a test. Each figure is the median over --repeats fresh processes (the token
 cache is built once first, as a second `make train` finds it):
-- `python -c pass`, `import llmtrain.cli` (what a config error or --help pays) and `import llmtrain.train`
+- `python -c pass`, `import llmtrain.cli` (what a config error or --help pays) and `import llmtrain.run.train`
   (the recipe: Lightning, datasets, TensorBoard), each in its own process;
 - the default run up to the end of its first optimizer step, with the recipe's steps stamped from inside:
   check_config, the data module (prepare + setup), the model, the Trainer, and fit up to the first step.
-With --importtime, the heaviest imports of `import llmtrain.train` as `python -X importtime` reports them.
+With --importtime, the heaviest imports of `import llmtrain.run.train` as `python -X importtime` reports them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import psutil
 start = psutil.Process().create_time()
 def stamp(name):
     stamps.setdefault(name, time.time() - start)
-import llmtrain.train as recipe
+import llmtrain.run.train as recipe
 stamp("imports")
 from hydra import compose, initialize_config_dir
 from llmtrain.cli import CONF_DIR
@@ -88,7 +88,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "llmtrain", "trainer.max_steps=1", "trainer.limit_val_batches=1",
                     f"hydra.run.dir={tempfile.mkdtemp()}"], check=True, cwd=ROOT, capture_output=True, env=env)
     probes = {"python -c pass": "pass", "import llmtrain.cli": "import llmtrain.cli",
-              "import llmtrain.train": "import llmtrain.train"}
+              "import llmtrain.run.train": "import llmtrain.run.train"}
     times: dict[str, list[float]] = {name: [] for name in probes}
     phases: list[dict[str, float]] = []
     for _ in range(args.repeats):
@@ -109,12 +109,12 @@ def main() -> None:
         print(f"    {name:22s} at {at:6.2f} s  (+{at - previous:5.2f})")
         previous = at
     if args.importtime:
-        out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import llmtrain.train"], cwd=ROOT,
+        out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import llmtrain.run.train"], cwd=ROOT,
                              capture_output=True, text=True, env=env)
         rows = [ln.split("|") for ln in out.stderr.splitlines() if ln.startswith("import time:") and "|" in ln]
         rows = [(int(r[1]), r[2].rstrip()) for r in rows[1:] if r[1].strip().isdigit()]
         top = [r for r in sorted(rows, reverse=True) if r[1].strip().count(".") <= 1][:15]
-        print("  heaviest top-level imports of llmtrain.train (cumulative):")
+        print("  heaviest top-level imports of llmtrain.run.train (cumulative):")
         for us, name in top:
             print(f"    {us / 1e6:6.2f} s {name.strip()}")
 

@@ -6,9 +6,9 @@
 
 A script that prints figures, not a test. Each measured run is a fresh subprocess of this file (so peak memory
 and start-up time belong to one run); the two paths alternate (A B, B A, ...) so that drift of the machine
-falls on both. Both paths use the same GPT class (llmtrain.model), the same seed, the same cached GPT-2 BPE
-tokens of the embedded corpus, batch and windows, AdamW over llmtrain.optim.param_groups, the schedule
-llmtrain.optim.lr_factor and gradient clipping at 1.0 (llmtrain with optimizer=adamw, except in the row of its
+falls on both. Both paths use the same GPT class (llmtrain.model.gpt), the same seed, the same cached GPT-2 BPE
+tokens of the embedded corpus, batch and windows, AdamW over llmtrain.training.optim.param_groups, the schedule
+llmtrain.training.optim.lr_factor and gradient clipping at 1.0 (llmtrain with optimizer=adamw, except in the row of its
 defaults, where pretraining's default optimizer, Muon, runs).
 
 - llmtrain: the real config composed with Hydra's compose API (as tests/conftest.py does), shrunk only where
@@ -197,7 +197,7 @@ def worker_llmtrain(args: argparse.Namespace) -> dict:
     import lightning  # noqa: F401  (imported before the baseline, as the plain path does)
     from throughput import StepTimer as Timer  # the class Hydra instantiates (module `throughput`, not __main__)
 
-    from llmtrain.train import train
+    from llmtrain.run.train import train
 
     base_rss = rss_mb()
     with tempfile.TemporaryDirectory(prefix="bench-llmtrain-") as run_dir:
@@ -236,16 +236,16 @@ def worker_llmtrain(args: argparse.Namespace) -> dict:
 def worker_plain(args: argparse.Namespace) -> dict:
     import contextlib
 
-    import lightning  # noqa: F401  (llmtrain.module imports it anyway; same baseline as the llmtrain path)
+    import lightning  # noqa: F401  (llmtrain.training.module imports it anyway; same baseline as the llmtrain path)
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from llmtrain.hardware import choose_precision
-    from llmtrain.losses import chunked_lm_loss_sum
-    from llmtrain.model import GPT, GPTConfig
-    from llmtrain.optim import lr_factor, param_groups
-    from llmtrain.train import build
+    from llmtrain.model.gpt import GPT, GPTConfig
+    from llmtrain.model.losses import chunked_lm_loss_sum
+    from llmtrain.run.train import build
+    from llmtrain.training.hardware import choose_precision
+    from llmtrain.training.optim import lr_factor, param_groups
 
     base_rss = rss_mb()
     t_call = time.perf_counter()
@@ -351,7 +351,7 @@ def matmul_peak(dtype_name: str, device: str) -> float:
 def tokenization_mb_s(threads: int, repeats: int = 3) -> tuple[float, float, float]:
     """(median, min, max) MB/s of encode_ordinary_batch over the embedded corpus' documents."""
     from llmtrain.data.sources import embedded_path
-    from llmtrain.tokenizer import build_tokenizer
+    from llmtrain.data.tokenizer import build_tokenizer
 
     tok = build_tokenizer("gpt2")
     with gzip.open(embedded_path("entries.jsonl.gz"), "rt") as f:
@@ -368,7 +368,7 @@ def tokenization_mb_s(threads: int, repeats: int = 3) -> tuple[float, float, flo
 
 def ensure_token_cache(args: argparse.Namespace) -> None:
     """Tokenize the corpus once, before any timed run (train() would otherwise do it inside the first run)."""
-    from llmtrain.train import build
+    from llmtrain.run.train import build
 
     cfg = compose_config(args, tempfile.gettempdir())
     dm = build(cfg.data, context_length=cfg.model.context_length, seed=args.seed)
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from llmtrain.model import GPT, GPTConfig
+    from llmtrain.model.gpt import GPT, GPTConfig
 
     cfg = compose_config(args, tempfile.gettempdir())
     model = GPT(GPTConfig(**cfg.model))
@@ -508,7 +508,7 @@ def best_rows(args: argparse.Namespace, plain_rate: float) -> None:
     from omegaconf import OmegaConf
 
     from llmtrain.cli import CONF_DIR
-    from llmtrain.hardware import choose_precision
+    from llmtrain.training.hardware import choose_precision
 
     chunk = OmegaConf.load(CONF_DIR / "config.yaml").perf.loss_chunk or 0
     precision, why = choose_precision("auto", "gpu" if args.device == "cuda" else "cpu")

@@ -46,7 +46,7 @@ def prepare_tokens(nanogpt: Path) -> None:
     from hydra import compose, initialize_config_dir
 
     from llmtrain.cli import CONF_DIR
-    from llmtrain.train import build
+    from llmtrain.run.train import build
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["run_dir=unused"])
@@ -93,7 +93,7 @@ def llmtrain_worker(steps: int, warmup: int, precision: str, optimizer: str) -> 
     from throughput import StepTimer, steady_rate
 
     from llmtrain.cli import CONF_DIR
-    from llmtrain.train import train
+    from llmtrain.run.train import train
 
     with tempfile.TemporaryDirectory(prefix="bench-llmtrain-") as run_dir:
         overrides = [*LLMTRAIN_SHAPE, f"trainer.precision={precision}", f"trainer.max_steps={steps}",

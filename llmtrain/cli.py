@@ -10,11 +10,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from llmtrain.checks import check_config
-from llmtrain.distributed import is_launch_rank
 from llmtrain.errors import UserError
-from llmtrain.jobs import only_hydra_files, remove_run_dir
-from llmtrain.memory import preflight
+from llmtrain.run.checks import check_config
+from llmtrain.run.distributed import is_launch_rank
+from llmtrain.run.jobs import only_hydra_files, remove_run_dir
+from llmtrain.run.memory import preflight
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The configs: inside the package when installed from a wheel (pyproject.toml maps conf/ to llmtrain/conf), at the
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float:
         preflight(cfg, eff)  # before any process starts: a run that cannot fit stops here
         # Lightning, datasets and peft take seconds to import: the recipe is imported only once the config is
         # known to be good, so that `--help` and a mistaken override answer at once
-        from llmtrain.train import train
+        from llmtrain.run.train import train
 
         return train(cfg, eff)
     except UserError as e:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmtrain.checkpoints import ModelInfo
 from llmtrain.errors import UserError, one_line_errors
-from llmtrain.hf_export import export_hf
-from llmtrain.pretrained import load_pretrained
+from llmtrain.interop.checkpoints import ModelInfo
+from llmtrain.interop.export import export_hf
+from llmtrain.interop.pretrained import load_pretrained
 
 
 class Parser(argparse.ArgumentParser):

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.checkpoints import ModelInfo
-from llmtrain.decoding import PRECISIONS, decode_precision, prepare_for_decoding, resolve_device
+from llmtrain.data.prompts import format_prompt
+from llmtrain.data.tokenizer import ENDOFTEXT, build_tokenizer, continuation_text, find_tokenizer
 from llmtrain.errors import UserError, one_line_errors
-from llmtrain.hf_export import is_hf_adapter
-from llmtrain.lora import ADAPTER_META, load_adapter, merge
-from llmtrain.model import GPT
-from llmtrain.pretrained import describe, load_pretrained
-from llmtrain.prompts import format_prompt
-from llmtrain.tokenizer import ENDOFTEXT, build_tokenizer, continuation_text, find_tokenizer
+from llmtrain.interop.checkpoints import ModelInfo
+from llmtrain.interop.export import is_hf_adapter
+from llmtrain.interop.lora import ADAPTER_META, load_adapter, merge
+from llmtrain.interop.pretrained import describe, load_pretrained
+from llmtrain.model.gpt import GPT
+from llmtrain.run.decoding import PRECISIONS, decode_precision, prepare_for_decoding, resolve_device
 
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 NULL = ("null", "none", "~", "")

@@ -14,8 +14,8 @@ import sys
 
 from llmtrain.data.sources import load_table_splits
 from llmtrain.data.tables import IGNORE_INDEX, encode_instruction
+from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.errors import UserError, one_line_errors
-from llmtrain.tokenizer import build_tokenizer
 
 KEYS = {"instruction": None, "input": "", "output": None, "record": None, "split": "train", "max_length": 256,
         "mask_prompt": True, "tokenizer": "gpt2"}

@@ -72,7 +72,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "llm
 def make_datamodule(preset: str, **keys):
     """The data module of conf/data/<preset>.yaml as the recipe builds it, with `keys` in place of the preset's
     values (the recipe's own: context_length, tokenizer, seed)."""
-    from llmtrain.train import build
+    from llmtrain.run.train import build
 
     cfg = compose([f"data={preset}"], Path("unused"))
     return build(cfg.data, **({"context_length": 128, "tokenizer": "gpt2", "seed": 0} | keys))
@@ -114,7 +114,7 @@ def write_checkpoint(path: Path, n_layers: int = 2, **meta) -> Path:
 
     import torch
 
-    from llmtrain.model import GPT, GPTConfig
+    from llmtrain.model.gpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=n_layers,
                           tie_weights=True))

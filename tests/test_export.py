@@ -14,8 +14,8 @@ import transformers
 from conftest import subprocess_env
 
 from llmtrain.export import main
-from llmtrain.model import GPT, GPTConfig
-from llmtrain.pretrained import load_pretrained
+from llmtrain.interop.pretrained import load_pretrained
+from llmtrain.model.gpt import GPT, GPTConfig
 
 TINY = dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)
 

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import ROOT, subprocess_env
 
+from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.generate import build_prompt, generate_text, parse_args, top_candidates
-from llmtrain.model import GPT, GPTConfig
-from llmtrain.tokenizer import build_tokenizer
+from llmtrain.model.gpt import GPT, GPTConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
 
 
@@ -41,7 +40,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(ckpt) -> GPT:
-    from llmtrain.pretrained import load_pretrained
+    from llmtrain.interop.pretrained import load_pretrained
 
     return load_pretrained(str(ckpt))[0]
 
@@ -54,7 +53,7 @@ def test_command_line_greedy_is_deterministic_and_matches_generate_text(ckpt, mo
     quantized weights."""
     import copy
 
-    from llmtrain.decoding import quantize_int8
+    from llmtrain.run.decoding import quantize_int8
 
     args = [f"ckpt_path={ckpt}", "prompt=Hello", "max_new_tokens=5", "temperature=0", "device=cpu"]
     first, second = run_generate(*args, "precision=fp32"), run_generate(*args, "precision=fp32")
@@ -164,7 +163,7 @@ def test_bad_values_are_reported_together():
 
 
 def test_instruction_template_wrapping(monkeypatch, tmp_path):
-    from llmtrain.prompts import format_prompt
+    from llmtrain.data.prompts import format_prompt
 
     assert build_prompt("alpaca", "Name a colour", None, "", False) == format_prompt("Name a colour")
     assert build_prompt("alpaca", "Add them", None, "2 and 3", False) == format_prompt("Add them", "2 and 3")
@@ -188,7 +187,7 @@ def test_lora_adapter_dir_is_merged_into_its_base(ckpt, model, tmp_path):
     import json
 
     from llmtrain.generate import load_model
-    from llmtrain.lora import apply_lora, merge, save_adapter
+    from llmtrain.interop.lora import apply_lora, merge, save_adapter
 
     peft_model = apply_lora(copy.deepcopy(model), r=4, dropout=0.0)
     with torch.no_grad():  # B starts at zero (the adapter would change nothing): give it a visible update

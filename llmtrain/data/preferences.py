@@ -15,7 +15,7 @@ import torch
 from llmtrain.data.sources import SPLITS
 from llmtrain.data.tables import ListDataset, TableDataModule, encode_instruction, pad_batch, require_columns
 from llmtrain.errors import UserError
-from llmtrain.losses import IGNORE_INDEX
+from llmtrain.model.losses import IGNORE_INDEX
 
 Pair = tuple[list[int], list[int], list[int], list[int]]  # chosen input_ids, labels; rejected input_ids, labels
 

@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from llmtrain.data.choice import TABLE_SOURCES, choose_source
+from llmtrain.data.loaders import ResumableLoader, eval_loader, trainer_batches_done
+from llmtrain.data.prompts import record_prompt
 from llmtrain.data.sources import SPLITS, load_table_splits
+from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.errors import UserError
-from llmtrain.losses import IGNORE_INDEX
-from llmtrain.prompts import record_prompt
-from llmtrain.resume import ResumableLoader, eval_loader, trainer_batches_done
-from llmtrain.tokenizer import build_tokenizer
+from llmtrain.model.losses import IGNORE_INDEX
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None = None) -> dict[str, torch.Tensor]:

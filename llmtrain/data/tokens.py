@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from llmtrain.data.choice import SOURCES, choose_source
+from llmtrain.data.loaders import ResumableLoader, eval_loader, trainer_batches_done
 from llmtrain.data.sources import embedded_path, load_documents, resolve_files, weyl
+from llmtrain.data.tokenizer import build_tokenizer, tokenizer_key
 from llmtrain.errors import UserError
-from llmtrain.resume import ResumableLoader, eval_loader, trainer_batches_done
-from llmtrain.tokenizer import build_tokenizer, tokenizer_key
 
 CACHE_VERSION = 1
 _WRITE_BATCH = 1000  # documents per tokenization batch

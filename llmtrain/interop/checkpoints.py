@@ -1,0 +1,194 @@
+"""llmtrain's checkpoint files: where `ckpt_path` points, what a checkpoint says about itself, safe loading.
+
+A Lightning checkpoint written by llmtrain holds, besides Lightning's own entries (`state_dict`, optimizer,
+loops), an `llmtrain` entry that describes the model: its config, tokenizer, task, stage, labels and prompt
+template. `read_info` reads that entry into a `ModelInfo` without reading the weights (memory-mapped);
+`load_checkpoint` builds the GPT from it. Every load is `weights_only=True`: no pickled objects are run.
+No Lightning or Hydra here.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmtrain.data.tokenizer import find_tokenizer
+from llmtrain.errors import UserError
+from llmtrain.model.gpt import GPT, GPTConfig
+
+# prefixes that wrappers put in front of the GPT's own keys: the LightningModule, torch.compile, peft
+WRAPPER_PREFIXES = ("model.", "_orig_mod.", "base_model.model.")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a checkpoint, an export or a Hugging Face folder says about the model it holds (read once)."""
+
+    kind: str  # "llmtrain" (a .ckpt, an export of the earlier format) or "hf" (a Hugging Face GPT-2 or Llama folder)
+    path: str  # the file or folder read
+    model_config: GPTConfig
+    tokenizer: str | None = "gpt2"  # gpt2, bytes or a tokenizer.json's path; None: a Hugging Face folder without one
+    task: str = "lm"  # lm | instruct | classify | dpo
+    stage: str | None = None  # the finetune stage that wrote it
+    label_names: list[str] | None = None  # a classifier's classes, in head order
+    prompt_template: str | None = None  # e.g. "alpaca" for an instruction-tuned model
+    num_classes: int | None = None  # a classifier's head size (None: the LM head)
+    init_from: str | None = None  # what its own run started from
+    step: int | None = None
+    extra: dict = field(default_factory=dict)  # e.g. hub_name, model_name for a Hub download
+
+    @classmethod
+    def from_meta(cls, kind: str, path: str | Path, meta: dict, what: str) -> ModelInfo:
+        """From the `llmtrain` entry of a checkpoint (or an export's config.json); `what` names it in errors."""
+        try:
+            config = GPTConfig(**meta["model_config"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise UserError(f"{what}: the model config it holds is unusable ({e})") from e
+        labels = meta.get("label_names")
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent  # where a copied tokenizer.json lies
+        tokenizer = find_tokenizer(meta.get("tokenizer") or "gpt2", folder)
+        return cls(kind=kind, path=str(path), model_config=config, tokenizer=tokenizer,
+                   task=meta.get("task") or "lm", stage=meta.get("stage"), label_names=labels,
+                   prompt_template=meta.get("prompt_template"),
+                   num_classes=meta.get("num_classes") or (len(labels) if labels else None),
+                   init_from=meta.get("init_from"), step=meta.get("step"))
+
+
+def safe_load(path: str | Path, what: str, hint: str = "", mmap: bool = False) -> dict:
+    """torch.load with weights_only=True; every way a file can fail to be a checkpoint is one UserError.
+
+    `what` names the file as the user gave it (e.g. "ckpt_path=runs/x/last.ckpt"); `hint` ends the message.
+    """
+    where = what if str(path) in what else f"{what}: {path}"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # a pickle opcode the safe loader rejects: not a checkpoint
+            raise UserError(f"{where} cannot be read: it is truncated, corrupt or not a checkpoint "
+                            f"({type(e).__name__}){hint}") from e
+        culprit = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        culprit = culprit.split(" was not")[0].removeprefix("WeightsUnpickler error: ")
+        raise UserError(
+            f"{where} holds Python objects besides tensors ({culprit}), which safe loading (weights_only=True) "
+            "refuses: save a checkpoint of plain dicts and tensors, as llmtrain's own are"
+        ) from e
+    except Exception as e:  # a text file, a truncated zip, ...: torch raises a variety of types
+        raise UserError(f"{where} cannot be read: it is truncated, corrupt or not a checkpoint "
+                        f"({type(e).__name__}){hint}") from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "llmtrain" not in checkpoint:
+        raise UserError(f"{where} is a PyTorch file but not an llmtrain checkpoint (no 'llmtrain' and "
+                        f"'state_dict' entries){hint}")
+    return checkpoint
+
+
+def read_info(path: str | Path, what: str, hint: str = "") -> ModelInfo:
+    """The ModelInfo of an llmtrain .ckpt, memory-mapped so that no weights are read."""
+    return ModelInfo.from_meta("llmtrain", path, safe_load(path, what, hint, mmap=True)["llmtrain"], what)
+
+
+def load_checkpoint(path: str | Path, what: str, hint: str = "") -> tuple[GPT, ModelInfo]:
+    """An llmtrain .ckpt -> (GPT with its weights, in eval mode on the CPU; its ModelInfo)."""
+    checkpoint = safe_load(path, what, hint)
+    info = ModelInfo.from_meta("llmtrain", path, checkpoint["llmtrain"], what)
+    model = GPT(info.model_config)
+    if info.num_classes:  # a classifier: the head the classify stage made
+        model.replace_head(info.num_classes)
+    load_state(model, fold_head_bias(strip_prefixes(checkpoint["state_dict"]), what), what)
+    return model.eval(), info
+
+
+def fold_head_bias(state_dict: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """A classifier saved with a biased head (before heads became bias-free, as GPT-2's `score` is): move the
+    bias b into the final LayerNorm's shift, which only the head reads. W (h + d) = W h + b for d = W⁺ b, exact
+    when W (classes x width) has full row rank, as a trained head's few rows do; anything else is refused."""
+    if "head.bias" not in state_dict:
+        return state_dict
+    out = dict(state_dict)
+    bias, weight = out.pop("head.bias").double(), out["head.weight"].double()
+    shift = torch.linalg.pinv(weight) @ bias  # (emb_dim,)
+    if not torch.allclose(weight @ shift, bias, atol=1e-5):
+        raise UserError(f"{what}: its classifier head has a bias that cannot move into the final LayerNorm "
+                        "(the head's rows are linearly dependent): train the classifier again")
+    out["ln_f.bias"] = (out["ln_f.bias"].double() + shift).to(out["ln_f.bias"].dtype)
+    return out
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the wrapper prefixes (`model.`, `_orig_mod.`, `base_model.model.`, in any nesting) from every key."""
+    out = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_state(model: GPT, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Copy every tensor into the model; missing, unexpected and mis-shaped keys are one UserError."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state_dict and state_dict[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {few(missing)}")
+    if unexpected:
+        hint = " (LoRA weights: merge them into the base first)" if any("lora_" in k for k in unexpected) else ""
+        problems.append(f"unexpected keys {few(unexpected)}{hint}")
+    if wrong:
+        problems.append(f"shapes differ from the checkpoint's own model config: {few(wrong)}")
+    if problems:
+        raise UserError(f"{what}: the weights do not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state_dict)
+
+
+def few(items: list[str], n: int = 5) -> str:
+    """The first n items, and how many more there are."""
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+# --- resuming ---------------------------------------------------------------------------------------------------
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """A .ckpt file as given; a run or checkpoints folder -> its last.ckpt; "last" -> run_dir's last.ckpt;
+    "auto" -> the newest checkpoint of run_dir that loads, else a fresh start (for jobs a scheduler restarts)."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "auto":
+        return newest_loadable_checkpoint(run_dir / "checkpoints")
+    path = run_dir if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return str(candidate)
+        hint = " (pass the earlier run's hydra.run.dir=... so that 'last' finds it)" if ckpt_path == "last" else ""
+        raise UserError(f"ckpt_path={ckpt_path!r}: no last.ckpt in {path}{hint}")
+    if not path.is_file():
+        raise UserError(f"ckpt_path={ckpt_path!r} does not exist: give a .ckpt file or a run dir")
+    return str(path)
+
+
+def newest_loadable_checkpoint(folder: Path) -> str | None:
+    """last.ckpt if it opens as a checkpoint, else the newest other .ckpt that does (a file cut short: passed over).
+
+    last.ckpt comes first: it is always saved right after an optimizer step, while a best-by-val/loss file may
+    fall inside a gradient-accumulation window.
+    """
+    for path in sorted(folder.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime), reverse=True):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # truncated or corrupt: say so and take the next one
+            print(f"warning: skipping {path}: it does not load ({type(e).__name__})", file=sys.stderr)
+            continue
+        return str(path)
+    return None

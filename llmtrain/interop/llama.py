@@ -1,0 +1,210 @@
+"""Hugging Face Llama checkpoints in and out: `LlamaForCausalLM` folders <-> a GPT with Llama's options.
+
+In: a folder in `save_pretrained` layout (`config.json` with model_type "llama", `model.safetensors` or shards named
+by `model.safetensors.index.json`, and usually `tokenizer.json`), read with safetensors alone: transformers is not
+needed. Out: `export_llama` writes such a folder from a GPT whose options are Llama's (rope, rmsnorm, swiglu), with
+its tokenizer as tokenizer.json, so that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads it.
+
+Names: q_proj, k_proj and v_proj are the row blocks of our one `attn.qkv`; o_proj is `attn.out_proj`; gate_proj,
+up_proj and down_proj are `mlp.gate`, `mlp.fc1`, `mlp.fc2`. q and k rows stay in transformers' layout: our RoPE pairs
+dimension i with i + head_dim/2 ("rotate_half"), as its does, so no permutation is needed either way.
+No Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from llmtrain.data.tokenizer import TOKENIZER_FILE, TOKENIZERS, build_tokenizer
+from llmtrain.data.tokenizer_json import tokenizer_json
+from llmtrain.errors import UserError
+from llmtrain.interop.checkpoints import ModelInfo, few
+from llmtrain.interop.folders import write_folder
+from llmtrain.interop.gpt2 import LLMTRAIN_JSON, read_config_json, read_safetensors
+from llmtrain.interop.lora import plain_gpt
+from llmtrain.model.gpt import GPT, GPTConfig
+
+# Hub names accepted by name (downloaded), with the conf/model preset of the same shapes
+LLAMA_NAMES = {"HuggingFaceTB/SmolLM-135M": "smollm_135m", "HuggingFaceTB/SmolLM-135M-Instruct": "smollm_135m"}
+# per-layer tensors: ours -> Hugging Face's (weights and, where the config has them, biases)
+LAYER_NAMES = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm", "attn.out_proj": "self_attn.o_proj",
+               "mlp.gate": "mlp.gate_proj", "mlp.fc1": "mlp.up_proj", "mlp.fc2": "mlp.down_proj"}
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # the row blocks of attn.qkv, in order
+TOP_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight",
+             "head.weight": "lm_head.weight"}
+LLAMA_OPTIONS = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+
+
+def read_llama_info(path: Path, what: str, hint: str = "") -> ModelInfo:
+    """The ModelInfo of a Hugging Face Llama folder, from its config.json; its tokenizer is the tokenizer.json
+    beside it (None when there is none: data.tokenizer must then name one)."""
+    hf = read_config_json(path, what)
+    tokenizer = path / TOKENIZER_FILE
+    info = ModelInfo(kind="hf", path=str(path), model_config=config_from_llama(hf, what),
+                     tokenizer=str(tokenizer.resolve()) if tokenizer.is_file() else None)
+    if not (path / LLMTRAIN_JSON).is_file():
+        return info
+    # llmtrain's own export: its record (task, stage, prompt template, ...) and the exact config (drop_rate)
+    record = json.loads((path / LLMTRAIN_JSON).read_text())
+    ours = ModelInfo.from_meta("hf", path, record, f"{what}: {LLMTRAIN_JSON}")
+    if dataclasses.replace(ours.model_config, drop_rate=0.0) != info.model_config:
+        raise UserError(f"{what}: {LLMTRAIN_JSON} and config.json disagree: restore the files that were exported "
+                        f"together, or delete {LLMTRAIN_JSON} to read the folder as plain Llama")
+    return dataclasses.replace(ours, tokenizer=record["tokenizer"] if record.get("tokenizer") in TOKENIZERS
+                               else info.tokenizer)
+
+
+def load_llama(path: Path, what: str, hint: str = "") -> tuple[GPT, ModelInfo]:
+    """A Hugging Face Llama folder -> (GPT with its weights, in eval mode on the CPU; ModelInfo)."""
+    info = read_llama_info(path, what, hint)
+    model = GPT(info.model_config)
+    tensors = {k: v for k, v in read_safetensors(path, what).items()
+               if not k.endswith("rotary_emb.inv_freq")}  # older transformers saved RoPE's frequencies
+    if not any(k.startswith("model.") for k in tensors):  # a bare LlamaModel: no "model." and no head
+        tensors = {f"model.{k}": v for k, v in tensors.items()}
+    if info.model_config.tie_weights:
+        tensors.pop("lm_head.weight", None)  # the head is the embedding
+    expected = {k: tuple(t.shape) for k, t in llama_state_dict(model).items()}
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [f"{k} {tuple(tensors[k].shape)} but config.json implies {expected[k]}" for k in expected
+             if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    problems = ([f"missing tensors {few(missing)}"] if missing else []) + (
+        [f"unexpected tensors {few(unexpected)}"] if unexpected else []) + (
+        [f"shapes disagree: {few(wrong)}"] if wrong else [])
+    if problems:
+        raise UserError(f"{what}: the safetensors weights do not match config.json: {'; '.join(problems)}")
+    model.load_state_dict(state_dict_from_llama(tensors, info.model_config), strict=True)  # casts to float32
+    return model.eval(), info
+
+
+def config_from_llama(hf: dict, what: str) -> GPTConfig:
+    """Llama's config.json -> GPTConfig (transformers' defaults for absent keys); options whose computation our GPT
+    does not implement are refused, all in one line."""
+    heads, width = hf.get("num_attention_heads"), hf.get("hidden_size")
+    rope = hf.get("rope_parameters") or {}  # transformers 5 writes rope_theta here; 4.x at the top level
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (ours is silu)")
+    if rope_type != "default" or hf.get("rope_scaling"):
+        problems.append(f"RoPE scaling {hf.get('rope_scaling') or rope_type!r} (ours is plain RoPE)")
+    if isinstance(heads, int) and isinstance(width, int) and heads and hf.get("head_dim") not in (None, width // heads):
+        problems.append(f"head_dim={hf['head_dim']} (ours is hidden_size / num_attention_heads = {width // heads})")
+    if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+        problems.append(f"attention_bias={hf.get('attention_bias')} with mlp_bias={hf.get('mlp_bias')} (ours has "
+                        "both or neither)")
+    if problems:
+        raise UserError(f"{what}: config.json sets {', '.join(problems)}, which llmtrain's GPT does not implement")
+    bias = bool(hf.get("attention_bias", False))
+    try:
+        return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
+                         emb_dim=width, n_heads=heads, n_layers=hf["num_hidden_layers"],
+                         n_kv_heads=hf.get("num_key_value_heads") or heads, drop_rate=0.0, qkv_bias=bias, bias=bias,
+                         tie_weights=bool(hf.get("tie_word_embeddings", False)), pos_emb="rope",
+                         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm="rmsnorm",
+                         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu",
+                         mlp_hidden=hf["intermediate_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{what}: config.json lacks or mis-sets a Llama size ({e!r}): it needs vocab_size, "
+                        "hidden_size, intermediate_size, num_attention_heads and num_hidden_layers") from e
+
+
+def _name_pairs(n_layers: int) -> list[tuple[str, str]]:
+    """(our name, Llama's name) of every tensor except the q, k, v blocks; weights and biases both."""
+    pairs = list(TOP_NAMES.items())
+    for i in range(n_layers):
+        pairs += [(f"blocks.{i}.{ours}.{leaf}", f"model.layers.{i}.{hf}.{leaf}")
+                  for ours, hf in LAYER_NAMES.items() for leaf in ("weight", "bias")]
+    return pairs
+
+
+def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The GPT's weights under Llama's names, attn.qkv split into q, k, v (views; a tied head is left out)."""
+    c, own = model.config, model.state_dict()
+    out = {hf: own[ours] for ours, hf in _name_pairs(c.n_layers) if ours in own}
+    if c.tie_weights:
+        out.pop("lm_head.weight")
+    sizes = [c.emb_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim]
+    for i in range(c.n_layers):
+        for leaf in ("weight", "bias"):
+            if (key := f"blocks.{i}.attn.qkv.{leaf}") in own:
+                out |= {f"model.layers.{i}.{hf}.{leaf}": part for hf, part in zip(QKV, own[key].split(sizes))}
+    return out
+
+
+def state_dict_from_llama(tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Llama's names -> ours (the inverse of llama_state_dict): q, k, v concatenated into attn.qkv."""
+    out = {ours: tensors[hf] for ours, hf in _name_pairs(config.n_layers) if hf in tensors}
+    if config.tie_weights:
+        out["head.weight"] = out["tok_emb.weight"]
+    for i in range(config.n_layers):
+        for leaf in ("weight", "bias"):
+            parts = [tensors.get(f"model.layers.{i}.{hf}.{leaf}") for hf in QKV]
+            if all(p is not None for p in parts):
+                out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat(parts)
+    return out
+
+
+def llama_mismatches(gpt: GPT) -> list[str]:
+    """What keeps a GPT from the LlamaForCausalLM layout (empty: export_llama can write it)."""
+    c = gpt.config
+    differ = [f"model.{k}={getattr(c, k)}" for k, v in LLAMA_OPTIONS.items() if getattr(c, k) != v]
+    if c.qkv_bias != c.bias:
+        differ.append(f"model.qkv_bias={c.qkv_bias} with model.bias={c.bias}")
+    if gpt.head.bias is not None or gpt.head.out_features != c.vocab_size:
+        differ.append("a classification head")
+    return differ
+
+
+def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path, meta: dict | None = None) -> Path:
+    """Write model (a GPT with Llama's options, or a peft model around one, merged into a copy) as a Hugging Face
+    LlamaForCausalLM folder: config.json, model.safetensors, generation_config.json, tokenizer.json and
+    tokenizer_config.json (`tokenizer` is a name build_tokenizer takes), and with a run's `meta` llmtrain.json
+    (what only llmtrain reads: the exact GPTConfig and the run's record). Written atomically; an existing out_dir
+    is replaced only if it holds nothing but such files. Returns out_dir."""
+    gpt = plain_gpt(model)
+    c = gpt.config
+    differ = llama_mismatches(gpt)
+    if differ:
+        raise UserError(f"the model cannot be written as a LlamaForCausalLM: it has {', '.join(differ)} (Llama: "
+                        f"{', '.join(f'{k}={v}' for k, v in LLAMA_OPTIONS.items())}, one bias setting, an LM head)")
+    tok = build_tokenizer(tokenizer)
+    eot = tok.eot_token
+    eot_text = tok.decode([eot])
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+        "hidden_size": c.emb_dim, "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+        "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
+        "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "attention_bias": c.bias, "mlp_bias": c.bias, "tie_word_embeddings": c.tie_weights,
+        "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": str(next(gpt.parameters()).dtype).removeprefix(
+            "torch."), "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,
+    }
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot_text, "eos_token": eot_text,
+                        "model_max_length": c.context_length, "add_bos_token": False, "add_eos_token": False}
+    texts = {"config.json": json.dumps(config, indent=2) + "\n",
+             "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": eot}) + "\n",
+             TOKENIZER_FILE: tokenizer_json(tokenizer),
+             "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n"}
+    if meta is not None:
+        record = {"format": "llmtrain", **meta, "tokenizer": tokenizer if tokenizer in TOKENIZERS else TOKENIZER_FILE,
+                  "model_config": dataclasses.asdict(c), "num_classes": None}
+        texts[LLMTRAIN_JSON] = json.dumps(record, indent=1) + "\n"
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in llama_state_dict(gpt).items()}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+
+    ours = {"model.safetensors", *texts, LLMTRAIN_JSON}
+    return write_folder(Path(out_dir), write, lambda p: {f.name for f in p.iterdir()} <= ours,
+                        "a Llama export (it holds other files)")

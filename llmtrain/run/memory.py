@@ -1,0 +1,250 @@
+"""The memory pre-flight: before any process starts training, the peak memory one process will need, against what
+it has. A run that cannot fit stops with one line: the estimate, the limit, and the settings that lower it.
+
+The estimate, per process, from the effective config (the model is built on the meta device: no memory, no time):
+- weights, gradients (trainable parameters only) and optimizer state (AdamW: 2 values per trainable parameter),
+  at the precision's width (fp32 under mixed precision, which adds a 16-bit copy of the trainable ones); FSDP divides
+  all three by the number of ranks (plus one unsharded block at a time);
+- activations kept for the backward pass, per token of the micro-batch and per block that a gradient passes
+  through: 17 values of width emb_dim in fp32 (attention through fused SDPA kernels, which keep no T x T
+  scores), 38 bytes x emb_dim under mixed precision, or one block's input with activation checkpointing; plus
+  one block's worth for the gradients of the block being differentiated;
+- the LM head's logits: 12 bytes (fp32) or 14 bytes (16-bit) per token and vocabulary entry at the peak of the
+  loss (logits, log-softmax, their gradients), or with `perf.loss_chunk` one chunk's worth and the gradients
+  that the chunked loss keeps;
+- the runtime: Python, torch, Lightning and the data on a CPU (0.5 GiB), the CUDA context and the caching
+  allocator's slack on a GPU (1 GiB).
+The limit: each GPU's memory; on a CPU the available RAM (the container's limit when there is one) shared by
+the `trainer.devices` processes; `perf.memory_gb` replaces either. Unknown accelerators are not checked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from llmtrain.errors import UserError
+from llmtrain.interop.lora import DEFAULT_TARGETS
+from llmtrain.model.gpt import GPT
+from llmtrain.run.checks import Effective
+from llmtrain.run.distributed import is_launch_rank
+from llmtrain.stages.common import set_trainable
+from llmtrain.training.flops import layers_with_backward
+from llmtrain.training.hardware import on_cuda
+
+GIB = 2**30
+# per precision kind: (bytes per weight, gradient or optimizer value; activation bytes per token, block and unit of
+# emb_dim; bytes per token and vocabulary entry at the loss's peak)
+BYTES = {"mixed": (4, 38, 14), "16": (2, 34, 16), "32": (4, 68, 12), "64": (8, 136, 24)}
+RUNTIME = {"cpu": 0.5 * GIB, "cuda": 1.0 * GIB}
+OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Muon": 1, "Adagrad": 1,
+                    "RMSprop": 1}  # values kept per trainable parameter; SGD: 1 with momentum, else 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Peak bytes of one training process, by kind."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    runtime: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.runtime
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {getattr(self, k) / GIB:.2f}" for k in
+                          ("weights", "gradients", "optimizer", "activations", "logits", "runtime"))
+        return f"{self.total / GIB:.1f} GiB per process ({parts})"
+
+
+def estimate(cfg: DictConfig, eff: Effective) -> Estimate:
+    """The peak memory of one training process of this run (see the module docstring)."""
+    model = meta_model(cfg, eff)
+    params = {id(p): p for p in model.parameters()}.values()
+    n_all = sum(p.numel() for p in params)
+    n_train = sum(p.numel() for p in params if p.requires_grad) + lora_parameters(cfg, model)
+    shards = ranks(cfg) if sharded(cfg) else 1
+    kind = number_kind(eff.precision)
+    width, act_bytes, logit_bytes = BYTES[kind]
+    config = eff.model_config
+    weights = n_all * width / shards
+    if shards > 1:
+        weights += n_all / config.n_layers * width  # the block being computed, gathered
+    elif kind == "mixed":
+        weights += 2 * n_train  # autocast caches a 16-bit copy of each trainable weight
+    if cfg.finetune.task == "dpo" and not cfg.finetune.lora:
+        weights += n_all * width / shards  # DPO's frozen reference (with LoRA: the base, adapters disabled)
+    gradients = n_train * width / shards
+    optimizer = n_train * width * optimizer_states(cfg) / shards
+    tokens = cfg.data.batch_size * sequence_length(cfg, eff) * (2 if cfg.finetune.task == "dpo" else 1)  # DPO: pairs
+    per_block = act_bytes * config.emb_dim + (2 * config.emb_dim if config.drop_rate > 0 else 0)  # + dropout masks
+    blocks = config.n_layers if cfg.finetune.lora else layers_with_backward(model, config.n_layers)
+    strategy = cfg.trainer.strategy
+    if cfg.perf.activation_checkpointing or (sharded(cfg) and "activation_checkpointing_policy" in strategy):
+        activations = tokens * (blocks * config.emb_dim * width + per_block)  # block inputs, one block recomputed
+    else:
+        activations = tokens * blocks * per_block
+    activations += tokens * per_block if blocks else 0  # the gradients of one block's activations, in its backward
+    activations += tokens * 2 * config.emb_dim * width  # the embeddings' sum and the final LayerNorm's input
+    logits = logits_bytes(cfg, model, tokens, logit_bytes, width)
+    device = "cuda" if on_cuda(cfg.trainer.accelerator) else "cpu"
+    return Estimate(weights, gradients, optimizer, activations, logits, RUNTIME[device])
+
+
+def logits_bytes(cfg: DictConfig, model: GPT, tokens: int, per_value: int, width: int) -> float:
+    """The loss's peak: all logits, their log-softmax and gradients at once; or, with perf.loss_chunk (a plain LM
+    head), a chunk's fp32 logits and the log-sum-exp's temporary (8 bytes a value; 12 when there are several
+    chunks, since the next chunk's logits exist before the last one's are freed), plus the head's weight gradient
+    (fp32) and the hidden states' gradient that the chunked loss keeps for the backward pass."""
+    vocab, dim, chunk = model.head.out_features, model.config.emb_dim, cfg.perf.loss_chunk
+    lora_head = cfg.finetune.lora and any(t == "head" or t.endswith(".head") for t in cfg.finetune.lora.target_modules)
+    if chunk and cfg.finetune.task not in ("classify", "dpo") and not lora_head:  # DPO: full logits per pair
+        per_chunk = min(chunk, tokens) * vocab * (12 if tokens > chunk else 8)
+        return per_chunk + vocab * dim * 4 + tokens * dim * width
+    return tokens * vocab * per_value
+
+
+def number_kind(precision: str | int) -> str:
+    """mixed (fp32 weights, 16-bit matmuls), 16 (16-bit weights), 32 or 64, for a Lightning precision."""
+    precision = str(precision)
+    if "mixed" in precision:
+        return "mixed"
+    return "16" if precision.startswith(("bf16", "16")) else "64" if precision.startswith("64") else "32"
+
+
+def meta_model(cfg: DictConfig, eff: Effective) -> GPT:
+    """The stage's GPT with its trainable part, on the meta device (shapes only)."""
+    with torch.device("meta"):
+        model = GPT(eff.model_config)
+        if cfg.finetune.task == "classify":
+            labels = eff.start.label_names if eff.start is not None else None
+            model.replace_head(len(labels) if labels else 2)  # the real count comes with the data: a few rows
+    set_trainable(model, cfg.finetune.train_blocks)
+    return model
+
+
+def lora_parameters(cfg: DictConfig, model: nn.Module) -> int:
+    """Parameters that LoRA adapters add (and train): r x (in + out) per targeted linear layer; a classifier's head
+    is copied and trained too."""
+    lora = cfg.finetune.lora
+    if not lora:
+        return 0
+    targets = list(lora.target_modules or DEFAULT_TARGETS)
+    hit = [m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+           and any(name == t or name.endswith("." + t) for t in targets)]
+    head = sum(p.numel() for p in model.head.parameters()) if cfg.finetune.task == "classify" else 0
+    return sum(lora.r * (m.in_features + m.out_features) for m in hit) + head
+
+
+def optimizer_states(cfg: DictConfig) -> int:
+    name = str(cfg.optimizer._target_).rsplit(".", 1)[-1]
+    if name == "SGD":
+        return 1 if cfg.optimizer.get("momentum") else 0
+    return OPTIMIZER_STATES.get(name, 2)  # unknown: as many as Adam keeps
+
+
+def sequence_length(cfg: DictConfig, eff: Effective) -> int:
+    """The longest sequence of a micro-batch: the window (pretraining) or the longest record a table allows."""
+    if "max_length" in cfg.data and cfg.data.max_length:
+        return min(cfg.data.max_length, eff.model_config.context_length)
+    return eff.context_length
+
+
+def sharded(cfg: DictConfig) -> bool:
+    strategy = cfg.trainer.strategy
+    if isinstance(strategy, DictConfig):
+        return "FSDP" in str(strategy.get("_target_", "")) or "ModelParallel" in str(strategy.get("_target_", ""))
+    return str(strategy).startswith("fsdp")
+
+
+def ranks(cfg: DictConfig) -> int:
+    """Processes of the run: devices (a number, or all visible GPUs) x nodes."""
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) and devices > 0:
+        n = devices
+    elif on_cuda(cfg.trainer.accelerator):
+        n = torch.cuda.device_count()
+    else:
+        n = 1
+    return n * cfg.trainer.num_nodes
+
+
+def limit(cfg: DictConfig) -> tuple[float, str] | None:
+    """(bytes one process may use, how that was found), or None when it is not known (MPS, TPU, ...)."""
+    if cfg.perf.memory_gb:
+        return cfg.perf.memory_gb * GIB, f"perf.memory_gb={cfg.perf.memory_gb} allows {cfg.perf.memory_gb} GiB"
+    if on_cuda(cfg.trainer.accelerator):
+        local = ranks(cfg) // cfg.trainer.num_nodes
+        devices = range(min(local, torch.cuda.device_count()) or 1)
+        total = min(torch.cuda.get_device_properties(i).total_memory for i in devices)
+        return total, f"{torch.cuda.get_device_name()} has {total / GIB:.1f} GiB"
+    if str(cfg.trainer.accelerator) not in ("cpu", "auto"):
+        return None
+    available = available_ram()
+    if available is None:
+        return None
+    n = ranks(cfg) // cfg.trainer.num_nodes
+    shared = f"the {n} processes of trainer.devices={n} share" if n > 1 else "this process has"
+    return available / n, f"{shared} {available / GIB:.1f} GiB of available RAM"
+
+
+def available_ram() -> float | None:
+    """RAM available to new processes: MemAvailable, or less when a container (cgroup) limit leaves less."""
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # no /proc (macOS): the physical RAM
+        except (ValueError, OSError):
+            return None
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        cap = (cgroup / "memory.max").read_text().strip()
+        if cap != "max":
+            available = min(available, int(cap) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def preflight(cfg: DictConfig, eff: Effective) -> Estimate:
+    """Refuse a run that cannot fit in one line; warn when several CPU processes would share a few cores."""
+    est = estimate(cfg, eff)
+    found = limit(cfg)
+    if found is not None and est.total > found[0]:
+        raise UserError(f"the run needs about {est} but {found[1]}: {', '.join(levers(cfg, eff))}")
+    n = ranks(cfg)
+    if not on_cuda(cfg.trainer.accelerator) and n > 1 and is_launch_rank():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        print(f"warning: trainer.devices={n} without a GPU starts {n} processes that share this machine's {cores} CPU "
+              f"cores (and its RAM): each gets a share of the cores, so the run is seldom faster than with "
+              f"trainer.devices=1", file=sys.stderr)
+    return est
+
+
+def levers(cfg: DictConfig, eff: Effective) -> list[str]:
+    """The settings that lower the estimate, for this run."""
+    out = ["lower data.batch_size (and raise trainer.accumulate_grad_batches, or set tokens_per_step, to keep the "
+           "tokens per step)"]
+    if not cfg.perf.activation_checkpointing:
+        out.append("set perf.activation_checkpointing=true")
+    cuda = on_cuda(cfg.trainer.accelerator)
+    if cuda and not sharded(cfg):
+        out.append("shard weights, gradients and optimizer state over the GPUs with trainer=fsdp")
+    if not cuda and ranks(cfg) > 1:
+        out.append("use fewer trainer.devices")
+    if str(eff.precision).startswith("32"):
+        out.append("use trainer.precision=bf16-mixed")
+    return [*out, "or set perf.memory_gb to a higher limit"]

@@ -1,0 +1,27 @@
+"""Tokenizers work offline from the ranks shipped in the package."""
+
+import pytest
+
+from llmtrain.data.tokenizer import build_tokenizer
+from llmtrain.errors import UserError
+
+
+def test_gpt2_known_ids_offline():
+    tok = build_tokenizer("gpt2")
+    assert tok.encode_ordinary("Every effort moves you") == [6109, 3626, 6100, 345]
+    assert tok.encode_ordinary("The weather is") == [464, 6193, 318]
+    assert tok.n_vocab == 50257 and tok.eot_token == 50256
+    assert tok.decode(tok.encode("Hello, world!<|endoftext|>", allowed_special="all")) == "Hello, world!<|endoftext|>"
+
+
+def test_bytes_tokenizer_round_trips_utf8():
+    tok = build_tokenizer("bytes")
+    text = "naïve café ☕"
+    ids = tok.encode_ordinary(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text and tok.n_vocab == 257 and tok.eot_token == 256
+
+
+def test_unknown_tokenizer_is_a_user_error():
+    with pytest.raises(UserError, match="data.tokenizer='gpt3'"):
+        build_tokenizer("gpt3")

@@ -1,0 +1,75 @@
+"""The losses: the chunked LM head + cross-entropy equals the plain one, values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmtrain.model.losses import IGNORE_INDEX, chunked_lm_loss_sum, last_token_logits, lm_loss_sum
+
+
+def inputs(B=3, T=7, C=16, V=101, seed=0, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, C, generator=g, requires_grad=True)
+    weight = (torch.randn(V, C, generator=g) * 0.3).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    if masked:
+        labels[0, :3] = IGNORE_INDEX  # a masked prompt
+        labels[2, -2:] = IGNORE_INDEX  # padding
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 21, 64])  # 21 = all tokens at once, 5 does not divide 21
+def test_chunked_loss_equals_the_plain_one_with_its_gradients(chunk):
+    hidden, weight, labels = inputs()
+    plain, n = lm_loss_sum(hidden @ weight.t(), labels)
+    plain.backward()
+    expected = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+
+    chunked, n2 = chunked_lm_loss_sum(hidden, weight, labels, chunk)
+    (chunked * 1.0).backward()
+    assert n2 == n == 16
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, expected[1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_incoming_gradient_scales_both_gradients_and_a_tied_weight_accumulates():
+    """A scaled loss (gradient accumulation divides it) scales the gradients; a weight also used as the
+    embedding (GPT-2's tied head) gets both contributions."""
+    hidden, weight, labels = inputs(masked=False)
+    ids = torch.randint(0, 101, (3, 7), generator=torch.Generator().manual_seed(1))
+
+    def step(loss_fn):
+        weight.grad = None
+        h = hidden.detach() + F.embedding(ids, weight)  # the embedding use of the same weight
+        loss_fn(h) .mul(0.25).backward()
+        return weight.grad.clone()
+
+    plain = step(lambda h: lm_loss_sum(h @ weight.t(), labels)[0])
+    chunked = step(lambda h: chunked_lm_loss_sum(h, weight, labels, 4)[0])
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_without_gradients_only_the_loss_is_computed():
+    hidden, weight, labels = inputs()
+    with torch.no_grad():
+        chunked, _ = chunked_lm_loss_sum(hidden, weight, labels, 4)
+        plain, _ = lm_loss_sum(hidden @ weight.t(), labels)
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    assert not chunked.requires_grad
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    hidden, weight, labels = inputs(C=64, V=300)
+    plain, _ = lm_loss_sum(hidden @ weight.t(), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked, _ = chunked_lm_loss_sum(hidden, weight, labels, 8)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, rtol=2e-2, atol=0)
+
+
+def test_last_token_logits_reads_each_sequence_at_its_last_real_token():
+    logits = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    out = last_token_logits(logits, torch.tensor([2, 4]))
+    assert torch.equal(out, torch.stack([logits[0, 1], logits[1, 3]]))

@@ -1,0 +1,68 @@
+"""Decoding: int8 weight-only layers close to fp32, which precision `auto` picks, a model prepared for each."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import llmtrain.run.decoding as decoding
+from llmtrain.model.gpt import GPT, GPTConfig
+from llmtrain.run.decoding import Int8Linear, decode_precision, prepare_for_decoding, quantize_int8
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=2, qkv_bias=True) | kw
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_is_within_a_percent_of_the_linear(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 300, bias=bias)
+    q = Int8Linear(linear)
+    assert q.weight.dtype == torch.int8 and q.weight.shape == (300, 64) and q.scales.shape == (300,)
+    x = torch.randn(3, 5, 64)
+    exact = linear(x)
+    assert q(x).shape == exact.shape and q(x).dtype == torch.float32
+    assert (q(x) - exact).abs().max() < 0.01 * exact.abs().max()
+    rows = q.weight.float() * q.scales.float()[:, None]  # dequantized: off by half a step + the bf16 scale's rounding
+    assert ((rows - linear.weight).abs() <= q.scales.float()[:, None] * 1.01).all()
+
+
+def test_a_quantized_gpt_keeps_its_embedding_and_stays_close():
+    model = tiny(tie_weights=True)
+    x = torch.randint(0, 257, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = model(x)
+        quantized = quantize_int8(copy.deepcopy(model))
+        approx = quantized(x)
+    linears = [m for m in quantized.modules() if isinstance(m, (nn.Linear, Int8Linear))]
+    assert linears and all(type(m) is Int8Linear for m in linears)  # every linear, the head included
+    assert quantized.tok_emb.weight.dtype == torch.float32  # the tied embedding keeps fp32
+    assert (approx - exact).abs().max() < 0.1 * exact.std()
+    assert (approx.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+    out = quantized.generate(x[:1, :5], 10, temperature=0)  # the KV cache works on the quantized model
+    assert out.shape == (1, 15)
+
+
+def test_auto_precision(monkeypatch):
+    monkeypatch.setattr(decoding, "int8_available", lambda: True)
+    assert decode_precision("auto", torch.device("cpu")) == "int8"
+    assert decode_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(decoding, "int8_available", lambda: False)
+    assert decode_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(decoding, "cuda_bf16", lambda: True)
+    assert decode_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(decoding, "cuda_bf16", lambda: False)
+    assert decode_precision("auto", torch.device("cuda")) == "fp32"
+
+
+def test_prepare_for_decoding_in_each_precision():
+    cpu = torch.device("cpu")
+    assert prepare_for_decoding(tiny(), "fp32", cpu).head.weight.dtype == torch.float32
+    assert prepare_for_decoding(tiny(), "bf16", cpu).head.weight.dtype == torch.bfloat16
+    assert type(prepare_for_decoding(tiny(), "int8", cpu).head) is Int8Linear
+    bf16 = prepare_for_decoding(tiny(), "bf16", cpu)
+    assert bf16.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0).shape == (1, 7)

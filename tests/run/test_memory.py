@@ -1,0 +1,130 @@
+"""The memory pre-flight: the estimate against what real runs hold, and the one-line refusal before anything starts."""
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TINY, compose, subprocess_env, write_checkpoint
+
+from llmtrain.errors import UserError
+from llmtrain.run import memory
+from llmtrain.run.checks import check_config
+
+GIB = 2**30
+
+
+def checked(overrides: list[str], tmp_path):
+    cfg = compose(overrides, tmp_path)
+    return cfg, check_config(cfg)
+
+
+# Two CPU shapes whose peak is made of different things: a wide vocabulary (the logits, two chunks of the default
+# perf.loss_chunk), a deep and wide stack at a small vocabulary (the activations); 2 optimizer steps (the second
+# runs with AdamW's state), fp32 on any CPU.
+SHAPES = {
+    "logits": ["data.tokenizer=gpt2", "model.vocab_size=50257", "model.emb_dim=64", "model.n_layers=2",
+               "model.n_heads=2", "model.context_length=128", "data.batch_size=16"],
+    "activations": ["data.tokenizer=bytes", "model.vocab_size=257", "model.emb_dim=256", "model.n_layers=8",
+                    "model.n_heads=4", "model.context_length=256", "data.batch_size=16"],
+}
+SHORT = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=2",
+         "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "callbacks.progress_bar=null",
+         "data.max_documents=100", "scheduler.warmup_steps=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_estimate_is_within_30_percent_of_the_measured_peak(tmp_path, shape):
+    """The peak resident memory of a real run (the command line, in a process of its own) against the estimate."""
+    args = [*SHORT, *SHAPES[shape]]
+    cfg, eff = checked(args, tmp_path / "run")
+    est = memory.estimate(cfg, eff)
+    proc = subprocess.Popen([sys.executable, "-m", "llmtrain", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
+    assert status == 0, proc.stderr.read().decode()[-3000:]
+    measured = usage.ru_maxrss * 1024  # Linux: KiB
+    part = max(("activations", "logits"), key=lambda k: getattr(est, k))
+    assert part == shape  # the shape tests what it means to
+    assert est.total == pytest.approx(measured, rel=0.3), f"estimate {est}, measured {measured / GIB:.2f} GiB"
+
+
+def test_a_run_that_cannot_fit_stops_in_one_line_naming_the_estimate_the_limit_and_the_levers(tmp_path, monkeypatch):
+    """The README's `model=gpt124m trainer.devices=4` on a CPU machine with 40 GiB available: one process would fit,
+    four that share the RAM do not."""
+    monkeypatch.setattr(memory, "available_ram", lambda: 40 * GIB)
+    memory.preflight(*checked(["model=gpt124m"], tmp_path))
+    cfg, eff = checked(["model=gpt124m", "trainer.devices=4", "trainer.precision=32-true"], tmp_path)
+    with pytest.raises(UserError) as e:
+        memory.preflight(cfg, eff)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"the run needs about {memory.estimate(cfg, eff)} but the 4 processes of "
+                              f"trainer.devices=4 share 40.0 GiB of available RAM: lower data.batch_size (and raise "
+                              f"trainer.accumulate_grad_batches, or set tokens_per_step")
+    assert message.endswith("set perf.activation_checkpointing=true, use fewer trainer.devices, use "
+                            "trainer.precision=bf16-mixed, or set perf.memory_gb to a higher limit")
+    cfg, eff = checked(["model=gpt124m", "data.batch_size=1", "perf.memory_gb=30"], tmp_path)
+    assert memory.preflight(cfg, eff).total < 30 * GIB  # a lever applied, and a limit given: it runs
+
+
+def test_on_gpus_the_limit_is_each_gpus_memory_and_fsdp_shards_the_states(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # eight simulated 40 GiB A100s
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-40GB")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=40 * GIB))
+    cfg, eff = checked(["model=gpt1558m", "trainer.devices=8", "trainer.strategy=ddp", "data.batch_size=8"], tmp_path)
+    with pytest.raises(UserError, match=r"but NVIDIA A100-SXM4-40GB has 40\.0 GiB: .*shard weights, gradients and "
+                                        r"optimizer state over the GPUs with trainer=fsdp, or set perf.memory_gb"):
+        memory.preflight(cfg, eff)
+    ddp = memory.estimate(cfg, eff)
+    cfg, eff = checked(["model=gpt1558m", "trainer=fsdp", "data.batch_size=8"], tmp_path)
+    fsdp = memory.preflight(cfg, eff)
+    assert fsdp.optimizer == pytest.approx(ddp.optimizer / 8) and fsdp.gradients == pytest.approx(ddp.gradients / 8)
+    assert fsdp.activations < ddp.activations / 5  # the preset checkpoints every block's activations
+    assert fsdp.weights < ddp.weights / 5
+
+
+def test_the_estimate_follows_what_trains(tmp_path, base_ckpt):
+    """Pretraining trains everything; the classify stage its last block and head (no activations kept below it);
+    LoRA only its adapters (but a gradient passes through every block)."""
+    pre = memory.estimate(*checked(["model=checkpoint", f"init_from={base_ckpt}", "data.tokenizer=bytes"], tmp_path))
+    cls = memory.estimate(*checked(["finetune=classify", f"init_from={base_ckpt}"], tmp_path))
+    lora = memory.estimate(*checked(["finetune=lora", f"init_from={base_ckpt}"], tmp_path))
+    assert pre.gradients > cls.gradients > lora.gradients > 0
+    assert cls.activations < pre.activations / 2 and lora.activations > cls.activations
+    lora_params = 4 * 4 * 8 * (32 + 96 + 32 + 32)  # 4 blocks x (qkv 32->96, out_proj 32->32) x r=8, fp32 grads
+    assert lora.gradients == lora_params
+    ckpt = memory.estimate(*checked(["model=checkpoint", f"init_from={base_ckpt}", "data.tokenizer=bytes",
+                                     "perf.activation_checkpointing=true"], tmp_path))
+    assert ckpt.activations < pre.activations
+    # DPO: a pair is two sequences through the policy, and a frozen copy of the start is the reference (with
+    # LoRA the base itself is, its adapters disabled); the classifier's head (bias-free) is counted under LoRA
+    ins = memory.estimate(*checked(["finetune=instruct", f"init_from={base_ckpt}", "data.max_length=64"], tmp_path))
+    dpo = memory.estimate(*checked(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64"], tmp_path))
+    dpo_lora = memory.estimate(*checked(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64",
+                                         "finetune.lora={r:8,alpha:16,dropout:0.0,target_modules:[attn.qkv]}"],
+                                        tmp_path))
+    assert dpo.activations == 2 * ins.activations  # 8 pairs a micro-batch, against 8 instruct records
+    assert dpo.weights == 2 * ins.weights and dpo_lora.weights == ins.weights
+    lora_cls = memory.estimate(*checked(["finetune=lora", "finetune.task=classify", "data=classify_embedded",
+                                         f"init_from={base_ckpt}"], tmp_path))
+    assert lora_cls.gradients == 4 * (4 * 8 * (32 + 96 + 32 + 32) + 3 * 32)  # adapters + the 3-class head
+
+
+def test_cpu_processes_sharing_the_cores_are_warned_about(tmp_path, capsys):
+    memory.preflight(*checked([*TINY, "trainer.devices=2"], tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: trainer.devices=2 without a GPU starts 2 processes that share "
+                                               "this machine's")
+    memory.preflight(*checked(TINY, tmp_path))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.fixture
+def base_ckpt(tmp_path):
+    return write_checkpoint(tmp_path / "base.ckpt", n_layers=4, label_names=["a", "b", "c"])

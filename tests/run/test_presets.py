@@ -1,0 +1,136 @@
+"""The recipes (conf/experiment/) and debug presets (conf/debug/): each composes and passes the checks; the ones
+that need the Hub run on local stand-ins of the same shape; debug=overfit learns one batch; debug=profile writes
+a trace where TensorBoard's profiler tab reads it."""
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import transformers
+from conftest import ROOT, TINY, compose, read_scalars
+
+from llmtrain.errors import UserError
+from llmtrain.run.checks import check_config
+from llmtrain.run.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+DEBUG = sorted(p.stem for p in (ROOT / "conf" / "debug").glob("*.yaml"))
+# TINY without the length of the run, which the debug presets set
+SHORT = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory) -> dict[str, str]:
+    """Local folders shaped like what the recipes take from the Hub: a GPT-2 (random, tiny, GPT-2's vocabulary)
+    in save_pretrained layout, SMS Spam (columns sms and a ClassLabel ham/spam) and Alpaca (instruction, input,
+    output, text) as parquet files in the Hub's data/ layout."""
+    root = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(root / "gpt2", safe_serialization=True)
+    spam = datasets.Dataset.from_dict(
+        {"sms": [f"WINNER!! claim your prize {i} now, call 0800" if i % 4 == 0 else f"see you at {i} tonight"
+                 for i in range(120)], "label": [int(i % 4 == 0) for i in range(120)]},
+        features=datasets.Features({"sms": datasets.Value("string"),
+                                    "label": datasets.ClassLabel(names=["ham", "spam"])}))
+    spam.to_parquet(root / "sms_spam" / "data" / "train-00000-of-00001.parquet")
+    records = [{"instruction": f"Add {i} and 2.", "input": "", "output": f"{i + 2}"} for i in range(80)]
+    alpaca = datasets.Dataset.from_list([r | {"text": f"{r['instruction']} {r['output']}"} for r in records])
+    alpaca.to_parquet(root / "alpaca" / "data" / "train-00000-of-00001.parquet")
+    return {"init_from": str(root / "gpt2"), "spam": str(root / "sms_spam"), "alpaca": str(root / "alpaca")}
+
+
+def local(experiment: str, stand_ins: dict[str, str]) -> list[str]:
+    """The overrides that point a recipe at the local stand-ins instead of the Hub."""
+    if experiment in ("spam_gpt2", "lora_spam"):
+        return [f"init_from={stand_ins['init_from']}", f"data.path={stand_ins['spam']}"]
+    if experiment == "alpaca_gpt2_medium":
+        return [f"init_from={stand_ins['init_from']}", f"data.path={stand_ins['alpaca']}"]
+    return []
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_recipe_composes_and_passes_the_checks(experiment, stand_ins, tmp_path):
+    cfg = compose([f"experiment={experiment}", *local(experiment, stand_ins)], tmp_path)
+    eff = check_config(cfg)
+    assert cfg.trainer.max_steps > 0 and eff.tokenizer == "gpt2"
+
+
+@pytest.mark.parametrize("preset", DEBUG)
+def test_every_debug_preset_composes_with_a_recipe_and_passes_the_checks(preset, stand_ins, tmp_path):
+    for base in ([], ["experiment=lora_spam", *local("lora_spam", stand_ins)]):
+        check_config(compose([*base, f"debug={preset}"], tmp_path))
+
+
+def test_the_recipes_hold_the_published_settings(tmp_path):
+    gpt2 = compose(["experiment=gpt2_124m_fineweb"], tmp_path)
+    assert (gpt2.model.emb_dim, gpt2.model.n_layers, gpt2.model.context_length) == (768, 12, 1024)
+    assert gpt2.data.path == "HuggingFaceFW/fineweb-edu" and gpt2.tokens_per_step == 524288
+    assert (gpt2.optimizer.lr, list(gpt2.optimizer.betas), gpt2.optimizer.weight_decay) == (6e-4, [0.9, 0.95], 0.1)
+    assert (gpt2.scheduler.warmup_steps, gpt2.scheduler.min_lr_ratio, gpt2.trainer.max_steps) == (715, 0.1, 19073)
+    assert gpt2.trainer.precision == "bf16-mixed" and gpt2.perf.compile
+    assert check_config(gpt2).accumulate == 524288 // (64 * 1024)  # one device: 8 micro-batches a step
+    assert 19073 * 524288 == pytest.approx(10e9, rel=0.001)  # ~10B tokens
+
+    spam = compose(["experiment=spam_gpt2"], tmp_path)
+    assert (spam.init_from, spam.data.path, spam.finetune.task, spam.finetune.train_blocks) == (
+        "gpt2", "ucirvine/sms_spam", "classify", "last")
+    assert (spam.optimizer.lr, spam.optimizer.weight_decay, spam.data.batch_size, spam.data.balance) == (
+        5e-5, 0.1, 8, True)
+    lora = compose(["experiment=lora_spam"], tmp_path)
+    assert lora.finetune.lora.r == 16 and lora.finetune.lora.alpha / lora.finetune.lora.r == 16  # the book's alpha
+    assert lora.finetune.task == "classify" and lora.data.path == spam.data.path and lora.optimizer.lr == 5e-5
+    alpaca = compose(["experiment=alpaca_gpt2_medium"], tmp_path)
+    assert (alpaca.init_from, alpaca.data.path, alpaca.finetune.task, alpaca.data.mask_prompt) == (
+        "gpt2-medium", "tatsu-lab/alpaca", "instruct", True)
+    assert (alpaca.optimizer.lr, alpaca.optimizer.weight_decay, alpaca.data.batch_size) == (5e-5, 0.1, 8)
+
+    fast = compose(["debug=fast"], tmp_path)
+    assert fast.logger is None and fast.callbacks.last_checkpoint is None and fast.trainer.max_steps == 3
+    anomaly = compose(["debug=anomaly", "perf.compile=true"], tmp_path)
+    assert anomaly.trainer.detect_anomaly and anomaly.trainer.precision == "32-true"
+    assert not compose(["experiment=gpt2_124m_fineweb", "debug=anomaly"], tmp_path).perf.compile
+
+
+def test_max_train_samples_below_one_batch_is_refused(tmp_path):
+    assert check_config(compose([*TINY, "data.max_train_samples=8"], tmp_path))  # one batch of 8: allowed
+    with pytest.raises(UserError, match=r"^data.max_train_samples=4 is less than one batch of data.batch_size=8: "):
+        check_config(compose([*TINY, "data.max_train_samples=4"], tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["spam_gpt2", "lora_spam", "alpaca_gpt2_medium"])
+def test_the_hub_recipes_run_on_local_stand_ins(experiment, stand_ins, tmp_path):
+    cfg = compose([f"experiment={experiment}", *local(experiment, stand_ins), "debug=fast",
+                   "trainer.accelerator=cpu", "data.max_length=96", "callbacks.progress_bar=null",
+                   *(["finetune.test_generations=2", "finetune.max_new_tokens=4"] if "alpaca" in experiment else [])],
+                  tmp_path)
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 3
+    assert ("test/acc" in metrics) == (experiment != "alpaca_gpt2_medium")
+    assert (tmp_path / "adapter").is_dir() == (experiment == "lora_spam")
+
+
+@pytest.mark.slow
+def test_debug_overfit_learns_one_batch(tmp_path):
+    cfg = compose([*SHORT, "debug=overfit", "optimizer=adamw", "optimizer.lr=1e-2", "trainer.max_steps=70",
+                   "trainer.val_check_interval=70"], tmp_path)
+    assert cfg.data.max_train_samples == cfg.data.batch_size == 8
+    train(cfg)
+    losses = [v for _, v in sorted(read_scalars(tmp_path)["train/loss"])]
+    assert losses[0] > 4 and losses[-1] < 0.5, losses  # ln(257) = 5.55 at the start; the batch is learnt
+
+
+@pytest.mark.slow
+def test_debug_profile_writes_a_trace_that_tensorboard_reads(tmp_path):
+    cfg = compose([*SHORT, "debug=profile"], tmp_path)
+    train(cfg)
+    traces = sorted((tmp_path / "tensorboard").glob("*.pt.trace.json"))
+    assert any("training_step" in t.name for t in traces), sorted(p.name for p in tmp_path.rglob("*"))
+    trace = json.loads(traces[0].read_text())
+    assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])  # operators were recorded
+    assert (tmp_path / "tensorboard" / "fit-profile.txt").is_file()  # the operator table, not on the console
+    assert Path(tmp_path / "metrics.json").is_file()

@@ -1,0 +1,53 @@
+"""Our callbacks and checkpoint IO: safe loading, throughput counted in real tokens, MFU from the FLOPs done."""
+
+import pickle
+
+import pytest
+import torch
+
+from llmtrain.training.callbacks import AtomicCheckpointIO
+
+
+class Payload:
+    """An object a pickled checkpoint could carry (and run code while unpickling)."""
+
+
+def test_lightning_loads_every_checkpoint_with_weights_only(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 4}, tmp_path / "plain.ckpt")
+    assert io.load_checkpoint(tmp_path / "plain.ckpt")["global_step"] == 4
+    torch.save({"state_dict": {}, "extra": Payload()}, tmp_path / "object.ckpt")
+    for asked in (None, False):  # what Lightning passes when weights_only is not set, and an explicit False
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            io.load_checkpoint(tmp_path / "object.ckpt", weights_only=asked)
+
+
+def test_throughput_counts_tokens_that_are_not_padding_and_the_flops_they_cost(monkeypatch):
+    """Two padded batches per optimizer step (real lengths 3 + 5 and 2 + 2 of 6 positions), a log every 2 steps: the
+    rate counts 12 tokens a step, not 24; the FLOPs add per-position attention at the padded length 6."""
+    from types import SimpleNamespace
+
+    import llmtrain.training.callbacks as callbacks
+    from llmtrain.training.flops import TrainingFlops
+
+    clock = iter(range(100))
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: float(next(clock)))  # 1 s between readings
+    logged = {}
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kw: logged.setdefault(name, value))
+    trainer = SimpleNamespace(global_step=0, world_size=2, log_every_n_steps=2,
+                              strategy=SimpleNamespace(reduce=lambda t, reduce_op: 2 * t))  # 2 ranks, the same counts
+    cb = callbacks.Throughput(flops=TrainingFlops(per_token=100.0, per_position=10.0), peak_flops=1e4)
+    cb.on_train_start(trainer, module)  # clock 0
+    batches = [{"input_ids": torch.zeros(2, 6, dtype=torch.long), "lengths": torch.tensor(n)} for n in ([3, 5], [2, 2])]
+    for step in (1, 2):
+        for i, batch in enumerate(batches):
+            trainer.global_step = step if i else step - 1  # the second micro-batch ends the step
+            cb.on_train_batch_end(trainer, module, None, batch, 0)  # the clock ticks once per step
+    # 2 steps x 12 tokens x 2 ranks in 2 s; FLOPs: 48 x 100 + 48 x 6 x 10
+    assert logged["train/tokens_per_sec"] == pytest.approx(48 / 2)
+    assert logged["train/mfu"] == pytest.approx((48 * 100 + 48 * 6 * 10) / 2 / (1e4 * 2))
+    windows = {"input_ids": torch.zeros(4, 8, dtype=torch.long)}  # pretraining: every position is a token
+    counts = callbacks.TokenCounts()
+    counts.add(windows)
+    counts.add(batches[0])
+    assert counts.total(torch.device("cpu")).tolist() == [32 + 8, 32 * 8 + 8 * 6]

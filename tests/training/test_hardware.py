@@ -1,0 +1,85 @@
+"""trainer.precision=auto: bf16-mixed where the device has native bf16, fp32 elsewhere (capabilities mocked)."""
+
+import pytest
+import torch
+
+import llmtrain.training.hardware as hw
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Set what the machine reports: CPU flags, and a CUDA GPU with or without native bf16 (or none)."""
+
+    def set_machine(flags=(), gpu=None, gpu_bf16=False):
+        monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: gpu_bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: gpu)
+
+    return set_machine
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx512f", "avx512_bf16"}, "bf16-mixed"),  # x86 with AVX512-BF16
+    ({"avx512f", "amx_tile", "amx_bf16"}, "bf16-mixed"),  # x86 with AMX
+    ({"fp", "asimd", "bf16"}, "bf16-mixed"),  # Arm with BF16 (Graviton 3, ...)
+    ({"avx512f", "avx512_vnni"}, "32-true"),  # AVX512 without BF16 (Ice Lake)
+    (set(), "32-true"),  # not Linux, or nothing known
+])
+def test_auto_on_a_cpu_follows_native_bf16(machine, flags, expected):
+    machine(flags)
+    precision, why = hw.choose_precision("auto", "auto")
+    assert precision == expected and why.startswith("auto: this CPU has")
+    assert hw.choose_precision("auto", "cpu")[0] == expected
+
+
+def test_auto_on_a_gpu_follows_the_gpu(machine):
+    machine(flags={"avx512_bf16"}, gpu="NVIDIA A100-SXM4-80GB", gpu_bf16=True)
+    assert hw.choose_precision("auto", "auto") == ("bf16-mixed", "auto: NVIDIA A100-SXM4-80GB has native bf16")
+    machine(flags={"avx512_bf16"}, gpu="Tesla V100-SXM2-16GB", gpu_bf16=False)
+    assert hw.choose_precision("auto", "gpu")[0] == "32-true"  # not the CPU's bf16: the GPU trains
+    assert hw.choose_precision("auto", "cpu")[0] == "bf16-mixed"  # accelerator=cpu on the same machine
+
+
+def test_a_gpu_that_only_emulates_bf16_trains_in_fp32(machine, monkeypatch):
+    """A V100 answers is_bf16_supported() True by emulation (the default); only the native answer counts."""
+    machine(gpu="Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert hw.cuda_bf16() is False
+    assert hw.choose_precision("auto", "gpu")[0] == "32-true"
+
+
+def test_a_precision_that_is_set_is_kept(machine):
+    machine(flags={"avx512_bf16"})
+    assert hw.choose_precision("32-true", "auto") == ("32-true", "as set by trainer.precision")
+    assert hw.choose_precision("bf16-mixed", "cpu")[0] == "bf16-mixed"
+
+
+def test_cpu_flags_reads_this_machine():
+    flags = hw.cpu_flags()
+    assert isinstance(flags, frozenset)
+    if hw.platform.system() == "Linux" and hw.platform.machine() == "x86_64":
+        assert "sse2" in flags  # every x86-64 CPU has it: the parser found the flags line
+
+
+def test_the_fused_optimizer_runs_on_cuda_and_cpu_but_not_mps(machine, monkeypatch):
+    machine(gpu=None)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert hw.fused_optimizer("cpu") and hw.fused_optimizer("auto")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac: auto trains on MPS
+    assert not hw.fused_optimizer("auto") and hw.fused_optimizer("cpu")
+    machine(gpu="NVIDIA H100 80GB HBM3", gpu_bf16=True)
+    assert hw.fused_optimizer("gpu") and hw.fused_optimizer("auto")
+
+
+def test_a_run_on_this_cpu_builds_a_fused_adamw(tmp_path):
+    from conftest import TINY, compose
+
+    from llmtrain.run.train import build, fused_where_supported
+
+    cfg = compose([*TINY, "optimizer=adamw"], tmp_path)
+    opt = build(cfg.optimizer, **fused_where_supported(cfg))([torch.nn.Parameter(torch.zeros(2))])
+    assert opt.defaults["fused"] is True
+    cfg = compose([*TINY, "optimizer=adamw", "optimizer.fused=false"], tmp_path)
+    assert build(cfg.optimizer, **fused_where_supported(cfg))([torch.nn.Parameter(torch.zeros(2))]).defaults[
+        "fused"] is False
