@@ -1,4 +1,5 @@
-"""The package's shape: no import circles, imports point down the layers, the model folder imports torch alone,\nentry points start light."""
+"""The package's shape: no import circles, imports point down the layers, the model folder imports torch alone,
+entry points start light."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""What a run prints (llmtrain/training/logs.py): every line once, no advertisement or noise, a model summary with FLOPs per
-token; and the real command line's output."""
+"""What a run prints (llmtrain/training/logs.py): every line once, no advertisement or noise, a model summary with
+FLOPs per token; and the real command line's output."""
 
 import logging
 import re
