@@ -37,7 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def meta_of(info: ModelInfo) -> dict:
     """The record a run would have written with the model (llmtrain.json)."""
-    return {"tokenizer": info.tokenizer, "task": info.task, "stage": info.stage, "label_names": info.label_names,
+    return {"tokenizer": info.tokenizer, "stage": info.stage, "num_classes": info.num_classes,
+            "label_names": info.label_names,
             "prompt_template": info.prompt_template, "init_from": info.init_from, "step": info.step,
             "exported_from": info.path}
 
@@ -46,7 +47,7 @@ def run(source: str, out_dir: str) -> str:
     """Export source to out_dir; returns the line the command prints."""
     model, info = load_pretrained(source, key="source")
     out = export_hf(model, out_dir, meta_of(info))
-    if info.task == "classify":
+    if info.num_classes is not None:
         what, auto = f"a classifier of {', '.join(info.label_names or [])}", "AutoModelForSequenceClassification"
     else:
         what, auto = "a language model", "AutoModelForCausalLM"

@@ -148,12 +148,12 @@ def load_model(ckpt_path: str, base: str | None = None) -> tuple[GPT, ModelInfo]
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _load_adapter_dir(path, ckpt_path, base)
     info = describe(ckpt_path, key="ckpt_path")
-    _refuse_classifier(ckpt_path, info.task, info.label_names)
+    _refuse_classifier(ckpt_path, info.num_classes, info.label_names)
     return load_pretrained(ckpt_path, key="ckpt_path")
 
 
-def _refuse_classifier(ckpt_path: str, task: str | None, label_names: list | None) -> None:
-    if task != "classify":
+def _refuse_classifier(ckpt_path: str, num_classes: int | None, label_names: list | None) -> None:
+    if num_classes is None:
         return
     labels = [str(label) for label in label_names or []]
     shown = ", ".join(labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "") or "unknown"
@@ -172,7 +172,7 @@ def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT
             meta = json.loads((path / ADAPTER_META).read_text())
         except ValueError as e:
             raise UserError(f"ckpt_path={ckpt_path}: {ADAPTER_META} is not readable JSON ({e})") from e
-    _refuse_classifier(ckpt_path, meta.get("task"), meta.get("label_names"))
+    _refuse_classifier(ckpt_path, meta.get("num_classes"), meta.get("label_names"))
     base = base or meta.get("base")
     if not base:
         raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter, but its base model is unknown (no 'base' in "
@@ -186,7 +186,7 @@ def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"ckpt_path={ckpt_path}: the adapter does not fit its base {base} ({first}); a LoRA run "
                         "with a new head (modules_to_save) is a classifier, which does not generate text") from e
-    info = replace(info, path=str(path), task=meta.get("task") or info.task,
+    info = replace(info, path=str(path), stage=meta.get("stage") or info.stage,
                    prompt_template=meta.get("prompt_template") or info.prompt_template,
                    tokenizer=find_tokenizer(meta["tokenizer"], path) if meta.get("tokenizer") else info.tokenizer,
                    extra={**info.extra, "adapter": str(path), "base": base})

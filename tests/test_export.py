@@ -57,12 +57,12 @@ def test_a_run_dir_becomes_a_folder_transformers_loads(tmp_path, capsys):
 
 def test_an_instruct_checkpoint_keeps_its_prompt_template(tmp_path, capsys):
     """llmtrain.json carries the record on: generate wraps prompts in the template the model was tuned on."""
-    ckpt = save_ckpt(tmp_path / "last.ckpt", tiny(), task="instruct", stage="instruct", prompt_template="alpaca")
+    ckpt = save_ckpt(tmp_path / "last.ckpt", tiny(), stage="instruct", prompt_template="alpaca")
     main([str(ckpt), str(tmp_path / "out")])
     meta = json.loads((tmp_path / "out" / "llmtrain.json").read_text())
-    assert (meta["prompt_template"], meta["task"], meta["stage"], meta["step"]) == ("alpaca", "instruct", "instruct", 7)
+    assert (meta["prompt_template"], meta["stage"], meta["step"]) == ("alpaca", "instruct", 7)
     _, info = load_pretrained(str(tmp_path / "out"))
-    assert (info.prompt_template, info.task, info.stage) == ("alpaca", "instruct", "instruct")
+    assert (info.prompt_template, info.stage) == ("alpaca", "instruct")
 
 
 def test_a_classifier_checkpoint_from_before_bias_free_heads_predicts_the_same_in_transformers(tmp_path):

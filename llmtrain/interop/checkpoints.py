@@ -32,8 +32,7 @@ class ModelInfo:
     path: str  # the file or folder read
     model_config: GPTConfig
     tokenizer: str | None = "gpt2"  # gpt2, bytes or a tokenizer.json's path; None: a Hugging Face folder without one
-    task: str = "lm"  # lm | instruct | classify | dpo
-    stage: str | None = None  # the finetune stage that wrote it
+    stage: str | None = None  # the name of the stage that wrote it (conf/finetune)
     label_names: list[str] | None = None  # a classifier's classes, in head order
     prompt_template: str | None = None  # e.g. "alpaca" for an instruction-tuned model
     num_classes: int | None = None  # a classifier's head size (None: the LM head)
@@ -52,7 +51,7 @@ class ModelInfo:
         folder = Path(path) if Path(path).is_dir() else Path(path).parent  # where a copied tokenizer.json lies
         tokenizer = find_tokenizer(meta.get("tokenizer") or "gpt2", folder)
         return cls(kind=kind, path=str(path), model_config=config, tokenizer=tokenizer,
-                   task=meta.get("task") or "lm", stage=meta.get("stage"), label_names=labels,
+                   stage=meta.get("stage"), label_names=labels,
                    prompt_template=meta.get("prompt_template"),
                    num_classes=meta.get("num_classes") or (len(labels) if labels else None),
                    init_from=meta.get("init_from"), step=meta.get("step"))

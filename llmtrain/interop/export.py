@@ -7,7 +7,7 @@ on transformers' GPT-2.
       model.safetensors       transformer.h.N.attn.c_attn.weight, ...: GPT-2's names and Conv1D (in, out)
                               orientation; a tied head is stored once, as transformer.wte.weight
       vocab.json, merges.txt, tokenizer_config.json   the tokenizer (hf_tokenizer.py)
-      llmtrain.json           what only llmtrain reads: the exact GPTConfig, tokenizer, task, stage, labels,
+      llmtrain.json           what only llmtrain reads: the exact GPTConfig, tokenizer, stage, classes,
                               prompt template, init_from, step (the record a checkpoint carries)
 
 Our GPT is GPT-2's architecture, so the translation is names and transposes only (the tables in hub.py, read
@@ -53,12 +53,12 @@ HF_LEAVES = {ours.split(".")[-1]: hf for ours, hf in HF_MODULES.items()}  # qkv 
 def export_hf(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
     """Write model (a GPT, or a peft model around one, merged into a copy) to out_dir in GPT-2's layout.
 
-    meta is the run's record (tokenizer, task, stage, label_names, prompt_template, init_from, step): it goes to
-    llmtrain.json, and decides the tokenizer files and, with task=classify, the classifier layout. The model is
+    meta is the run's record (tokenizer, stage, num_classes, label_names, prompt_template, init_from, step): it goes
+    to llmtrain.json, and decides the tokenizer files and, with num_classes, the classifier layout. The model is
     not modified. Returns out_dir.
     """
     gpt = plain_gpt(model)
-    classifier = meta.get("task") == "classify"
+    classifier = meta.get("num_classes") is not None
     if not classifier and not llama_mismatches(gpt):  # Llama's options: LlamaForCausalLM's layout
         return export_llama(gpt, meta.get("tokenizer") or "gpt2", out_dir, meta)
     differ = gpt2_mismatches(gpt)
@@ -152,9 +152,9 @@ def hf_config(gpt: GPT, eot: int, label_names: list[str] | None = None) -> dict:
     return config
 
 
-def export_hf_adapter(peft_model: nn.Module, out_dir: str | Path, base: str | None, task: str) -> Path:
+def export_hf_adapter(peft_model: nn.Module, out_dir: str | Path, base: str | None, classifier: bool) -> Path:
     """Write a LoRA model's adapter for transformers' GPT-2: `PeftModel.from_pretrained(<GPT2LMHeadModel, or
-    GPT2ForSequenceClassification for task=classify, of the base's weights>, out_dir)` computes what the peft model
+    GPT2ForSequenceClassification for a classifier, of the base's weights>, out_dir)` computes what the peft model
     does. `base` (a Hugging Face folder or Hub name) becomes base_model_name_or_path."""
     out = Path(out_dir)
 
@@ -167,13 +167,13 @@ def export_hf_adapter(peft_model: nn.Module, out_dir: str | Path, base: str | No
             module, sep, rest = inner.partition(".lora_")
             rest = "lora_" + rest if sep else inner.rpartition(".")[2]
             module = module if sep else inner.rpartition(".")[0]  # a module saved whole (modules_to_save)
-            renamed[f"base_model.model.{hf_module_name(module, task == 'classify')}.{rest}"] = tensor
+            renamed[f"base_model.model.{hf_module_name(module, classifier)}.{rest}"] = tensor
         save_file(renamed, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config = json.loads((tmp / ADAPTER_CONFIG).read_text())
-        saved = [hf_module_name(m, task == "classify") for m in config.get("modules_to_save") or []]
+        saved = [hf_module_name(m, classifier) for m in config.get("modules_to_save") or []]
         config |= {"target_modules": sorted(hf_module_name(t) for t in config["target_modules"]),
                    "modules_to_save": saved or None, "fan_in_fan_out": True,  # GPT-2's Conv1D stores (in, out)
-                   "task_type": "SEQ_CLS" if task == "classify" else "CAUSAL_LM",
+                   "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
                    "base_model_name_or_path": base, "auto_mapping": None}  # not llmtrain's GPT class
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card names our class: not this adapter's base
@@ -208,7 +208,7 @@ def _labels(gpt: GPT, classifier: bool, label_names: list[str] | None) -> list[s
     if not classifier:
         if rows != gpt.config.vocab_size:
             raise ValueError(f"the head has {rows} rows, not one per token ({gpt.config.vocab_size}): a classifier "
-                             "is exported with meta task=classify")
+                             "is exported with meta num_classes")
         return None
     labels = [str(n) for n in label_names] if label_names else [f"LABEL_{i}" for i in range(rows)]
     if len(labels) != rows:

@@ -77,7 +77,7 @@ def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
         id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
         labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
     info = ModelInfo(kind="hf", path=str(path), model_config=config, tokenizer="gpt2",
-                     task="classify" if labels else "lm", label_names=labels,
+                     label_names=labels,
                      num_classes=len(labels) if labels else None)
     if not (path / LLMTRAIN_JSON).is_file():
         return info

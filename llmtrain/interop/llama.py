@@ -50,7 +50,7 @@ def read_llama_info(path: Path, what: str, hint: str = "") -> ModelInfo:
                      tokenizer=str(tokenizer.resolve()) if tokenizer.is_file() else None)
     if not (path / LLMTRAIN_JSON).is_file():
         return info
-    # llmtrain's own export: its record (task, stage, prompt template, ...) and the exact config (drop_rate)
+    # llmtrain's own export: its record (stage, classes, prompt template, ...) and the exact config (drop_rate)
     record = json.loads((path / LLMTRAIN_JSON).read_text())
     ours = ModelInfo.from_meta("hf", path, record, f"{what}: {LLMTRAIN_JSON}")
     if dataclasses.replace(ours.model_config, drop_rate=0.0) != info.model_config:

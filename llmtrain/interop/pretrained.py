@@ -7,7 +7,7 @@ Accepted, in this order:
   - a run directory: its `checkpoints/last.ckpt`, else its export `hf/` (or `model/`, the earlier format);
   - an llmtrain `.ckpt` file (checkpoints.py);
   - a Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `HuggingFaceTB/SmolLM-135M`, ...), downloaded.
-`describe` reads only what a source says about its model (config, tokenizer, task), so that the run's config can
+`describe` reads only what a source says about its model (config, tokenizer, classes), so that the run's config can
 be checked against it before any weights are read; `load_pretrained` reads the weights too.
 """
 

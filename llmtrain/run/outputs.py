@@ -30,7 +30,8 @@ from llmtrain.training.sharded import gathered_gpt, is_sharded, skip_sharded
 def run_meta(cfg: DictConfig, tokenizer: str, label_names: list[str] | None) -> dict:
     """What checkpoints, exports and adapters of this run record about it (JSON-serialisable)."""
     task = cfg.finetune.task
-    return {"tokenizer": tokenizer, "task": task, "stage": cfg.finetune.name, "label_names": label_names,
+    classes = len(label_names) if label_names else None
+    return {"tokenizer": tokenizer, "stage": cfg.finetune.name, "num_classes": classes, "label_names": label_names,
             "prompt_template": template_of(task), "init_from": cfg.init_from}
 
 
@@ -71,7 +72,7 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
         written.append(f"adapter in {run_dir / 'adapter'}")
         if not gpt2_mismatches(module.gpt):  # peft's names for transformers' GPT-2
             base = hf_folder(cfg.init_from)
-            export_hf_adapter(module.model, run_dir / "hf_adapter", base, cfg.finetune.task)
+            export_hf_adapter(module.model, run_dir / "hf_adapter", base, meta["num_classes"] is not None)
             on = base or f"{cfg.init_from} once exported (python -m llmtrain.export {cfg.init_from} DIR)"
             written[-1] += f", and in {run_dir / 'hf_adapter'} for peft on transformers' GPT-2 of {on}"
     if cfg.finetune.task == "instruct":

@@ -29,7 +29,7 @@ def ids(vocab: int, n: int = 24) -> torch.Tensor:
 def fake_checkpoint(path, model: GPT, prefix: str = "model.", **meta) -> None:
     """What LanguageModel's checkpoints hold that matters here: the state dict under a prefix, and the record."""
     state = {prefix + k: v for k, v in model.state_dict().items()}
-    record = {"model_config": asdict(model.config), "tokenizer": "bytes", "task": "lm"} | meta
+    record = {"model_config": asdict(model.config), "tokenizer": "bytes"} | meta
     torch.save({"state_dict": state, "llmtrain": record, "global_step": 3}, path)
 
 
@@ -40,7 +40,7 @@ def test_llmtrain_checkpoint_round_trip(tmp_path, prefix):
     fake_checkpoint(tmp_path / "x.ckpt", original, prefix)
     model, info = load_pretrained(str(tmp_path / "x.ckpt"))
     assert info == ModelInfo(kind="llmtrain", path=str(tmp_path / "x.ckpt"), model_config=original.config,
-                             tokenizer="bytes", task="lm")
+                             tokenizer="bytes")
     assert model.config == original.config and not model.training
     with torch.no_grad():
         torch.testing.assert_close(model(ids(97)), original(ids(97)), atol=0, rtol=0)
@@ -50,11 +50,11 @@ def test_a_classifier_checkpoint_rebuilds_its_head(tmp_path):
     torch.manual_seed(0)
     original = GPT(GPTConfig(**TINY))
     original.replace_head(3)
-    fake_checkpoint(tmp_path / "c.ckpt", original.eval(), task="classify", label_names=["a", "b", "c"],
+    fake_checkpoint(tmp_path / "c.ckpt", original.eval(), label_names=["a", "b", "c"],
                     num_classes=3, stage="classify", prompt_template=None, step=7)
     model, info = load_checkpoint(tmp_path / "c.ckpt", "init_from=c.ckpt")
-    assert (info.task, info.num_classes, info.label_names, info.stage, info.step) == (
-        "classify", 3, ["a", "b", "c"], "classify", 7)
+    assert (info.num_classes, info.label_names, info.stage, info.step) == (
+        3, ["a", "b", "c"], "classify", 7)
     assert model.head.out_features == 3
     with torch.no_grad():
         torch.testing.assert_close(model(ids(97)), original(ids(97)), atol=0, rtol=0)
@@ -68,7 +68,7 @@ def test_a_classifier_checkpoint_from_before_bias_free_heads_loads_with_its_bias
     original.head = torch.nn.Linear(32, 3, bias=True)
     with torch.no_grad():
         original.head.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    fake_checkpoint(tmp_path / "old.ckpt", original.eval(), task="classify", label_names=["a", "b", "c"])
+    fake_checkpoint(tmp_path / "old.ckpt", original.eval(), label_names=["a", "b", "c"])
     model, info = load_checkpoint(tmp_path / "old.ckpt", "init_from=old.ckpt")
     assert model.head.bias is None and info.num_classes == 3
     assert not torch.equal(model.ln_f.bias, original.ln_f.bias)
@@ -77,7 +77,7 @@ def test_a_classifier_checkpoint_from_before_bias_free_heads_loads_with_its_bias
 
     with torch.no_grad():  # two equal rows with different biases: no shift of the norm gives both
         original.head.weight[1] = original.head.weight[0]
-    fake_checkpoint(tmp_path / "odd.ckpt", original, task="classify", label_names=["a", "b", "c"])
+    fake_checkpoint(tmp_path / "odd.ckpt", original, label_names=["a", "b", "c"])
     with pytest.raises(UserError, match=r"^init_from=odd.ckpt: its classifier head has a bias that cannot move"):
         load_checkpoint(tmp_path / "odd.ckpt", "init_from=odd.ckpt")
 

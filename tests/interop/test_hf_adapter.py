@@ -18,7 +18,7 @@ from llmtrain.interop.lora import apply_lora
 from llmtrain.model.gpt import GPT, GPTConfig
 
 TINY = dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2, qkv_bias=True)
-META = {"tokenizer": "bytes", "task": "lm"}
+META = {"tokenizer": "bytes"}
 
 
 def base_model(tied: bool) -> GPT:
@@ -50,7 +50,7 @@ def test_peft_on_transformers_gpt2_computes_our_logits(tmp_path, tied, targets):
     base = base_model(tied)
     base_dir = export_hf(base, tmp_path / "base", META)
     ours = adapted(base, targets)
-    out = export_hf_adapter(ours, tmp_path / "hf_adapter", str(base_dir), "lm")
+    out = export_hf_adapter(ours, tmp_path / "hf_adapter", str(base_dir), False)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(hf_module_name(t) for t in targets)
@@ -78,7 +78,7 @@ def test_a_classifier_adapter_with_its_head_on_gpt2_for_sequence_classification(
     classifier = copy.deepcopy(base)
     classifier.replace_head(3)
     ours = adapted(classifier, ["attn.qkv", "attn.out_proj"], modules_to_save=["head"])
-    out = export_hf_adapter(ours, tmp_path / "hf_adapter", str(base_dir), "classify")
+    out = export_hf_adapter(ours, tmp_path / "hf_adapter", str(base_dir), True)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["score"] and config["task_type"] == "SEQ_CLS"
     assert "base_model.model.score.weight" in load_file(out / "adapter_model.safetensors")
@@ -102,7 +102,7 @@ def test_an_adapter_never_replaces_another_folder(tmp_path):
     (tmp_path / "hf_adapter").mkdir()
     (tmp_path / "hf_adapter" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="hf_adapter exists and is not a LoRA adapter"):
-        export_hf_adapter(ours, tmp_path / "hf_adapter", None, "lm")
+        export_hf_adapter(ours, tmp_path / "hf_adapter", None, False)
     assert (tmp_path / "hf_adapter" / "notes.txt").read_text() == "mine"
 
 
@@ -112,7 +112,7 @@ def test_generate_tells_an_adapter_for_transformers_from_ours(tmp_path):
     from llmtrain.interop.lora import save_adapter
 
     ours = adapted(base_model(tied=True), ["attn.qkv"])
-    hf = export_hf_adapter(ours, tmp_path / "hf_adapter", None, "lm")
+    hf = export_hf_adapter(ours, tmp_path / "hf_adapter", None, False)
     assert is_hf_adapter(hf) and not is_hf_adapter(save_adapter(ours, tmp_path / "adapter"))
     with pytest.raises(UserError, match=r"^ckpt_path=\S+hf_adapter is a LoRA adapter for transformers' GPT-2 "
                                         r"\(its layers have GPT-2's names\): give the run's adapter/"):

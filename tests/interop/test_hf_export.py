@@ -22,7 +22,7 @@ from llmtrain.model.gpt import GPT, GPTConfig
 from llmtrain.model.losses import last_token_logits
 
 TINY = dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)
-META = {"tokenizer": "bytes", "task": "lm", "stage": "pretrain", "label_names": None, "prompt_template": None,
+META = {"tokenizer": "bytes", "stage": "pretrain", "label_names": None, "prompt_template": None,
         "init_from": None, "step": 30}
 FILES = ["config.json", "generation_config.json", "llmtrain.json", "merges.txt", "model.safetensors",
          "tokenizer_config.json", "vocab.json"]
@@ -73,8 +73,8 @@ def test_transformers_computes_our_logits_and_the_round_trip_is_exact(tmp_path, 
     assert loaded.config == model.config and not loaded.training  # qkv_bias and drop_rate come back too
     assert_same(model, loaded)
     assert describe(str(out)) == info
-    assert (info.kind, info.tokenizer, info.task, info.stage, info.step, info.num_classes) == (
-        "hf", "bytes", "lm", "pretrain", 30, None)
+    assert (info.kind, info.tokenizer, info.stage, info.step, info.num_classes) == (
+        "hf", "bytes", "pretrain", 30, None)
 
 
 def test_greedy_generation_gives_the_same_tokens(tmp_path):
@@ -102,7 +102,7 @@ def test_a_pipeline_on_the_folder_continues_text_as_our_generate_does(tmp_path):
 
 def test_config_json_and_llmtrain_json(tmp_path):
     model = tiny(qkv_bias=False, tie_weights=True, drop_rate=0.1)
-    meta = META | {"task": "instruct", "prompt_template": "alpaca", "init_from": "gpt2", "model_config": {"x": 1}}
+    meta = META | {"stage": "instruct", "prompt_template": "alpaca", "init_from": "gpt2", "model_config": {"x": 1}}
     out = export_hf(model, tmp_path / "hf", meta)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"] and config["model_type"] == "gpt2"
@@ -126,7 +126,7 @@ def test_config_json_and_llmtrain_json(tmp_path):
 def test_a_classifier_predicts_the_same_classes_in_transformers(tmp_path):
     model = classifier(n=3)
     labels = ["ham", "spam", "eggs"]
-    out = export_hf(model, tmp_path / "hf", META | {"task": "classify", "stage": "classify", "label_names": labels})
+    out = export_hf(model, tmp_path / "hf", META | {"num_classes": 3, "stage": "classify", "label_names": labels})
     assert "generation_config.json" not in {p.name for p in out.iterdir()}
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert type(hf).__name__ == "GPT2ForSequenceClassification" and hf.config.id2label == dict(enumerate(labels))
@@ -144,7 +144,7 @@ def test_a_classifier_predicts_the_same_classes_in_transformers(tmp_path):
 
     loaded, info = load_pretrained(str(out))
     assert_same(model, loaded)
-    assert (info.task, info.label_names, info.num_classes, info.stage) == ("classify", labels, 3, "classify")
+    assert (info.label_names, info.num_classes, info.stage) == (labels, 3, "classify")
 
 
 def test_a_classifier_saved_by_transformers_reads_as_one(tmp_path):
@@ -155,7 +155,7 @@ def test_a_classifier_saved_by_transformers_reads_as_one(tmp_path):
     hf = transformers.GPT2ForSequenceClassification(config).eval()
     hf.save_pretrained(tmp_path / "clf")
     model, info = load_pretrained(str(tmp_path / "clf"))
-    assert (info.task, info.label_names, info.num_classes) == ("classify", labels, 12)
+    assert (info.label_names, info.num_classes) == (labels, 12)
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x)[:, -1], hf(x).logits, atol=1e-4, rtol=0)
@@ -174,7 +174,8 @@ def test_a_lora_model_exports_merged_and_stays_wrapped(tmp_path, task):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
     before = {k: v.clone() for k, v in wrapped.state_dict().items()}
     labels = ["a", "b", "c"] if task == "classify" else None
-    loaded, _ = load_pretrained(str(export_hf(wrapped, tmp_path / "hf", META | {"task": task, "label_names": labels})))
+    meta = META | {"num_classes": 3 if labels else None, "label_names": labels}
+    loaded, _ = load_pretrained(str(export_hf(wrapped, tmp_path / "hf", meta)))
     with torch.no_grad():
         expected = wrapped(tokens())
         torch.testing.assert_close(loaded(tokens()), expected, atol=1e-5, rtol=0)
@@ -260,11 +261,11 @@ def test_generate_reads_the_export_refuses_a_classifier_and_wraps_instruct_promp
     assert gen.run(args) == gen.generate_text(model, build_tokenizer("bytes"), "Hello", 5, temperature=0)
     assert gen.load_model(str(out))[1].path == str(out)
 
-    export_hf(classifier(n=2), tmp_path / "clf", META | {"task": "classify", "label_names": ["neg", "pos"]})
+    export_hf(classifier(n=2), tmp_path / "clf", META | {"num_classes": 2, "label_names": ["neg", "pos"]})
     with pytest.raises(UserError, match=r"is a classifier \(labels: neg, pos\): it predicts labels, it does not"):
         gen.load_model(str(tmp_path / "clf"))
 
-    out = export_hf(model, tmp_path / "instruct", META | {"task": "instruct", "prompt_template": "alpaca"})
+    out = export_hf(model, tmp_path / "instruct", META | {"stage": "instruct", "prompt_template": "alpaca"})
     seen = []
     monkeypatch.setattr(gen, "generate_text", lambda model, tok, prompt, *a, **k: seen.append(prompt) or "ok")
     assert gen.run(gen.parse_args([f"ckpt_path={out}", "prompt=Name a colour", "device=cpu"])) == "ok"

@@ -236,7 +236,7 @@ def test_instruct_from_a_llama_folder_through_the_command_line(tmp_path):
                   cwd=tmp_path, module="llmtrain.generate")
     assert out.returncode == 0, out.stderr[-2000:]
     model, info = load_pretrained(str(export))
-    assert info.prompt_template == "alpaca" and info.task == "instruct"
+    assert info.prompt_template == "alpaca" and info.stage == "instruct"
     assert info.tokenizer == str((export / "tokenizer.json").resolve())
     hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
     with torch.no_grad():
