@@ -8,7 +8,7 @@ cache is built once first, as a second `make train` finds it):
 - `python -c pass`, `import llmtrain.cli` (what a config error or --help pays) and `import llmtrain.run.train`
   (the recipe: Lightning, datasets, TensorBoard), each in its own process;
 - the default run up to the end of its first optimizer step, with the recipe's steps stamped from inside:
-  check_config, the data module (prepare + setup), the model, the Trainer, and fit up to the first step.
+  resolve_run, the data module (prepare + setup), the model, the Trainer, and fit up to the first step.
 With --importtime, the heaviest imports of `import llmtrain.run.train` as `python -X importtime` reports them.
 """
 
@@ -50,7 +50,7 @@ class FirstStep(L.Callback):
         stamp("first optimizer step")
         raise SystemExit(0)
 
-recipe.check_config = wrap("config checked", recipe.check_config)
+recipe.resolve_run = wrap("config checked", recipe.resolve_run)
 recipe.build_model = wrap("model built", recipe.build_model)
 recipe.build_trainer = wrap("Trainer built", recipe.build_trainer)
 real_build = recipe.build

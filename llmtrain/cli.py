@@ -11,10 +11,10 @@ import hydra
 from omegaconf import DictConfig
 
 from llmtrain.errors import UserError
-from llmtrain.run.checks import check_config
 from llmtrain.run.distributed import is_launch_rank
 from llmtrain.run.jobs import only_hydra_files, remove_run_dir
 from llmtrain.run.memory import preflight
+from llmtrain.run.resolve import resolve_run
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The configs: inside the package when installed from a wheel (pyproject.toml maps conf/ to llmtrain/conf), at the
@@ -27,13 +27,13 @@ CONF_DIR = next((d for d in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf") 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
-        eff = check_config(cfg)
-        preflight(cfg, eff)  # before any process starts: a run that cannot fit stops here
+        run = resolve_run(cfg)
+        preflight(cfg, run)  # before any process starts: a run that cannot fit stops here
         # Lightning, datasets and peft take seconds to import: the recipe is imported only once the config is
         # known to be good, so that `--help` and a mistaken override answer at once
         from llmtrain.run.train import train
 
-        return train(cfg, eff)
+        return train(cfg, run)
     except UserError as e:
         if os.environ.get("LLMTRAIN_DEBUG"):
             raise

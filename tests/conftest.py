@@ -119,6 +119,14 @@ def write_checkpoint(path: Path, n_layers: int = 2, **meta) -> Path:
     model = GPT(GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=n_layers,
                           tie_weights=True))
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes", "task": "lm",
+                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes",
                              "stage": "pretrain", **meta}}, path)
     return path
+
+
+def lm_stage(loss_chunk: int | None = None, sample_prompt: str | None = None, sample_tokens: int = 0):
+    """The pretraining stage, as conf/finetune/pretrain.yaml builds it, for tests that run a LanguageModel."""
+    from llmtrain.stages.pretrain import Pretrain
+
+    return Pretrain(train_blocks="all", lora=None, loss_chunk=loss_chunk, sample_prompt=sample_prompt,
+                    sample_tokens=sample_tokens)

@@ -28,7 +28,7 @@ def tiny(seed: int = 0, **overrides) -> GPT:
 def save_ckpt(path, model: GPT, **meta):
     """A checkpoint as LanguageModel writes it (the weights under `model.`, the llmtrain record)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model_config": asdict(model.config), "tokenizer": "bytes", "task": "lm", "stage": "pretrain",
+    record = {"model_config": asdict(model.config), "tokenizer": "bytes", "stage": "pretrain",
               "step": 7} | meta
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "llmtrain": record}, path)
     return path
@@ -70,7 +70,7 @@ def test_a_classifier_checkpoint_from_before_bias_free_heads_predicts_the_same_i
     model.head = torch.nn.Linear(32, 2, bias=True)  # as the classify stage made it then
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([1.5, -0.5]))
-    ckpt = save_ckpt(tmp_path / "best-step20.ckpt", model, task="classify", label_names=["ham", "spam"])
+    ckpt = save_ckpt(tmp_path / "best-step20.ckpt", model, num_classes=2, label_names=["ham", "spam"])
     main([str(ckpt), str(tmp_path / "out")])
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert hf.config.id2label == {0: "ham", 1: "spam"}

@@ -22,7 +22,7 @@ def save_checkpoint(path: Path, model: GPT | None = None, **meta) -> Path:
     torch.manual_seed(0)
     model = model or GPT(TINY)
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes", "task": "lm", **meta}}, path)
+                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes", **meta}}, path)
     return path
 
 
@@ -124,7 +124,7 @@ def test_classifier_checkpoint_is_refused(tmp_path):
     torch.manual_seed(0)
     classifier = GPT(TINY)
     classifier.replace_head(2)  # one row per label, as the classify stage makes
-    path = save_checkpoint(tmp_path / "clf.ckpt", classifier, task="classify", label_names=["neg", "pos"])
+    path = save_checkpoint(tmp_path / "clf.ckpt", classifier, num_classes=2, label_names=["neg", "pos"])
     result = run_generate(f"ckpt_path={path}", "prompt=great film")
     assert result.returncode == 2
     assert result.stderr == (f"error: ckpt_path={path} is a classifier (labels: neg, pos): it predicts "

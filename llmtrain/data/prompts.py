@@ -33,7 +33,3 @@ def record_prompt(record: dict, template: str = "alpaca") -> str:
     """The prompt of an instruction record {instruction, input (optional), ...}."""
     return format_prompt(record["instruction"], record.get("input") or "", template)
 
-
-def template_of(task: str) -> str | None:
-    """The template a stage's task trains with: instruction data is templated, plain text and labels are not."""
-    return "alpaca" if task in ("instruct", "dpo") else None

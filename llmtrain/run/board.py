@@ -24,13 +24,10 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, Sessi
 from torch import nn
 
 from llmtrain.interop.lora import trainable_summary
-from llmtrain.run.checks import Effective
 from llmtrain.run.jobs import override_key, sweep_trial_name, varied_keys
+from llmtrain.run.resolve import ResolvedRun
+from llmtrain.stages.base import Stage
 
-# the metrics the HPARAMS tab shows for each job: their last value in the run, i.e. the final validation
-HPARAM_METRICS = {"lm": ("val/loss", "val/ppl"), "instruct": ("val/loss", "val/ppl"),
-                  "classify": ("val/loss", "val/acc", "val/f1"),
-                  "dpo": ("val/loss", "val/rewards/accuracy", "val/rewards/margin")}
 DATA_TYPES = {int: api_pb2.DATA_TYPE_FLOAT64, float: api_pb2.DATA_TYPE_FLOAT64, str: api_pb2.DATA_TYPE_STRING}
 # the groups whose choice names a run (experiment=..., model=...), in the order the table shows them
 GROUPS = ("experiment", "debug", "model", "data", "finetune", "optimizer", "scheduler", "trainer")
@@ -118,19 +115,19 @@ def scalar(value) -> float | str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def run_hparams(cfg: DictConfig, eff: Effective, model: nn.Module) -> dict[str, float | str]:
+def run_hparams(cfg: DictConfig, run: ResolvedRun, model: nn.Module) -> dict[str, float | str]:
     """The run's chosen values, flattened: the groups chosen, the effective model, the optimizer, schedule, data
     and length of training, the stage, every key overridden on the command line, and the trainable share."""
     hp: dict = {}
     hydra = HydraConfig.get() if HydraConfig.initialized() else None
     choices = hydra.runtime.choices if hydra else {}
     hp |= {g: choices[g] for g in GROUPS if choices.get(g)}
-    hp |= {f"model.{k}": v for k, v in asdict(eff.model_config).items()}
+    hp |= {f"model.{k}": v for k, v in asdict(run.model_config).items()}
     hp |= {f"optimizer.{k}": v for k, v in cfg.optimizer.items() if not k.startswith("_")}
     hp |= {f"scheduler.{k}": v for k, v in cfg.scheduler.items()}
-    hp |= {"data.path": cfg.data.path, "data.tokenizer": eff.tokenizer, "data.batch_size": cfg.data.batch_size,
-           "data.context_length": eff.context_length, "trainer.max_steps": cfg.trainer.max_steps,
-           "trainer.accumulate_grad_batches": eff.accumulate, "trainer.precision": str(eff.precision),
+    hp |= {"data.path": cfg.data.path, "data.tokenizer": run.tokenizer, "data.batch_size": cfg.data.batch_size,
+           "data.context_length": run.context_length, "trainer.max_steps": cfg.trainer.max_steps,
+           "trainer.accumulate_grad_batches": run.accumulate, "trainer.precision": str(run.precision),
            "trainer.devices": cfg.trainer.devices, "trainer.num_nodes": cfg.trainer.num_nodes,
            "finetune.train_blocks": cfg.finetune.train_blocks, "init_from": cfg.init_from, "seed": cfg.seed}
     if cfg.finetune.lora:
@@ -147,11 +144,12 @@ def overridden_keys() -> list[str]:
     return [override_key(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
 
 
-def log_hparams(logger, params: dict[str, float | str], task: str) -> None:
-    """The run's values for the HPARAMS tab, compared on the task's final metrics (HPARAM_METRICS); the keys a
-    sweep varies (or, in a single run, those set on the command line) listed first. Other loggers than
-    TensorBoard get the values through their own `log_hyperparams`."""
+def log_hparams(logger, params: dict[str, float | str], stage: Stage) -> None:
+    """The run's values for the HPARAMS tab, compared on the stage's final metrics (the last value of each curve
+    val/<metric>, i.e. the final validation); the keys a sweep varies (or, in a single run, those set on the command
+    line) listed first. Other loggers than TensorBoard get the values through their own `log_hyperparams`."""
     if isinstance(logger, TensorBoard):
-        logger.log_run(params, HPARAM_METRICS[task], varied_keys() or set(overridden_keys()), sweep_trial_name())
+        metrics = tuple(f"val/{m}" for m in stage.compared or stage.metrics)
+        logger.log_run(params, metrics, varied_keys() or set(overridden_keys()), sweep_trial_name())
     else:
         logger.log_hyperparams(params)

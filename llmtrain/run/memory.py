@@ -1,10 +1,13 @@
 """The memory pre-flight: before any process starts training, the peak memory one process will need, against what
 it has. A run that cannot fit stops with one line: the estimate, the limit, and the settings that lower it.
 
-The estimate, per process, from the effective config (the model is built on the meta device: no memory, no time):
-- weights, gradients (trainable parameters only) and optimizer state (AdamW: 2 values per trainable parameter),
-  at the precision's width (fp32 under mixed precision, which adds a 16-bit copy of the trainable ones); FSDP divides
-  all three by the number of ranks (plus one unsharded block at a time);
+The estimate, per process, from the resolved run. The model is the one the stage will train, built by the stage's
+own code on the meta device (no memory, no time): its head, its trainable part, its LoRA adapters, and what else
+the stage holds (DPO's frozen reference).
+- weights, gradients (trainable parameters only) and optimizer state (AdamW: 2 values per trainable parameter;
+  Muon: 1 per matrix it takes, AdamW's 2 for the rest), at the precision's width (fp32 under mixed precision,
+  which adds a 16-bit copy of the trainable ones); FSDP divides all three by the number of ranks (plus one
+  unsharded block at a time);
 - activations kept for the backward pass, per token of the micro-batch and per block that a gradient passes
   through: 17 values of width emb_dim in fp32 (attention through fused SDPA kernels, which keep no T x T
   scores), 38 bytes x emb_dim under mixed precision, or one block's input with activation checkpointing; plus
@@ -20,6 +23,7 @@ the `trainer.devices` processes; `perf.memory_gb` replaces either. Unknown accel
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -30,13 +34,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmtrain.errors import UserError
-from llmtrain.interop.lora import DEFAULT_TARGETS
 from llmtrain.model.gpt import GPT
-from llmtrain.run.checks import Effective
 from llmtrain.run.distributed import is_launch_rank
-from llmtrain.stages.common import set_trainable
+from llmtrain.run.resolve import ResolvedRun
+from llmtrain.stages.base import Stage, inner_gpt
 from llmtrain.training.flops import layers_with_backward
 from llmtrain.training.hardware import on_cuda
+from llmtrain.training.optim import param_groups
 
 GIB = 2**30
 # per precision kind: (bytes per weight, gradient or optimizer value; activation bytes per token, block and unit of
@@ -45,6 +49,7 @@ BYTES = {"mixed": (4, 38, 14), "16": (2, 34, 16), "32": (4, 68, 12), "64": (8, 1
 RUNTIME = {"cpu": 0.5 * GIB, "cuda": 1.0 * GIB}
 OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Muon": 1, "Adagrad": 1,
                     "RMSprop": 1}  # values kept per trainable parameter; SGD: 1 with momentum, else 0
+MUON_WITH_ADAMW = "MuonAdamW"  # Muon's 1 value (momentum) for the blocks' matrices, AdamW's 2 for the rest
 
 
 @dataclass(frozen=True)
@@ -68,28 +73,26 @@ class Estimate:
         return f"{self.total / GIB:.1f} GiB per process ({parts})"
 
 
-def estimate(cfg: DictConfig, eff: Effective) -> Estimate:
+def estimate(cfg: DictConfig, run: ResolvedRun) -> Estimate:
     """The peak memory of one training process of this run (see the module docstring)."""
-    model = meta_model(cfg, eff)
-    params = {id(p): p for p in model.parameters()}.values()
-    n_all = sum(p.numel() for p in params)
-    n_train = sum(p.numel() for p in params if p.requires_grad) + lora_parameters(cfg, model)
+    model, stage = meta_model(run)
+    trained = {id(p): p for p in model.parameters()}
+    n_all = sum(p.numel() for p in {**trained, **{id(p): p for p in stage.parameters()}}.values())
+    n_train = sum(p.numel() for p in trained.values() if p.requires_grad)
     shards = ranks(cfg) if sharded(cfg) else 1
-    kind = number_kind(eff.precision)
+    kind = number_kind(run.precision)
     width, act_bytes, logit_bytes = BYTES[kind]
-    config = eff.model_config
-    weights = n_all * width / shards
+    config = run.model_config
+    weights = n_all * width / shards  # the stage's own weights too: DPO's frozen reference
     if shards > 1:
         weights += n_all / config.n_layers * width  # the block being computed, gathered
     elif kind == "mixed":
         weights += 2 * n_train  # autocast caches a 16-bit copy of each trainable weight
-    if cfg.finetune.task == "dpo" and not cfg.finetune.lora:
-        weights += n_all * width / shards  # DPO's frozen reference (with LoRA: the base, adapters disabled)
     gradients = n_train * width / shards
-    optimizer = n_train * width * optimizer_states(cfg) / shards
-    tokens = cfg.data.batch_size * sequence_length(cfg, eff) * (2 if cfg.finetune.task == "dpo" else 1)  # DPO: pairs
+    optimizer = optimizer_values(cfg, model) * width / shards
+    tokens = cfg.data.batch_size * sequence_length(cfg, run) * stage.sequences_per_item
     per_block = act_bytes * config.emb_dim + (2 * config.emb_dim if config.drop_rate > 0 else 0)  # + dropout masks
-    blocks = config.n_layers if cfg.finetune.lora else layers_with_backward(model, config.n_layers)
+    blocks = layers_with_backward(model, config.n_layers)
     strategy = cfg.trainer.strategy
     if cfg.perf.activation_checkpointing or (sharded(cfg) and "activation_checkpointing_policy" in strategy):
         activations = tokens * (blocks * config.emb_dim * width + per_block)  # block inputs, one block recomputed
@@ -97,19 +100,19 @@ def estimate(cfg: DictConfig, eff: Effective) -> Estimate:
         activations = tokens * blocks * per_block
     activations += tokens * per_block if blocks else 0  # the gradients of one block's activations, in its backward
     activations += tokens * 2 * config.emb_dim * width  # the embeddings' sum and the final LayerNorm's input
-    logits = logits_bytes(cfg, model, tokens, logit_bytes, width)
+    logits = logits_bytes(stage, inner_gpt(model), tokens, logit_bytes, width)
     device = "cuda" if on_cuda(cfg.trainer.accelerator) else "cpu"
     return Estimate(weights, gradients, optimizer, activations, logits, RUNTIME[device])
 
 
-def logits_bytes(cfg: DictConfig, model: GPT, tokens: int, per_value: int, width: int) -> float:
-    """The loss's peak: all logits, their log-softmax and gradients at once; or, with perf.loss_chunk (a plain LM
-    head), a chunk's fp32 logits and the log-sum-exp's temporary (8 bytes a value; 12 when there are several
-    chunks, since the next chunk's logits exist before the last one's are freed), plus the head's weight gradient
-    (fp32) and the hidden states' gradient that the chunked loss keeps for the backward pass."""
-    vocab, dim, chunk = model.head.out_features, model.config.emb_dim, cfg.perf.loss_chunk
-    lora_head = cfg.finetune.lora and any(t == "head" or t.endswith(".head") for t in cfg.finetune.lora.target_modules)
-    if chunk and cfg.finetune.task not in ("classify", "dpo") and not lora_head:  # DPO: full logits per pair
+def logits_bytes(stage: Stage, gpt: GPT, tokens: int, per_value: int, width: int) -> float:
+    """The loss's peak: all logits, their log-softmax and gradients at once; or, where the stage's loss runs the
+    head a chunk at a time (its loss_chunk, with a plain head), a chunk's fp32 logits and the log-sum-exp's
+    temporary (8 bytes a value; 12 when there are several chunks, since the next chunk's logits exist before the
+    last one's are freed), plus the head's weight gradient (fp32) and the hidden states' gradient that the chunked
+    loss keeps for the backward pass."""
+    vocab, dim, chunk = gpt.head.out_features, gpt.config.emb_dim, stage.loss_chunk
+    if chunk and type(gpt.head) is nn.Linear and gpt.head.bias is None:  # as the stage's lm_loss decides
         per_chunk = min(chunk, tokens) * vocab * (12 if tokens > chunk else 8)
         return per_chunk + vocab * dim * 4 + tokens * dim * width
     return tokens * vocab * per_value
@@ -123,42 +126,32 @@ def number_kind(precision: str | int) -> str:
     return "16" if precision.startswith(("bf16", "16")) else "64" if precision.startswith("64") else "32"
 
 
-def meta_model(cfg: DictConfig, eff: Effective) -> GPT:
-    """The stage's GPT with its trainable part, on the meta device (shapes only)."""
+def meta_model(run: ResolvedRun) -> tuple[nn.Module, Stage]:
+    """The model the stage will train and a copy of the stage (holding what else it keeps), built by the stage's own
+    code on the meta device (shapes only)."""
+    stage = copy.deepcopy(run.stage)
     with torch.device("meta"):
-        model = GPT(eff.model_config)
-        if cfg.finetune.task == "classify":
-            labels = eff.start.label_names if eff.start is not None else None
-            model.replace_head(len(labels) if labels else 2)  # the real count comes with the data: a few rows
-    set_trainable(model, cfg.finetune.train_blocks)
-    return model
+        model = stage.build_model(GPT(run.model_config))
+    return model, stage
 
 
-def lora_parameters(cfg: DictConfig, model: nn.Module) -> int:
-    """Parameters that LoRA adapters add (and train): r x (in + out) per targeted linear layer; a classifier's head
-    is copied and trained too."""
-    lora = cfg.finetune.lora
-    if not lora:
-        return 0
-    targets = list(lora.target_modules or DEFAULT_TARGETS)
-    hit = [m for name, m in model.named_modules() if isinstance(m, nn.Linear)
-           and any(name == t or name.endswith("." + t) for t in targets)]
-    head = sum(p.numel() for p in model.head.parameters()) if cfg.finetune.task == "classify" else 0
-    return sum(lora.r * (m.in_features + m.out_features) for m in hit) + head
-
-
-def optimizer_states(cfg: DictConfig) -> int:
+def optimizer_values(cfg: DictConfig, model: nn.Module) -> int:
+    """Values the optimizer keeps for the model's trainable parameters: per parameter by its kind, and for Muon with
+    AdamW by the group each parameter goes to (the optimizer's own grouping)."""
     name = str(cfg.optimizer._target_).rsplit(".", 1)[-1]
-    if name == "SGD":
-        return 1 if cfg.optimizer.get("momentum") else 0
-    return OPTIMIZER_STATES.get(name, 2)  # unknown: as many as Adam keeps
+    groups = param_groups(model)
+    if name == MUON_WITH_ADAMW:
+        return sum(p.numel() * (OPTIMIZER_STATES["Muon"] if g["name"] == "matrix" else OPTIMIZER_STATES["AdamW"])
+                   for g in groups for p in g["params"])
+    per_value = (1 if cfg.optimizer.get("momentum") else 0) if name == "SGD" else OPTIMIZER_STATES.get(name, 2)
+    return per_value * sum(p.numel() for g in groups for p in g["params"])  # unknown: as many as Adam keeps
 
 
-def sequence_length(cfg: DictConfig, eff: Effective) -> int:
+def sequence_length(cfg: DictConfig, run: ResolvedRun) -> int:
     """The longest sequence of a micro-batch: the window (pretraining) or the longest record a table allows."""
     if "max_length" in cfg.data and cfg.data.max_length:
-        return min(cfg.data.max_length, eff.model_config.context_length)
-    return eff.context_length
+        return min(cfg.data.max_length, run.model_config.context_length)
+    return run.context_length
 
 
 def sharded(cfg: DictConfig) -> bool:
@@ -219,12 +212,12 @@ def available_ram() -> float | None:
     return available
 
 
-def preflight(cfg: DictConfig, eff: Effective) -> Estimate:
+def preflight(cfg: DictConfig, run: ResolvedRun) -> Estimate:
     """Refuse a run that cannot fit in one line; warn when several CPU processes would share a few cores."""
-    est = estimate(cfg, eff)
+    est = estimate(cfg, run)
     found = limit(cfg)
     if found is not None and est.total > found[0]:
-        raise UserError(f"the run needs about {est} but {found[1]}: {', '.join(levers(cfg, eff))}")
+        raise UserError(f"the run needs about {est} but {found[1]}: {', '.join(levers(cfg, run))}")
     n = ranks(cfg)
     if not on_cuda(cfg.trainer.accelerator) and n > 1 and is_launch_rank():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -234,7 +227,7 @@ def preflight(cfg: DictConfig, eff: Effective) -> Estimate:
     return est
 
 
-def levers(cfg: DictConfig, eff: Effective) -> list[str]:
+def levers(cfg: DictConfig, run: ResolvedRun) -> list[str]:
     """The settings that lower the estimate, for this run."""
     out = ["lower data.batch_size (and raise trainer.accumulate_grad_batches, or set tokens_per_step, to keep the "
            "tokens per step)"]
@@ -245,6 +238,6 @@ def levers(cfg: DictConfig, eff: Effective) -> list[str]:
         out.append("shard weights, gradients and optimizer state over the GPUs with trainer=fsdp")
     if not cuda and ranks(cfg) > 1:
         out.append("use fewer trainer.devices")
-    if str(eff.precision).startswith("32"):
+    if str(run.precision).startswith("32"):
         out.append("use trainer.precision=bf16-mixed")
     return [*out, "or set perf.memory_gb to a higher limit"]

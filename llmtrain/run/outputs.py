@@ -1,10 +1,10 @@
-"""What a finished run leaves beside its checkpoints (written by rank zero): the final model as a Hugging Face GPT-2
-folder (`hf/`, which llmtrain reads back exactly), a LoRA stage's adapter (`adapter/` for llmtrain's GPT,
-`hf_adapter/` for transformers' GPT-2), an instruct stage's answers to the test split (see sharded.py for what
-changes under FSDP).
+"""What a finished run leaves beside its checkpoints (written by rank zero): the final model as a Hugging Face
+folder (`hf/`: GPT-2's or Llama's layout, whichever computes the model; llmtrain reads it back exactly), a LoRA
+run's adapter (`adapter/` for llmtrain's GPT, `hf_adapter/` for transformers' GPT-2), and the stage's own files
+(an instruct stage's answers to the test split). See sharded.py for what changes under FSDP.
 
-Every file describes itself with the same record (`run_meta`): tokenizer, task, stage, labels, prompt template,
-the weights the run started from. Checkpoints carry it too (the LightningModule stores it).
+Every file describes itself with the same record (`run_meta`): tokenizer, stage, classes, prompt template, the
+weights the run started from. Checkpoints carry it too (the LightningModule stores it).
 """
 
 from __future__ import annotations
@@ -15,24 +15,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
-from llmtrain.data.prompts import record_prompt, template_of
-from llmtrain.data.tokenizer import TOKENIZER_FILE, continuation_text, is_file_tokenizer
+from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.interop.export import export_hf, export_hf_adapter, gpt2_mismatches
 from llmtrain.interop.lora import ADAPTER_META, save_adapter
 from llmtrain.interop.pretrained import hf_folder
+from llmtrain.stages.base import Stage
 from llmtrain.training.sharded import gathered_gpt, is_sharded, skip_sharded
 
 
-def run_meta(cfg: DictConfig, tokenizer: str, label_names: list[str] | None) -> dict:
+def run_meta(cfg: DictConfig, tokenizer: str, stage: Stage) -> dict:
     """What checkpoints, exports and adapters of this run record about it (JSON-serialisable)."""
-    task = cfg.finetune.task
-    classes = len(label_names) if label_names else None
-    return {"tokenizer": tokenizer, "stage": cfg.finetune.name, "num_classes": classes, "label_names": label_names,
-            "prompt_template": template_of(task), "init_from": cfg.init_from}
+    return {"tokenizer": tokenizer, **stage.record(), "init_from": cfg.init_from}
 
 
 def keep_tokenizer(tokenizer: str, run_dir: Path, write: bool = True) -> str:
@@ -55,7 +51,7 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
 
     Every rank calls it: under FSDP the export gathers the weights from all of them. Rank zero writes the files;
     the other ranks return an empty list."""
-    run_dir, written = Path(cfg.run_dir), []
+    run_dir, written, stage = Path(cfg.run_dir), [], module.stage
     if is_sharded(trainer.strategy):
         return _write_sharded(module, trainer, cfg, meta)
     if not trainer.is_global_zero:
@@ -66,7 +62,7 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
         written.append(f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout)")
     except UserError as e:  # an architecture that no Hugging Face class computes
         written.append(f"no export: {e}")
-    if cfg.finetune.lora:
+    if stage.lora:
         save_adapter(module.model, run_dir / "adapter")
         (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
         written.append(f"adapter in {run_dir / 'adapter'}")
@@ -75,50 +71,21 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
             export_hf_adapter(module.model, run_dir / "hf_adapter", base, meta["num_classes"] is not None)
             on = base or f"{cfg.init_from} once exported (python -m llmtrain.export {cfg.init_from} DIR)"
             written[-1] += f", and in {run_dir / 'hf_adapter'} for peft on transformers' GPT-2 of {on}"
-    if cfg.finetune.task == "instruct":
-        path = run_dir / "test_generations.jsonl"
-        n = write_test_generations(module, datamodule, path, cfg.finetune.test_generations,
-                                   cfg.finetune.max_new_tokens)
-        written.append(f"{n} test answers in {path}")
-    return written
+    return written + stage.write_files(module.gpt, datamodule, run_dir)
 
 
 def _write_sharded(module, trainer, cfg: DictConfig, meta: dict) -> list[str]:
     """Under FSDP: the export from the weights gathered on rank zero (every rank takes part); the LoRA outputs and
-    the test answers are skipped, with the reason."""
-    run_dir = Path(cfg.run_dir)
-    classes = module.gpt.head.out_features if cfg.finetune.task == "classify" else None
-    gpt = None if cfg.finetune.lora else gathered_gpt(trainer, module.gpt.config, classes)
+    the stage's own files are skipped, with the reason."""
+    run_dir, stage = Path(cfg.run_dir), module.stage
+    gpt = None if stage.lora else gathered_gpt(trainer, module.gpt.config, meta["num_classes"])
     if not trainer.is_global_zero:
         return []
     if gpt is None:
-        what = "LoRA adapter or merged export" if cfg.finetune.lora else "export of sharded state dicts"
+        what = "LoRA adapter or merged export" if stage.lora else "export of sharded state dicts"
         written = [f"{skip_sharded(what)}; the final state is in {run_dir / 'checkpoints' / 'last.ckpt'}"]
     else:
         export_hf(gpt, run_dir / "hf", {**meta, "step": trainer.global_step})
         layout = "GPT-2" if not gpt2_mismatches(gpt) else "Llama"
         written = [f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout, gathered from the FSDP ranks)"]
-    if cfg.finetune.task == "instruct":
-        written.append(skip_sharded("test answers"))
-    return written
-
-
-def write_test_generations(module, datamodule, path: Path, limit: int | None, max_new_tokens: int) -> int:
-    """Answer the test split's instructions greedily; write instruction, input, reference and answer as JSONL."""
-    tok, gpt = datamodule.tokenizer, module.gpt
-    records = datamodule.records["test"]
-    records = records[:limit] if limit is not None else records
-    was_training = module.model.training
-    module.model.eval()
-    with open(path, "w") as f:
-        for r in records:
-            prompt = tok.encode_ordinary(record_prompt(r, template_of("instruct")))
-            prompt = prompt[-(gpt.config.context_length - 1):]
-            n_new = min(max_new_tokens, gpt.config.context_length - len(prompt))
-            idx = torch.tensor([prompt], device=module.device)
-            out = gpt.generate(idx, n_new, temperature=0, eos_id=tok.eot_token)  # LoRA layers sit inside gpt
-            answer = continuation_text(tok, out[0, len(prompt):].tolist())
-            f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input") or "",
-                                "reference": r["output"], "generated": answer.strip()}) + "\n")
-    module.model.train(was_training)
-    return len(records)
+    return written + [skip_sharded(what) for what in stage.outputs]

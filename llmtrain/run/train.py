@@ -22,62 +22,59 @@ from omegaconf import DictConfig, OmegaConf
 from llmtrain.errors import UserError
 from llmtrain.interop.checkpoints import read_info, resolve_ckpt_path
 from llmtrain.interop.lora import format_trainable
+from llmtrain.interop.pretrained import load_pretrained
+from llmtrain.model.gpt import GPT
 from llmtrain.run.board import log_hparams, run_hparams
-from llmtrain.run.checks import Effective, check_config, check_resume
+from llmtrain.run.checks import check_resume
 from llmtrain.run.distributed import ddp_job_of_a_sweep, is_launch_rank, wait_for
 from llmtrain.run.jobs import write_metrics
 from llmtrain.run.memory import preflight
 from llmtrain.run.outputs import keep_tokenizer, run_meta, write_outputs
-from llmtrain.stages.common import build_model, build_preference, sample_prompts
-from llmtrain.training.callbacks import AtomicCheckpointIO, Throughput, newest_checkpoint
-from llmtrain.training.flops import peak_flops, training_flops
+from llmtrain.run.resolve import ResolvedRun, resolve_run
+from llmtrain.training.callbacks import AtomicCheckpointIO, newest_checkpoint
 from llmtrain.training.hardware import allow_tf32, fused_optimizer, on_cuda
-from llmtrain.training.logs import ModelSummary, quiet_lightning
+from llmtrain.training.logs import quiet_lightning
 from llmtrain.training.module import LanguageModel
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is not a valid batch size.*|.*Trying to infer the `batch_size`.*")
 
 
-def train(cfg: DictConfig, eff: Effective | None = None) -> float:
-    """Train as `cfg` says; return the final val/loss (what a sweeper minimises). `eff`: check_config(cfg), when the
-    caller has run it and the memory pre-flight (as the command line does)."""
-    if eff is None:
-        eff = check_config(cfg)
-        preflight(cfg, eff)
+def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
+    """Train as `cfg` says; return the final val/loss (what a sweeper minimises). `run`: resolve_run(cfg), when the
+    caller has resolved it and run the memory pre-flight (as the command line does)."""
+    if run is None:
+        run = resolve_run(cfg)
+        preflight(cfg, run)
     quiet_lightning()
-    run_dir, task = Path(cfg.run_dir), cfg.finetune.task
+    run_dir, stage = Path(cfg.run_dir), run.stage
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path is not None:  # that it loads and fits: not deep inside fit
         info = read_info(ckpt_path, f"ckpt_path={ckpt_path}", hint="; pass another one (ckpt_path=auto "
                          "hydra.run.dir=<its run dir> takes the newest one that loads)")
-        check_resume(info, eff.model_config, cfg.finetune.name, ckpt_path, cfg.init_from)
+        check_resume(info, run.model_config, stage, ckpt_path, cfg.init_from)
     elif is_launch_rank() and any(run_dir.glob("checkpoints/*.ckpt")):
         raise UserError(f"{run_dir} already holds checkpoints of an earlier run: resume it with ckpt_path=last, "
                         f"or leave hydra.run.dir unset for a new run dir")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = build(cfg.data, context_length=eff.context_length, tokenizer=eff.tokenizer, seed=cfg.seed)
+    datamodule = build(cfg.data, context_length=run.context_length, tokenizer=run.tokenizer, seed=cfg.seed)
     if is_launch_rank():  # tokenize before any DDP rank starts, so that the other ranks find the cache
         datamodule.prepare_data()
     elif hasattr(datamodule, "cache"):  # ranks started together (torchrun, SLURM): wait for rank 0's cache
         wait_for(datamodule.cache.exists, what=f"the token cache {datamodule.cache.dir}")
     datamodule.setup("fit")  # data errors surface here, before a Trainer exists
-    label_names = datamodule.label_names if task == "classify" else None
+    stage.setup(datamodule)
 
-    model = build_model(cfg.finetune, eff, cfg.init_from, len(label_names) if label_names else None)
-    rank_zero_info(f"{cfg.finetune.name}: {format_trainable(model)}; precision {eff.precision} "
-                   f"({eff.precision_reason})")
-    meta = run_meta(cfg, keep_tokenizer(eff.tokenizer, run_dir, write=is_launch_rank()), label_names)
+    model = stage.build_model(start_model(cfg, run))
+    lora = " with LoRA" if stage.lora else ""
+    rank_zero_info(f"{stage.name}{lora}: {format_trainable(model)}; precision {run.precision} ({run.precision_reason})")
+    meta = run_meta(cfg, keep_tokenizer(run.tokenizer, run_dir, write=is_launch_rank()), stage)
     module = LanguageModel(
-        model, optimizer=build(cfg.optimizer, **fused_where_supported(cfg)), warmup_steps=cfg.scheduler.warmup_steps,
-        max_steps=cfg.trainer.max_steps, min_lr_ratio=cfg.scheduler.min_lr_ratio, tokenizer=eff.tokenizer,
-        task=task if task in ("classify", "dpo") else "lm", label_names=label_names,
-        preference=build_preference(cfg.finetune, model),
-        sample_prompts=sample_prompts(cfg.finetune, datamodule.records["val"] if task in ("instruct", "dpo") else None),
-        sample_tokens=cfg.finetune.sample_tokens if task != "classify" else 0,
-        max_nonfinite_steps=cfg.max_nonfinite_steps, checkpoint_info=meta, loss_chunk=cfg.perf.loss_chunk,
-        tokens_vary=task in ("instruct", "dpo"),
+        model, stage, optimizer=build(cfg.optimizer, **fused_where_supported(cfg)),
+        warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.trainer.max_steps,
+        min_lr_ratio=cfg.scheduler.min_lr_ratio, tokenizer=run.tokenizer, checkpoint_info=meta,
+        max_nonfinite_steps=cfg.max_nonfinite_steps,
     )
     module.gpt.gradient_checkpointing = cfg.perf.activation_checkpointing
     if on_cuda(cfg.trainer.accelerator):
@@ -85,14 +82,15 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
     if cfg.perf.compile:  # in place: the state dict keeps its keys (no _orig_mod. prefix in checkpoints)
         module.gpt.compile()
         module.gpt.hidden = torch.compile(module.gpt.hidden)  # what the chunked loss calls
-    trainer = build_trainer(cfg, eff, module)
+    trainer = build_trainer(cfg, run)
     if trainer.logger and trainer.is_global_zero:  # the run's values, for TensorBoard's HPARAMS tab
-        log_hparams(trainer.logger, run_hparams(cfg, eff, model), task)
+        log_hparams(trainer.logger, run_hparams(cfg, run, model), stage)
     if cfg.init_from and ckpt_path is None:  # the starting point, at step 0 of the curves
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         if trainer.is_global_zero:
-            extra = f", val/rewards/accuracy {start['val/rewards/accuracy']:.4f}" if task == "dpo" else ""
-            print(f"before fine-tuning: val/loss {start['val/loss']:.4f}{extra}")
+            shown = dict.fromkeys(("loss", stage.progress_metric))  # the loss, and the metric the progress bar shows
+            shown = ", ".join(f"val/{m} {start[f'val/{m}']:.4f}" for m in shown)
+            print(f"before fine-tuning: {shown}")
     try:
         with ddp_job_of_a_sweep(trainer.world_size, trainer.num_nodes):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -105,58 +103,44 @@ def train(cfg: DictConfig, eff: Effective | None = None) -> float:
 
     if module.validated_at_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the returned loss is of the final weights
-    metrics = trainer.callback_metrics
-    final = {"step": trainer.global_step, **{k: float(v) for k, v in metrics.items() if k.startswith("val/")}}
-    summary = f"done: {trainer.global_step} steps, val/loss {float(metrics['val/loss']):.4f}"
-    if task == "classify":
-        test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-        final |= test
-        summary += (f", val/acc {float(metrics['val/acc']):.4f}, test/acc {test['test/acc']:.4f} "
-                    f"(majority class {datamodule.majority_baseline('test'):.4f}), test/f1 {test['test/f1']:.4f}")
-    elif task == "dpo":
-        summary += (f", val/rewards/accuracy {float(metrics['val/rewards/accuracy']):.4f}, val/rewards/margin "
-                    f"{float(metrics['val/rewards/margin']):.4f}")
-    else:
-        summary += f", val/ppl {float(metrics['val/ppl']):.2f}"
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if stage.test_after_fit():
+        final |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    summary = f"done: {trainer.global_step} steps, {stage.summary(final, datamodule)}"
     written = write_outputs(module, trainer, datamodule, cfg, meta)  # every rank: FSDP gathers the weights
     if trainer.is_global_zero:
-        write_metrics(run_dir, final)  # what a sweep's summary table reads
+        write_metrics(run_dir, {"step": trainer.global_step, **final})  # what a sweep's summary table reads
         print("; ".join([summary, *written, f"run dir {run_dir}"]))
-    return float(metrics["val/loss"])
+    return final["val/loss"]
 
 
-def build_trainer(cfg: DictConfig, eff: Effective, module: LanguageModel) -> L.Trainer:
-    """lightning.Trainer from cfg.trainer, with the effective precision and accumulation, our callbacks and
-    logger, and checkpoints written atomically."""
+def start_model(cfg: DictConfig, run: ResolvedRun) -> GPT:
+    """The GPT a stage starts from: random weights of the resolved config, or init_from's with the values the run
+    may change (a shorter context, another dropout) applied."""
+    if run.start is None:
+        return GPT(run.model_config)
+    model, _ = load_pretrained(str(cfg.init_from))
+    if run.model_config.context_length < model.config.context_length:
+        model.crop_context(run.model_config.context_length)
+    if run.model_config.drop_rate != model.config.drop_rate:
+        model.set_drop_rate(run.model_config.drop_rate)
+    return model
+
+
+def build_trainer(cfg: DictConfig, run: ResolvedRun) -> L.Trainer:
+    """lightning.Trainer from cfg.trainer, with the resolved precision and accumulation, the callbacks and logger
+    as the config builds them, and checkpoints written atomically."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs |= {"precision": eff.precision, "accumulate_grad_batches": eff.accumulate}
+    kwargs |= {"precision": run.precision, "accumulate_grad_batches": run.accumulate}
     for key, node in cfg.trainer.items():  # objects: a strategy (FSDP with its wrap policy), a profiler
         if isinstance(node, DictConfig) and "_target_" in node:
             kwargs[key] = build(node)
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
-    for cb in callbacks:
-        if isinstance(cb, Throughput):
-            cb.flops = training_flops(module.model, module.gpt.config.n_layers, module.gpt.config.emb_dim)
-            cb.peak_flops = cfg.perf.peak_flops or device_peak(cfg, eff)
-        if isinstance(cb, ModelSummary):
-            cb.context_length = eff.context_length
     # a progress bar or model summary set to null in cfg.callbacks means none, not Lightning's default one
     kwargs.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
     kwargs.setdefault("enable_model_summary", False)  # ours (callbacks.model_summary) prints without it
     logger = build(cfg.logger) if cfg.logger else False
     return L.Trainer(**kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
-
-
-def device_peak(cfg: DictConfig, eff: Effective) -> float | None:
-    """The peak FLOP/s of this run's device from the table in flops.py; for a device not in it, a line saying how to
-    get train/mfu anyway."""
-    cuda = on_cuda(cfg.trainer.accelerator)
-    name = torch.cuda.get_device_name() if cuda else "this CPU"
-    peak = peak_flops(name, eff.precision, tf32=cfg.perf.tf32 and cuda)
-    if peak is None:
-        rank_zero_info(f"train/mfu is not logged: the peak FLOP/s of {name} at trainer.precision={eff.precision} is "
-                       f"not in llmtrain's table; set perf.peak_flops=<its dense peak per device> to log it")
-    return peak
 
 
 def fused_where_supported(cfg: DictConfig) -> dict:

@@ -1,5 +1,5 @@
 """Direct Preference Optimization (Rafailov et al., 2023, "Direct Preference Optimization: Your Language Model is
-Secretly a Reward Model"): the loss, its implicit rewards and the reference model. Torch only.
+Secretly a Reward Model"): the stage, its loss, the implicit rewards and the reference model.
 
 A batch of B preference pairs holds 2B sequences (data/preferences.py): rows [0, B) are prompt + chosen response,
 rows [B, 2B) the same prompts + rejected response, with labels IGNORE_INDEX on the prompt and the padding. The
@@ -13,20 +13,24 @@ chosen response above the rejected one. β (finetune.beta) sets how far the poli
 
 The reference π_ref is the policy's starting weights, frozen: a copy of them (`frozen_copy`) or, for a LoRA policy,
 the very same base with its adapters switched off (peft's `disable_adapter()`), so that no second copy is held in
-memory. Its log-probabilities are computed for each batch under no_grad and in eval mode: no dropout, so no random
-numbers are drawn and an exact resume stays exact.
+memory. It lives in the stage (a submodule of the LightningModule, kept out of its checkpoints: it is init_from's
+weights, loaded again on resume). Its log-probabilities are computed for each batch under no_grad and in eval
+mode: no dropout, so no random numbers are drawn and an exact resume stays exact.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmtrain.data.prompts import format_prompt
+from llmtrain.model.gpt import GPT
 from llmtrain.model.losses import IGNORE_INDEX
+from llmtrain.stages.base import Stage, evaluating
 
 # what each pair contributes to the logs; `loss` carries the gradient, the rest are detached
 PAIR_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
@@ -53,7 +57,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` that never trains: no gradients (tied weights stay tied within the copy). Its train/eval
-    mode is left as the model's: DPOLoss runs it in eval mode whatever that is."""
+    mode is left as the model's: the DPO stage runs it in eval mode whatever that is."""
     return copy.deepcopy(model).requires_grad_(False)
 
 
@@ -63,30 +67,37 @@ def reference_for(policy: nn.Module) -> nn.Module | None:
     return None if hasattr(policy, "disable_adapter") else frozen_copy(policy)
 
 
-@contextmanager
-def evaluating(module: nn.Module):
-    """`module` in eval mode for the block, then back in the mode it was in."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
+class DPO(Stage):
+    """The DPO loss of the policy against its frozen reference on batches of pairs; rewards and log-probabilities
+    logged. The loss is averaged over every pair of the optimizer step (as the language-modelling stages average
+    over tokens)."""
 
+    name = "dpo"
+    data_module = "PreferenceDataModule"
+    data_presets = "data=preference_embedded or data=truthy_dpo"
+    prompt_template = "alpaca"
+    metrics = PAIR_STATS
+    compared = ("loss", "rewards/accuracy", "rewards/margin")
+    progress_metric = "rewards/accuracy"
+    sequences_per_item = 2  # a chosen and a rejected sequence per pair
 
-class DPOLoss(nn.Module):
-    """The DPO loss of a policy on a batch of pairs, with its reference model.
+    def __init__(self, train_blocks: str | int, lora: dict | None, beta: float, num_samples: int,
+                 sample_tokens: int) -> None:
+        super().__init__(train_blocks, lora, sample_tokens=sample_tokens)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+            raise ValueError(f"finetune.beta must be positive (how far the policy may move from the reference; 0.1 "
+                             f"is usual), got {beta}")
+        self.beta, self.num_samples = float(beta), num_samples
+        self.reference: nn.Module | None = None
 
-    A frozen copy is a submodule, so that it follows the policy's device and precision; the LightningModule leaves
-    it out of checkpoints (it is init_from's weights, which the recipe loads again on resume).
-    """
+    def setup(self, datamodule) -> None:
+        self.sample_prompts = [format_prompt(r["prompt"], template=self.prompt_template)
+                               for r in datamodule.records["val"][: self.num_samples]]
 
-    def __init__(self, beta: float, reference: nn.Module | None) -> None:
-        super().__init__()
-        if not beta > 0:
-            raise ValueError(f"beta must be positive, got {beta}")
-        self.beta = beta
-        self.reference = reference
+    def build_model(self, gpt: GPT) -> nn.Module:
+        policy = super().build_model(gpt)
+        self.reference = reference_for(policy)  # the starting weights, before any step
+        return policy
 
     @torch.no_grad()
     def reference_logps(self, policy: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -97,11 +108,11 @@ class DPOLoss(nn.Module):
         elif hasattr(policy, "disable_adapter"):
             model, adapters_off = policy, policy.disable_adapter()
         else:
-            raise ValueError("DPOLoss without a reference model needs a peft policy (its base is the reference)")
+            raise ValueError("DPO without a reference model needs a peft policy (its base is the reference)")
         with evaluating(model), adapters_off:
             return sequence_logps(model(input_ids), labels)
 
-    def forward(self, policy: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def pair_stats(self, policy: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The PAIR_STATS of each pair of the batch (input_ids and labels (2B, T): chosen rows, then rejected)."""
         logps = sequence_logps(policy(batch["input_ids"]), batch["labels"])  # (2B,)
         reference = self.reference_logps(policy, batch["input_ids"], batch["labels"])
@@ -111,3 +122,28 @@ class DPOLoss(nn.Module):
                 "rewards/margin": chosen_rewards - rejected_rewards,
                 "rewards/accuracy": (chosen_rewards > rejected_rewards).float(),  # a tie (step 0: all 0) counts 0
                 "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        stats = self.pair_stats(model, batch)
+        pairs = torch.tensor(stats["loss"].numel(), device=stats["loss"].device)
+        return stats["loss"].sum(), pairs, {name: stats[name].mean() for name in PAIR_STATS[1:]}
+
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        stats = self.pair_stats(model, batch)
+        sums = {name: value.sum().double() for name, value in stats.items()}
+        return sums | {"count": torch.tensor(stats["loss"].numel(), device=stats["loss"].device, dtype=torch.float64)}
+
+    def eval_metrics(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: (totals[name] / totals["count"].clamp(min=1)).float() for name in PAIR_STATS}
+
+    def summary(self, metrics: dict[str, float], datamodule) -> str:
+        return (f"val/loss {metrics['val/loss']:.4f}, val/rewards/accuracy {metrics['val/rewards/accuracy']:.4f}, "
+                f"val/rewards/margin {metrics['val/rewards/margin']:.4f}")
+
+    def resume_problems(self, saved: dict, init_from: str | None, ckpt_path: str) -> list[str]:
+        if saved.get("init_from") == init_from:
+            return []
+        return [f"ckpt_path={ckpt_path} was trained against the reference init_from={saved.get('init_from')}, this "
+                f"run has init_from={init_from}: resume with init_from={saved.get('init_from')} (DPO's reference is "
+                f"the starting weights)"]

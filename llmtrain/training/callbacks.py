@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from llmtrain.training.flops import TrainingFlops
+from llmtrain.training.flops import TrainingFlops, peak_flops, training_flops
 
 
 class TokenCounts:
@@ -51,18 +51,27 @@ class Throughput(L.Callback):
     a pretraining window). They are counted on the device and read back, summed over ranks, only on logging
     steps (every `log_every_n_steps` optimizer steps): the steps in between wait for nothing. The rate covers the
     steps since the previous log, so the first step (start-up, compilation) drops out of every figure after the
-    first. MFU = the FLOPs those tokens cost (`flops`: flops.TrainingFlops, from which weights train) per second,
-    over the peak of all devices; the recipe (train.py) sets `flops` and `peak_flops`. The means over the run and
-    the peak memory of this process are printed at the end.
+    first. MFU = the FLOPs those tokens cost per second (`flops`: flops.TrainingFlops of the model being trained,
+    which decides the backward pass by what trains; computed when fit starts unless given) over the peak of all
+    devices: `peak_flops` (perf.peak_flops), or the device's dense peak at the run's precision from flops.PEAK_FLOPS
+    (for a device not in it, a line says how to get train/mfu anyway). The means over the run and the peak memory
+    of this process are printed at the end.
     """
 
-    def __init__(self, log_every_n_steps: int | None = None, flops: TrainingFlops | None = None,
-                 peak_flops: float | None = None) -> None:
+    def __init__(self, log_every_n_steps: int | None = None, peak_flops: float | None = None, tf32: bool = False,
+                 flops: TrainingFlops | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
-        self.flops, self.peak_flops = flops, peak_flops
+        self.flops, self.peak_flops, self.tf32 = flops, peak_flops, tf32
         self._t_last = self._t_first_step = None
         self._window, self._since_first = TokenCounts(), TokenCounts()
         self._last_step = self._first_step = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        config = pl_module.gpt.config
+        if self.flops is None:
+            self.flops = training_flops(pl_module.model, config.n_layers, config.emb_dim)
+        if self.peak_flops is None:
+            self.peak_flops = device_peak(trainer.strategy.root_device, trainer.precision, self.tf32)
 
     def _rate(self, counts: TokenCounts, seconds: float, trainer, device) -> tuple[float, float | None]:
         """(tokens/s, MFU or None) of this rank's counts over seconds: the one host sync, after a sum over ranks."""
@@ -107,6 +116,18 @@ class Throughput(L.Callback):
             + f", peak memory {peak_memory_gib(pl_module.device):.2f} GiB"
             + (" (GPU, this rank)" if pl_module.device.type == "cuda" else " (RSS, this process)")
         )
+
+
+def device_peak(device: torch.device, precision: str | int, tf32: bool) -> float | None:
+    """The dense peak FLOP/s of this run's device from the table in flops.py; for a device not in it, a line saying
+    how to get train/mfu anyway."""
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "this CPU"
+    peak = peak_flops(name, precision, tf32=tf32 and cuda)
+    if peak is None:
+        rank_zero_info(f"train/mfu is not logged: the peak FLOP/s of {name} at trainer.precision={precision} is not "
+                       f"in llmtrain's table; set perf.peak_flops=<its dense peak per device> to log it")
+    return peak
 
 
 def peak_memory_gib(device: torch.device) -> float:

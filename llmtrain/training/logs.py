@@ -77,11 +77,11 @@ def describe_model(gpt: GPT, context_length: int) -> str:
 
 class ModelSummary(LightningModelSummary):
     """Replaces Lightning's table, whose FLOPs column needs an example input (it reads 0 without one), with
-    `describe_model`; train.py sets `context_length` to the run's sequence length."""
+    `describe_model` at the run's sequence length (the data module's context_length; the model's without one)."""
 
-    def __init__(self, context_length: int | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__(max_depth=1)
-        self.context_length = context_length
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rank_zero_info(describe_model(pl_module.gpt, self.context_length or pl_module.gpt.config.context_length))
+        context_length = getattr(trainer.datamodule, "context_length", None) or pl_module.gpt.config.context_length
+        rank_zero_info(describe_model(pl_module.gpt, context_length))

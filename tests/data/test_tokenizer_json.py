@@ -170,11 +170,11 @@ def test_an_export_carries_its_tokenizer_json_and_finds_it_after_a_move(tmp_path
     source.parent.mkdir()
     source.write_text(tokenizer_json("bytes"))
     model = GPT(GPTConfig(vocab_size=257, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
-    out = export_hf(model, tmp_path / "hf", {"tokenizer": str(source), "task": "lm"})
+    out = export_hf(model, tmp_path / "hf", {"tokenizer": str(source)})
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
     assert json.loads((out / "llmtrain.json").read_text())["tokenizer"] == "tokenizer.json"
-    export_hf(model, out, {"tokenizer": str(source), "task": "lm"})  # an export with its tokenizer: replaceable
+    export_hf(model, out, {"tokenizer": str(source)})  # an export with its tokenizer: replaceable
     shutil.rmtree(source.parent)
     moved = shutil.move(out, tmp_path / "elsewhere")
     loaded, info = load_pretrained(str(moved))
@@ -205,22 +205,22 @@ def test_checks_take_a_copy_of_the_checkpoints_tokenizer_and_refuse_another(tmp_
     from conftest import compose
 
     from llmtrain.model.gpt import GPT, GPTConfig
-    from llmtrain.run.checks import check_config
+    from llmtrain.run.resolve import resolve_run
 
     model = GPT(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1))
     torch.save({"state_dict": {}, "llmtrain": {"model_config": asdict(model.config), "tokenizer": str(gpt2_json),
-                                               "task": "lm", "stage": "pretrain"}}, tmp_path / "base.ckpt")
+                                               "stage": "pretrain"}}, tmp_path / "base.ckpt")
     copy = tmp_path / "copy" / "tokenizer.json"
     copy.parent.mkdir()
     shutil.copy(gpt2_json, copy)
     stage = ["finetune=instruct", f"init_from={tmp_path / 'base.ckpt'}"]
-    assert check_config(compose(stage, tmp_path)).tokenizer == str(gpt2_json.resolve())  # null: the checkpoint's
-    assert check_config(compose([*stage, f"data.tokenizer={copy.parent}"], tmp_path)).tokenizer == str(copy.resolve())
+    assert resolve_run(compose(stage, tmp_path)).tokenizer == str(gpt2_json.resolve())  # null: the checkpoint's
+    assert resolve_run(compose([*stage, f"data.tokenizer={copy.parent}"], tmp_path)).tokenizer == str(copy.resolve())
     with pytest.raises(UserError, match=r"data.tokenizer=gpt2 but init_from=.* was trained with .*tokenizer.json: set "
                                         r"data.tokenizer=.*tokenizer.json \(or null"):
-        check_config(compose([*stage, "data.tokenizer=gpt2"], tmp_path))
+        resolve_run(compose([*stage, "data.tokenizer=gpt2"], tmp_path))
     with pytest.raises(UserError, match=r"model.vocab_size=100 is smaller than the .*tokenizer.json tokenizer's 50257"):
-        check_config(compose(["model.vocab_size=100", f"data.tokenizer={copy}"], tmp_path))
+        resolve_run(compose(["model.vocab_size=100", f"data.tokenizer={copy}"], tmp_path))
 
 
 @pytest.fixture
@@ -258,19 +258,21 @@ def test_continuations_end_at_the_end_of_text_id_wherever_it_lies(eot_first):
 
 
 def test_test_answers_and_tensorboard_samples_use_the_tokenizers_end_of_text(eot_first, tmp_path):
-    """write_test_generations and the LanguageModel's samples decode what the model generated, also when the
-    end-of-text id is 0 (a filter `id < eot_token` would keep nothing)."""
+    """The instruct stage's test answers and the LanguageModel's samples decode what the model generated, also when
+    the end-of-text id is 0 (a filter `id < eot_token` would keep nothing)."""
     from types import SimpleNamespace
 
-    from llmtrain.run.outputs import write_test_generations
+    from conftest import lm_stage
+
+    from llmtrain.stages.instruct import TEST_GENERATIONS, Instruct
     from llmtrain.training.module import LanguageModel
 
     model = always_x()
-    module = SimpleNamespace(gpt=model, model=model, device="cpu")
+    instruct = Instruct(train_blocks="all", lora=None, loss_chunk=None, num_samples=0, sample_tokens=0,
+                        test_generations=None, max_new_tokens=3)
     records = [{"instruction": "Say x.", "input": "", "output": "x"}]
-    write_test_generations(module, SimpleNamespace(tokenizer=eot_first, records={"test": records}),
-                           tmp_path / "answers.jsonl", None, 3)
-    assert json.loads((tmp_path / "answers.jsonl").read_text())["generated"] == "xxx"
+    instruct.write_files(model, SimpleNamespace(tokenizer=eot_first, records={"test": records}), tmp_path)
+    assert json.loads((tmp_path / TEST_GENERATIONS).read_text())["generated"] == "xxx"
 
     texts = []
 
@@ -279,8 +281,8 @@ def test_test_answers_and_tensorboard_samples_use_the_tokenizers_end_of_text(eot
         global_rank, global_step = 0, 0
         trainer = SimpleNamespace(strategy=None)  # not sharded
 
-    probe = Probe(model, optimizer=None, warmup_steps=0, max_steps=1, min_lr_ratio=0.1,
-                  tokenizer=str(tmp_path / "tokenizer.json"), sample_prompts=["ab"], sample_tokens=4)
+    probe = Probe(model, lm_stage(sample_prompt="ab", sample_tokens=4), optimizer=None, warmup_steps=0, max_steps=1,
+                  min_lr_ratio=0.1, tokenizer=str(tmp_path / "tokenizer.json"))
     probe._log_samples()
     assert texts == ["ab**xxxx**"]
 
@@ -298,10 +300,10 @@ def test_a_lora_adapter_of_a_moved_run_finds_the_runs_tokenizer(tmp_path):
     (run / "tokenizer.json").write_text(tokenizer_json("bytes"))
     base = GPT(GPTConfig(vocab_size=257, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
     torch.save({"state_dict": {"model." + k: v for k, v in base.state_dict().items()},
-                "llmtrain": {"model_config": base.config.__dict__, "tokenizer": "bytes", "task": "lm"}},
+                "llmtrain": {"model_config": base.config.__dict__, "tokenizer": "bytes"}},
                tmp_path / "base.ckpt")
     adapter = save_adapter(apply_lora(base, r=2, dropout=0.0), run / "adapter")
     (adapter / "llmtrain_adapter.json").write_text(json.dumps(
-        {"base": str(tmp_path / "base.ckpt"), "tokenizer": "/where/the/run/was/tokenizer.json", "task": "lm"}))
+        {"base": str(tmp_path / "base.ckpt"), "tokenizer": "/where/the/run/was/tokenizer.json"}))
     _, info = load_model(str(adapter))
     assert info.tokenizer == str((run / "tokenizer.json").resolve())

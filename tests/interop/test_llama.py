@@ -244,7 +244,7 @@ def test_instruct_from_a_llama_folder_through_the_command_line(tmp_path):
 
 
 def test_a_lora_model_is_exported_merged(tmp_path):
-    """finetune=lora on a Llama-option model: its adapters (q/k/v, o and the gated MLP) are merged into the export."""
+    """lora=default on a Llama-option model: its adapters (q/k/v, o and the gated MLP) are merged into the export."""
     from llmtrain.interop.lora import apply_lora
 
     wrapped = apply_lora(llama_gpt(), r=4, dropout=0.0,

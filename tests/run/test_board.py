@@ -18,7 +18,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 
 from llmtrain.model.gpt import GPT
 from llmtrain.run.board import LearningRate, TensorBoard, run_hparams
-from llmtrain.run.checks import check_config
+from llmtrain.run.resolve import resolve_run
 
 
 def hparams_records(log_dir: Path) -> dict[str, list]:
@@ -83,7 +83,7 @@ def test_one_learning_rate_curve_at_the_steps_the_loss_is_logged():
 
 def test_the_run_values_are_flattened_for_tensorboard(tmp_path):
     cfg = compose([*TINY, "optimizer=adamw", "optimizer.lr=3e-4", "data.context_length=16"], tmp_path)
-    eff = check_config(cfg)
+    eff = resolve_run(cfg)
     model = GPT(eff.model_config)
     hp = run_hparams(cfg, eff, model)
     assert hp["data.context_length"] == 16 and hp["model.context_length"] == 32  # the window, and the model's
@@ -108,7 +108,7 @@ def test_the_command_line_keys_are_recorded_without_hiding_the_effective_values(
     HydraConfig.instance().set_config(full)  # as in a run: its overrides and the groups chosen
     try:
         cfg = compose(overrides, tmp_path)
-        eff = check_config(cfg)
+        eff = resolve_run(cfg)
         hp = run_hparams(cfg, eff, GPT(eff.model_config))
     finally:
         HydraConfig.instance().cfg = None

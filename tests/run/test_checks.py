@@ -8,7 +8,7 @@ from conftest import TINY, compose
 
 from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT, GPTConfig
-from llmtrain.run.checks import check_config
+from llmtrain.run.resolve import resolve_run
 
 BASE = dict(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=False,
             tie_weights=True)
@@ -21,7 +21,7 @@ def base_ckpt(tmp_path):
     model = GPT(GPTConfig(**BASE))
     path = tmp_path / "base.ckpt"
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes", "task": "lm",
+                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes",
                              "stage": "pretrain"}}, path)
     return path
 
@@ -30,7 +30,7 @@ def test_without_init_from_the_model_node_is_the_config(tmp_path, monkeypatch):
     import llmtrain.training.hardware
 
     monkeypatch.setattr(llmtrain.training.hardware, "cpu_flags", lambda: frozenset())  # a CPU without native bf16
-    eff = check_config(compose(TINY, tmp_path))
+    eff = resolve_run(compose(TINY, tmp_path))
     assert eff.model_config == GPTConfig(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2,
                                          tie_weights=True)
     assert eff.start is None and eff.tokenizer == "bytes" and eff.context_length == 32 and eff.accumulate == 1
@@ -38,51 +38,51 @@ def test_without_init_from_the_model_node_is_the_config(tmp_path, monkeypatch):
 
 
 def test_a_stage_takes_the_architecture_and_tokenizer_of_init_from(tmp_path, base_ckpt):
-    eff = check_config(compose(["finetune=classify", f"init_from={base_ckpt}"], tmp_path))
+    eff = resolve_run(compose(["finetune=classify", f"init_from={base_ckpt}"], tmp_path))
     assert eff.model_config == GPTConfig(**BASE) and eff.tokenizer == "bytes"
     assert eff.start.path == str(base_ckpt) and eff.context_length == 64
 
 
 def test_values_that_change_no_shape_are_applied(tmp_path, base_ckpt):
-    eff = check_config(compose(["finetune=instruct", f"init_from={base_ckpt}", "model.drop_rate=0.1",
+    eff = resolve_run(compose(["finetune=instruct", f"init_from={base_ckpt}", "model.drop_rate=0.1",
                                 "model.context_length=48"], tmp_path))
     assert eff.model_config == GPTConfig(**(BASE | {"drop_rate": 0.1, "context_length": 48}))
 
 
 def test_values_that_change_a_shape_are_refused_in_one_line(tmp_path, base_ckpt):
     with pytest.raises(UserError) as e:
-        check_config(compose(["finetune=instruct", f"init_from={base_ckpt}", "model.emb_dim=64",
+        resolve_run(compose(["finetune=instruct", f"init_from={base_ckpt}", "model.emb_dim=64",
                               "model.context_length=128"], tmp_path))
     assert str(e.value) == (f"model.context_length=128 but init_from={base_ckpt} has 64, model.emb_dim=64 but "
                             f"init_from={base_ckpt} has 32: choose model=checkpoint (its architecture), or drop "
                             f"the model override")
     with pytest.raises(UserError, match=r"model.n_layers=4 but init_from=.* has 2.*model=checkpoint"):
-        check_config(compose([*TINY, f"init_from={base_ckpt}", "model.n_layers=4"], tmp_path))  # pretraining
+        resolve_run(compose([*TINY, f"init_from={base_ckpt}", "model.n_layers=4"], tmp_path))  # pretraining
 
 
 def test_a_model_preset_that_matches_the_checkpoint_is_accepted(tmp_path, base_ckpt):
     overrides = [f"model.{k}={v}" for k, v in BASE.items()]
-    eff = check_config(compose([*overrides, "data.tokenizer=bytes", f"init_from={base_ckpt}"], tmp_path))
+    eff = resolve_run(compose([*overrides, "data.tokenizer=bytes", f"init_from={base_ckpt}"], tmp_path))
     assert eff.model_config == GPTConfig(**BASE)
 
 
 def test_model_checkpoint_needs_init_from(tmp_path):
     with pytest.raises(UserError, match=r"^model.vocab_size is null: model=checkpoint takes the architecture of "
                                         r"init_from, which is not set.*model=gpt_tiny"):
-        check_config(compose(["finetune=classify", "data.tokenizer=gpt2"], tmp_path))
+        resolve_run(compose(["finetune=classify", "data.tokenizer=gpt2"], tmp_path))
 
 
 def test_a_tokenizer_other_than_the_checkpoints_is_refused(tmp_path, base_ckpt):
     with pytest.raises(UserError, match=r"data.tokenizer=gpt2 but init_from=.* was trained with bytes: set "
                                         r"data.tokenizer=bytes \(or null: the checkpoint's\)"):
-        check_config(compose(["finetune=classify", f"init_from={base_ckpt}", "data.tokenizer=gpt2"], tmp_path))
+        resolve_run(compose(["finetune=classify", f"init_from={base_ckpt}", "data.tokenizer=gpt2"], tmp_path))
     with pytest.raises(UserError, match="data.tokenizer is null, which means init_from's tokenizer"):
-        check_config(compose(["finetune=classify", "model=gpt_tiny"], tmp_path))
+        resolve_run(compose(["finetune=classify", "model=gpt_tiny"], tmp_path))
 
 
 def test_problems_are_reported_together(tmp_path):
     with pytest.raises(UserError) as e:
-        check_config(compose([*TINY, "model.n_heads=3", "data.batch_size=0", "trainer.max_steps=0",
+        resolve_run(compose([*TINY, "model.n_heads=3", "data.batch_size=0", "trainer.max_steps=0",
                               "scheduler.min_lr_ratio=2", "checkpoint_every=0"], tmp_path))
     parts = str(e.value).split("; ")
     assert [p.split(" ")[0].split("=")[0] for p in parts] == [
@@ -133,7 +133,8 @@ def test_every_refusal_of_the_checks_has_a_row_in_the_error_catalogue():
 
     messages = [" ".join(m.split()) for m in documented_messages()]
     assert len(messages) >= 30
-    sites = [(f, line, regex) for f in ("llmtrain/run/checks.py", "llmtrain/model/gpt.py", "llmtrain/run/memory.py")
+    sites = [(f, line, regex) for f in ("llmtrain/run/checks.py", "llmtrain/run/resolve.py", "llmtrain/model/gpt.py",
+                                        "llmtrain/run/memory.py")
              for line, regex in refusal_patterns(ROOT / f)]
     assert len(sites) >= 20  # the scan found the checks
     undocumented = [f"{f}:{line}" for f, line, regex in sites if not any(re.search(regex, m) for m in messages)]

@@ -10,8 +10,8 @@ from torch import nn
 
 from llmtrain.errors import UserError
 from llmtrain.interop.checkpoints import ModelInfo
-from llmtrain.run.checks import check_config
-from llmtrain.stages.common import build_model
+from llmtrain.run.resolve import resolve_run
+from llmtrain.run.train import start_model
 from llmtrain.training.module import LanguageModel
 
 
@@ -23,14 +23,15 @@ def base_ckpt(tmp_path):
 def test_values_that_change_no_shape_reach_the_trained_model_and_its_checkpoint(tmp_path, base_ckpt):
     cfg = compose(["finetune=instruct", f"init_from={base_ckpt}", "model.drop_rate=0.1", "model.context_length=48"],
                   tmp_path)
-    eff = check_config(cfg)
-    model = build_model(cfg.finetune, eff, cfg.init_from, None)
+    run = resolve_run(cfg)
+    model = run.stage.build_model(start_model(cfg, run))
     dropouts = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
     assert len(dropouts) == 1 + 2 * 2 and set(dropouts) == {0.1}  # embeddings, and 2 per block
     assert all(block.attn.drop_rate == 0.1 for block in model.blocks)
     assert model.pos_emb.weight.shape == (48, 32) and model.config.context_length == 48
     checkpoint = {}
-    LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1, tokenizer="bytes").on_save_checkpoint(checkpoint)
+    LanguageModel(model, run.stage, partial(torch.optim.AdamW), 0, 10, 0.1, tokenizer="bytes").on_save_checkpoint(
+        checkpoint)
     info = ModelInfo.from_meta("llmtrain", "x", checkpoint["llmtrain"], "x")
     assert info.model_config.drop_rate == 0.1 and info.model_config.context_length == 48
 
@@ -51,11 +52,14 @@ REFUSED = [
     (["finetune=classify", "model=gpt_tiny", "data.tokenizer=gpt2", "data.split=dev"],
      "data.split='dev' picks a split of a Hub dataset, but data.source=embedded has one split (train): drop "
      "data.split (data.val_fraction and data.test_fraction hold out rows)"),
-    (["finetune=classify", "model=gpt_tiny", "finetune.task=lm", "data=embedded"],
-     "finetune.task=lm needs finetune.sample_prompt, finetune.sample_tokens, which finetune=classify does not set: "
-     "choose finetune=pretrain"),
-    (["finetune.task=instruct", "data=instruct_embedded", "data.tokenizer=gpt2"], "finetune.task=instruct needs "
-     "finetune.num_samples, finetune.test_generations, finetune.max_new_tokens, which finetune=pretrain does not set"),
+    (["finetune=classify", "model=gpt_tiny", "finetune._target_=llmtrain.stages.pretrain.Pretrain", "data=embedded"],
+     "the pretrain stage needs finetune.loss_chunk, finetune.sample_prompt, finetune.sample_tokens: set "
+     "finetune.loss_chunk=... finetune.sample_prompt=... finetune.sample_tokens=..., or choose its own preset "
+     "(finetune=pretrain)"),
+    (["finetune._target_=llmtrain.stages.instruct.Instruct", "data=instruct_embedded", "data.tokenizer=gpt2"],
+     "finetune.sample_prompt is not a setting of the instruct stage: drop it (its settings are train_blocks, lora, "
+     "loss_chunk, num_samples, sample_tokens, test_generations, max_new_tokens); the instruct stage needs "
+     "finetune.num_samples, finetune.test_generations, finetune.max_new_tokens"),
     ([*TINY, "tokens_per_step=512", "trainer.accumulate_grad_batches=2"],
      "tokens_per_step=512 sets the gradient accumulation itself, so trainer.accumulate_grad_batches=2 would be "
      "ignored"),
@@ -65,7 +69,7 @@ REFUSED = [
 @pytest.mark.parametrize("overrides, message", REFUSED, ids=[r[1].split(" ")[0] for r in REFUSED])
 def test_a_value_that_would_not_be_read_is_refused(tmp_path, overrides, message):
     with pytest.raises(UserError) as e:
-        check_config(compose(overrides, tmp_path))
+        resolve_run(compose(overrides, tmp_path))
     assert message in str(e.value)
 
 
@@ -75,17 +79,17 @@ def test_a_value_that_would_not_be_read_is_refused(tmp_path, overrides, message)
     [*TINY, "data.path=rows.jsonl"],  # the extension names the source: read, not ignored
     ["finetune=classify", "model=gpt_tiny", "data.tokenizer=gpt2", "data.path=rows.csv", "data.val_fraction=0.3"],
     ["finetune=classify", "model=gpt_tiny", "data=sms_spam", "data.tokenizer=gpt2", "data.split=train"],
-    ["finetune=lora", "model=gpt_tiny", "data.tokenizer=gpt2", "finetune.task=classify", "data=classify_embedded"],
+    ["finetune=classify", "lora=default", "model=gpt_tiny", "data.tokenizer=gpt2"],
 ])
 def test_values_the_source_or_stage_reads_are_accepted(tmp_path, overrides):
-    check_config(compose(overrides, tmp_path))
+    resolve_run(compose(overrides, tmp_path))
 
 
 def test_a_data_path_that_does_not_exist_stops_the_classify_stage_in_one_line(tmp_path, base_ckpt):
     from llmtrain.run.train import train
 
     cfg = compose(["finetune=classify", f"init_from={base_ckpt}", "data.path=/nonexistent/file.csv"], tmp_path)
-    assert check_config(cfg).tokenizer == "bytes"  # read as csv: the source is not the shipped data
+    assert resolve_run(cfg).tokenizer == "bytes"  # read as csv: the source is not the shipped data
     with pytest.raises(UserError, match=r"^data.path='/nonexistent/file.csv' matches no file \(cwd: .*\): fix the "
                                         r"path or the glob$"):
         train(cfg)

@@ -31,14 +31,14 @@ def make_files(tmp_path: Path) -> Path:
     torch.save({"state_dict": {"model.tok_emb.weight": torch.zeros(2, 2)}, "llmtrain": {"model_config": other}},
                tmp_path / "other.ckpt")
     pretrain = other | {"n_layers": 4, "tie_weights": True}  # conf/model/gpt_tiny.yaml
-    torch.save({"state_dict": {}, "llmtrain": {"model_config": pretrain, "stage": "pretrain", "task": "lm",
+    torch.save({"state_dict": {}, "llmtrain": {"model_config": pretrain, "stage": "pretrain",
                                                "tokenizer": "gpt2"}},
                tmp_path / "pretrain.ckpt")
     (tmp_path / "llama").mkdir()  # what init_from= reads first of a Hugging Face folder: its config.json
     (tmp_path / "llama" / "config.json").write_text(json.dumps(
         {"model_type": "llama", "vocab_size": 257, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}))
-    dpo = {"model_config": pretrain, "stage": "dpo", "task": "dpo", "tokenizer": "gpt2", "init_from": "runs/instruct"}
+    dpo = {"model_config": pretrain, "stage": "dpo", "tokenizer": "gpt2", "init_from": "runs/instruct"}
     torch.save({"state_dict": {}, "llmtrain": dpo}, tmp_path / "dpo.ckpt")
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(
         {"prompt": f"q{i}", "chosen": [{"role": "assistant", "content": "yes"}],

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, compose
 
-from llmtrain.run.checks import check_config
+from llmtrain.run.resolve import resolve_run
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
@@ -41,7 +41,7 @@ def test_every_case_is_a_config_that_the_checks_accept_on_a_gpu_machine(monkeypa
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     for command in commands:
         cfg = compose(command[3:-1], tmp_path)
-        eff = check_config(cfg)
+        eff = resolve_run(cfg)
         assert eff.precision == "bf16-mixed" and cfg.trainer.max_steps == 7 and cfg.model.emb_dim == 768
         assert cfg.trainer.devices in (1, 2) and eff.context_length == 1024
 

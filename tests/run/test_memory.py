@@ -11,14 +11,14 @@ from conftest import TINY, compose, subprocess_env, write_checkpoint
 
 from llmtrain.errors import UserError
 from llmtrain.run import memory
-from llmtrain.run.checks import check_config
+from llmtrain.run.resolve import resolve_run
 
 GIB = 2**30
 
 
 def checked(overrides: list[str], tmp_path):
     cfg = compose(overrides, tmp_path)
-    return cfg, check_config(cfg)
+    return cfg, resolve_run(cfg)
 
 
 # Two CPU shapes whose peak is made of different things: a wide vocabulary (the logits, two chunks of the default
@@ -94,7 +94,7 @@ def test_the_estimate_follows_what_trains(tmp_path, base_ckpt):
     LoRA only its adapters (but a gradient passes through every block)."""
     pre = memory.estimate(*checked(["model=checkpoint", f"init_from={base_ckpt}", "data.tokenizer=bytes"], tmp_path))
     cls = memory.estimate(*checked(["finetune=classify", f"init_from={base_ckpt}"], tmp_path))
-    lora = memory.estimate(*checked(["finetune=lora", f"init_from={base_ckpt}"], tmp_path))
+    lora = memory.estimate(*checked(["finetune=instruct", "lora=default", f"init_from={base_ckpt}"], tmp_path))
     assert pre.gradients > cls.gradients > lora.gradients > 0
     assert cls.activations < pre.activations / 2 and lora.activations > cls.activations
     lora_params = 4 * 4 * 8 * (32 + 96 + 32 + 32)  # 4 blocks x (qkv 32->96, out_proj 32->32) x r=8, fp32 grads
@@ -107,13 +107,14 @@ def test_the_estimate_follows_what_trains(tmp_path, base_ckpt):
     ins = memory.estimate(*checked(["finetune=instruct", f"init_from={base_ckpt}", "data.max_length=64"], tmp_path))
     dpo = memory.estimate(*checked(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64"], tmp_path))
     dpo_lora = memory.estimate(*checked(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64",
-                                         "finetune.lora={r:8,alpha:16,dropout:0.0,target_modules:[attn.qkv]}"],
+                                         "lora=default", "finetune.lora.target_modules=[attn.qkv]"],
                                         tmp_path))
     assert dpo.activations == 2 * ins.activations  # 8 pairs a micro-batch, against 8 instruct records
     assert dpo.weights == 2 * ins.weights and dpo_lora.weights == ins.weights
-    lora_cls = memory.estimate(*checked(["finetune=lora", "finetune.task=classify", "data=classify_embedded",
-                                         f"init_from={base_ckpt}"], tmp_path))
-    assert lora_cls.gradients == 4 * (4 * 8 * (32 + 96 + 32 + 32) + 3 * 32)  # adapters + the 3-class head
+    lora_cls = memory.estimate(*checked(["finetune=classify", "lora=default", f"init_from={base_ckpt}"], tmp_path))
+    # adapters + a new head of the data's classes (2 stand in for them before the data is read: the shipped
+    # classify data's own count; the checkpoint's 3-class head is replaced)
+    assert lora_cls.gradients == 4 * (4 * 8 * (32 + 96 + 32 + 32) + 2 * 32)
 
 
 def test_cpu_processes_sharing_the_cores_are_warned_about(tmp_path, capsys):

@@ -7,7 +7,7 @@ from conftest import TINY, compose, read_scalars
 
 from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT, GPTConfig
-from llmtrain.run.checks import accumulation_steps, check_config
+from llmtrain.run.resolve import accumulation_steps, resolve_run
 from llmtrain.run.train import train
 
 
@@ -28,10 +28,10 @@ def test_tokens_per_step_sets_gradient_accumulation(tmp_path):
     cfg = compose([*TINY, "tokens_per_step=1024"], tmp_path)  # 1 device x 8 x 32 = 256 per micro-step
     problems = []
     assert accumulation_steps(cfg, 32, problems) == 4 and not problems
-    assert check_config(cfg).accumulate == 4
+    assert resolve_run(cfg).accumulate == 4
     cfg = compose([*TINY, "tokens_per_step=1000"], tmp_path)
     with pytest.raises(UserError, match=r"tokens_per_step=1000 is not a multiple of .* = 256\)"):
-        check_config(cfg)
+        resolve_run(cfg)
 
 
 def test_tokens_per_step_counts_every_node(tmp_path):
@@ -79,11 +79,11 @@ def test_scale_presets_compose_and_build_their_strategy(tmp_path):
 
     # accelerator=gpu, as the presets set it, is refused on a machine without CUDA; auto validates anywhere
     cfg = compose(["trainer=fsdp", "model=gpt1558m", "trainer.accelerator=auto"], tmp_path)
-    check_config(cfg)
+    resolve_run(cfg)
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
     cfg = compose(["trainer=multinode", "trainer.accelerator=auto"], tmp_path)
-    check_config(cfg)
+    resolve_run(cfg)
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"

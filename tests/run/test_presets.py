@@ -12,7 +12,7 @@ import transformers
 from conftest import ROOT, TINY, compose, read_scalars
 
 from llmtrain.errors import UserError
-from llmtrain.run.checks import check_config
+from llmtrain.run.resolve import resolve_run
 from llmtrain.run.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -54,14 +54,14 @@ def local(experiment: str, stand_ins: dict[str, str]) -> list[str]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_recipe_composes_and_passes_the_checks(experiment, stand_ins, tmp_path):
     cfg = compose([f"experiment={experiment}", *local(experiment, stand_ins)], tmp_path)
-    eff = check_config(cfg)
+    eff = resolve_run(cfg)
     assert cfg.trainer.max_steps > 0 and eff.tokenizer == "gpt2"
 
 
 @pytest.mark.parametrize("preset", DEBUG)
 def test_every_debug_preset_composes_with_a_recipe_and_passes_the_checks(preset, stand_ins, tmp_path):
     for base in ([], ["experiment=lora_spam", *local("lora_spam", stand_ins)]):
-        check_config(compose([*base, f"debug={preset}"], tmp_path))
+        resolve_run(compose([*base, f"debug={preset}"], tmp_path))
 
 
 def test_the_recipes_hold_the_published_settings(tmp_path):
@@ -71,20 +71,21 @@ def test_the_recipes_hold_the_published_settings(tmp_path):
     assert (gpt2.optimizer.lr, list(gpt2.optimizer.betas), gpt2.optimizer.weight_decay) == (6e-4, [0.9, 0.95], 0.1)
     assert (gpt2.scheduler.warmup_steps, gpt2.scheduler.min_lr_ratio, gpt2.trainer.max_steps) == (715, 0.1, 19073)
     assert gpt2.trainer.precision == "bf16-mixed" and gpt2.perf.compile
-    assert check_config(gpt2).accumulate == 524288 // (64 * 1024)  # one device: 8 micro-batches a step
+    assert resolve_run(gpt2).accumulate == 524288 // (64 * 1024)  # one device: 8 micro-batches a step
     assert 19073 * 524288 == pytest.approx(10e9, rel=0.001)  # ~10B tokens
 
     spam = compose(["experiment=spam_gpt2"], tmp_path)
-    assert (spam.init_from, spam.data.path, spam.finetune.task, spam.finetune.train_blocks) == (
-        "gpt2", "ucirvine/sms_spam", "classify", "last")
+    assert (spam.init_from, spam.data.path, spam.finetune._target_, spam.finetune.train_blocks) == (
+        "gpt2", "ucirvine/sms_spam", "llmtrain.stages.classify.Classify", "last")
     assert (spam.optimizer.lr, spam.optimizer.weight_decay, spam.data.batch_size, spam.data.balance) == (
         5e-5, 0.1, 8, True)
     lora = compose(["experiment=lora_spam"], tmp_path)
     assert lora.finetune.lora.r == 16 and lora.finetune.lora.alpha / lora.finetune.lora.r == 16  # the book's alpha
-    assert lora.finetune.task == "classify" and lora.data.path == spam.data.path and lora.optimizer.lr == 5e-5
+    assert lora.finetune._target_ == spam.finetune._target_ and lora.data.path == spam.data.path
+    assert lora.optimizer.lr == 5e-5 and lora.finetune.train_blocks == "none"
     alpaca = compose(["experiment=alpaca_gpt2_medium"], tmp_path)
-    assert (alpaca.init_from, alpaca.data.path, alpaca.finetune.task, alpaca.data.mask_prompt) == (
-        "gpt2-medium", "tatsu-lab/alpaca", "instruct", True)
+    assert (alpaca.init_from, alpaca.data.path, alpaca.finetune._target_, alpaca.data.mask_prompt) == (
+        "gpt2-medium", "tatsu-lab/alpaca", "llmtrain.stages.instruct.Instruct", True)
     assert (alpaca.optimizer.lr, alpaca.optimizer.weight_decay, alpaca.data.batch_size) == (5e-5, 0.1, 8)
 
     fast = compose(["debug=fast"], tmp_path)
@@ -95,9 +96,9 @@ def test_the_recipes_hold_the_published_settings(tmp_path):
 
 
 def test_max_train_samples_below_one_batch_is_refused(tmp_path):
-    assert check_config(compose([*TINY, "data.max_train_samples=8"], tmp_path))  # one batch of 8: allowed
+    assert resolve_run(compose([*TINY, "data.max_train_samples=8"], tmp_path))  # one batch of 8: allowed
     with pytest.raises(UserError, match=r"^data.max_train_samples=4 is less than one batch of data.batch_size=8: "):
-        check_config(compose([*TINY, "data.max_train_samples=4"], tmp_path))
+        resolve_run(compose([*TINY, "data.max_train_samples=4"], tmp_path))
 
 
 @pytest.mark.slow

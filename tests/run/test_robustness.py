@@ -195,16 +195,16 @@ def test_gpu_checks_with_a_simulated_gpu(tmp_path, monkeypatch):
     from conftest import compose
 
     from llmtrain.errors import UserError
-    from llmtrain.run.checks import check_config
+    from llmtrain.run.resolve import resolve_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
     with pytest.raises(UserError) as e:
-        check_config(compose(["trainer.devices=4", "trainer.precision=bf16-mixed"], tmp_path))
+        resolve_run(compose(["trainer.devices=4", "trainer.precision=bf16-mixed"], tmp_path))
     assert str(e.value) == (
         "trainer.devices=4 but this machine has 2 GPUs: set trainer.devices=2 or fewer; "
         "trainer.precision=bf16-mixed but Tesla V100-SXM2-16GB has no bf16 support (it needs an Ampere or newer "
         "GPU): use trainer.precision=16-mixed or 32-true")
-    check_config(compose(["trainer.devices=2", "trainer.precision=16-mixed"], tmp_path))  # what the message proposes
+    resolve_run(compose(["trainer.devices=2", "trainer.precision=16-mixed"], tmp_path))  # what the message proposes

@@ -74,7 +74,7 @@ def test_the_final_model_is_exported_in_hugging_face_layout(short_run):
     assert not (run_dir / "model").exists()  # the earlier format is no longer written
     record = json.loads((run_dir / "hf" / "llmtrain.json").read_text())
     assert record["format"] == "llmtrain" and record["step"] == 30 and record["tokenizer"] == "bytes"
-    assert record["model_config"]["emb_dim"] == 32 and record["task"] == "lm" and record["stage"] == "pretrain"
+    assert record["model_config"]["emb_dim"] == 32 and record["num_classes"] is None and record["stage"] == "pretrain"
     assert json.loads((run_dir / "hf" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     weights = load_file(run_dir / "hf" / "model.safetensors")
     assert "transformer.wte.weight" in weights and "lm_head.weight" not in weights  # tied: stored once
@@ -176,7 +176,7 @@ def test_a_stage_sets_its_own_steps_and_optimizer_over_the_groups_defaults(tmp_p
 def test_every_config_option_composes_and_validates(tmp_path):
     from llmtrain.cli import CONF_DIR
     from llmtrain.data.tokenizer_json import tokenizer_json
-    from llmtrain.run.checks import check_config
+    from llmtrain.run.resolve import resolve_run
 
     (tmp_path / "x.txt").write_text("some text")
     stage_for_data = {"ClassifyDataModule": "classify", "InstructDataModule": "instruct",
@@ -200,7 +200,7 @@ def test_every_config_option_composes_and_validates(tmp_path):
             if group == "trainer" and option.stem in ("fsdp", "multinode"):
                 extra.append("trainer.accelerator=auto")  # their accelerator=gpu is refused on a CPU machine
             cfg = compose([f"{group}={option.stem}", *extra], tmp_path)
-            check_config(cfg)
+            resolve_run(cfg)
 
 
 @pytest.mark.slow

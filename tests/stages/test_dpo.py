@@ -6,7 +6,6 @@ import json
 import math
 import re
 import subprocess
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from llmtrain.errors import UserError
 from llmtrain.interop.export import export_hf
 from llmtrain.interop.lora import apply_lora
 from llmtrain.model.gpt import GPT, GPTConfig
-from llmtrain.stages.dpo import PAIR_STATS, DPOLoss, frozen_copy, reference_for, sequence_logps
+from llmtrain.stages.dpo import DPO, PAIR_STATS, frozen_copy, reference_for, sequence_logps
 from llmtrain.training.module import LanguageModel
 
 BETA = 0.5
@@ -32,6 +31,13 @@ def tiny_gpt(seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
     config = dict(vocab_size=VOCAB, context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0) | kw
     return GPT(GPTConfig(**config))
+
+
+def dpo(reference: torch.nn.Module | None, beta: float = BETA) -> DPO:
+    """The DPO stage as its YAML builds it, with `reference` as the reference its build_model would take."""
+    stage = DPO(train_blocks="all", lora=None, beta=beta, num_samples=0, sample_tokens=0)
+    stage.reference = reference
+    return stage
 
 
 def nudged(model: GPT, seed: int = 1, scale: float = 0.05) -> GPT:
@@ -100,7 +106,7 @@ def test_loss_rewards_and_gradient_equal_a_direct_computation():
     reference = tiny_gpt()
     policy = nudged(reference)
     batch = pair_batch(3)
-    stats = DPOLoss(BETA, frozen_copy(reference))(policy, batch)
+    stats = dpo(frozen_copy(reference)).pair_stats(policy, batch)
     stats["loss"].mean().backward()
 
     twin = copy.deepcopy(policy)
@@ -123,7 +129,7 @@ def test_loss_rewards_and_gradient_equal_a_direct_computation():
 def test_at_the_start_the_policy_is_its_reference():
     """Step 0: every reward is exactly 0, the loss log 2, and no pair counts as ranked right."""
     policy = tiny_gpt()
-    stats = DPOLoss(BETA, reference_for(policy))(policy, pair_batch(3))
+    stats = dpo(reference_for(policy)).pair_stats(policy, pair_batch(3))
     assert torch.equal(stats["rewards/chosen"], torch.zeros(3))
     assert torch.allclose(stats["loss"], torch.full((3,), math.log(2)))
     assert stats["rewards/accuracy"].sum() == 0
@@ -143,7 +149,7 @@ def test_the_reference_of_a_plain_model_is_a_frozen_copy_of_its_starting_weights
 
 def test_beta_must_be_positive():
     with pytest.raises(ValueError, match="beta must be positive"):
-        DPOLoss(0.0, None)
+        dpo(None, beta=0.0)
 
 
 def fit_one_step(module: LanguageModel, batches: list[dict], accumulate: int) -> None:
@@ -165,10 +171,10 @@ def test_one_step_averages_over_the_pairs_of_the_accumulated_step_and_the_refere
     ((a["loss"] * 1 + b["loss"] * 3) / 4).backward()
     expected = {n: -p.grad for n, p in twin.named_parameters()}
 
-    preference = DPOLoss(BETA, frozen_copy(start))
+    preference = dpo(frozen_copy(start))
     reference_before = copy.deepcopy(preference.reference.state_dict())
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    module = LanguageModel(policy, partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, task="dpo", preference=preference)
+    module = LanguageModel(policy, preference, partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0)
     fit_one_step(module, [small, large], accumulate=2)
     for n, p in policy.named_parameters():
         assert torch.allclose(p.detach() - before[n], expected[n], atol=1e-5), n
@@ -185,9 +191,9 @@ def test_with_lora_the_reference_is_the_base_with_adapters_disabled_and_no_copy(
         for n, p in policy.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.2)  # adapters that change the output
-    preference = DPOLoss(BETA, reference_for(policy))
+    preference = dpo(reference_for(policy))
     assert preference.reference is None and list(preference.parameters()) == []
-    module = LanguageModel(policy, partial(torch.optim.SGD, lr=0.1), 0, 1, 1.0, task="dpo", preference=preference)
+    module = LanguageModel(policy, preference, partial(torch.optim.SGD, lr=0.1), 0, 1, 1.0)
     assert sum(isinstance(m, GPT) for m in module.modules()) == 1  # one model in memory, not two
     batch = pair_batch(2)
     ref = preference.reference_logps(policy, batch["input_ids"], batch["labels"])
@@ -206,7 +212,7 @@ def test_with_lora_the_reference_is_the_base_with_adapters_disabled_and_no_copy(
 def test_the_reference_runs_without_dropout_whatever_the_policy_mode():
     reference = tiny_gpt(drop_rate=0.5)
     policy = copy.deepcopy(reference).train()
-    preference = DPOLoss(BETA, frozen_copy(reference))
+    preference = dpo(frozen_copy(reference))
     preference.train()  # Lightning puts every submodule in training mode
     batch = pair_batch(2)
     first = preference.reference_logps(policy, batch["input_ids"], batch["labels"])
@@ -217,29 +223,25 @@ def test_the_reference_runs_without_dropout_whatever_the_policy_mode():
 
 def test_checkpoints_leave_the_reference_out_and_a_resume_puts_it_back():
     start = tiny_gpt()
-    preference = DPOLoss(BETA, frozen_copy(start))
-    module = LanguageModel(nudged(start), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, task="dpo",
-                           preference=preference)
+    preference = dpo(frozen_copy(start))
+    module = LanguageModel(nudged(start), preference, partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0)
     checkpoint = {"state_dict": module.state_dict()}
-    assert any(k.startswith("preference.reference.") for k in checkpoint["state_dict"])
+    assert any(k.startswith("stage.reference.") for k in checkpoint["state_dict"])
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["state_dict"] and all(k.startswith("model.") for k in checkpoint["state_dict"])
 
-    resumed = LanguageModel(tiny_gpt(seed=5), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, task="dpo",
-                            preference=DPOLoss(BETA, frozen_copy(start)))
+    resumed = LanguageModel(tiny_gpt(seed=5), dpo(frozen_copy(start)), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0)
     resumed.on_load_checkpoint(checkpoint)
     resumed.load_state_dict(checkpoint["state_dict"])  # strict: every key is there
     for (n, p), q in zip(resumed.model.state_dict().items(), module.model.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
-    assert all(torch.equal(p, q) for p, q in zip(resumed.preference.reference.parameters(), start.parameters(),
+    assert all(torch.equal(p, q) for p, q in zip(resumed.stage.reference.parameters(), start.parameters(),
                                                  strict=True))
 
 
-def test_task_dpo_and_its_loss_go_together():
-    with pytest.raises(ValueError, match="task 'dpo' takes a preference loss"):
-        LanguageModel(tiny_gpt(), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, task="dpo")
-    with pytest.raises(ValueError, match="task 'dpo' takes a preference loss"):
-        LanguageModel(tiny_gpt(), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0, preference=DPOLoss(BETA, None))
+def test_without_a_reference_the_policy_must_be_a_peft_model():
+    with pytest.raises(ValueError, match="needs a peft policy"):
+        dpo(None).pair_stats(tiny_gpt(), pair_batch(2))
 
 
 # ---- the stage's config checks ----
@@ -247,24 +249,24 @@ def test_task_dpo_and_its_loss_go_together():
 def test_the_stage_checks_its_data_and_beta(tmp_path):
     from conftest import compose
 
-    from llmtrain.run.checks import check_config
+    from llmtrain.run.resolve import resolve_run
 
     start = export_start(tmp_path / "instruct")
-    eff = check_config(compose(["finetune=dpo", f"init_from={start}"], tmp_path))
-    assert eff.tokenizer == "bytes" and eff.model_config.drop_rate == 0.0
+    run = resolve_run(compose(["finetune=dpo", f"init_from={start}"], tmp_path))
+    assert run.tokenizer == "bytes" and run.model_config.drop_rate == 0.0
     cases = {("finetune.beta=0",): "finetune.beta must be positive",
-             ("finetune.beta=-1", "data=instruct_embedded"): "finetune.task=dpo needs a PreferenceDataModule but data "
-                                                              "is llmtrain.data.tables.InstructDataModule: choose "
-                                                              "data=preference_embedded or data=truthy_dpo; finetune."
-                                                              "beta must be positive",
-             ("finetune=instruct", "finetune.task=dpo", "data=preference_embedded"): "finetune.task=dpo needs "
-                                                                                     "finetune.beta, which "
-                                                                                     "finetune=instruct does not set"}
+             ("finetune.beta=-1", "data=instruct_embedded"): "finetune.beta must be positive (how far the policy may "
+                                                              "move from the reference; 0.1 is usual), got -1; the dpo "
+                                                              "stage trains on a PreferenceDataModule but data is "
+                                                              "llmtrain.data.tables.InstructDataModule: choose "
+                                                              "data=preference_embedded or data=truthy_dpo",
+             ("finetune=instruct", "finetune._target_=llmtrain.stages.dpo.DPO", "data=preference_embedded"):
+                 "the dpo stage needs finetune.beta: set finetune.beta=..., or choose its own preset (finetune=dpo)"}
     for overrides, message in cases.items():
         args = ["finetune=dpo", f"init_from={start}", *overrides] if overrides[0] != "finetune=instruct" else \
             [*overrides, f"init_from={start}"]
         with pytest.raises(UserError, match=re.escape(message)):
-            check_config(compose(args, tmp_path))
+            resolve_run(compose(args, tmp_path))
 
 
 def test_a_dpo_checkpoint_resumes_only_against_its_own_reference(tmp_path):
@@ -272,12 +274,10 @@ def test_a_dpo_checkpoint_resumes_only_against_its_own_reference(tmp_path):
     from llmtrain.run.checks import check_resume
 
     config = tiny_gpt().config
-    info = ModelInfo(kind="llmtrain", path="x.ckpt", model_config=config, task="dpo", stage="dpo",
-                     init_from="runs/instruct")
-    check_resume(info, config, "dpo", "x.ckpt", "runs/instruct")
+    info = ModelInfo(kind="llmtrain", path="x.ckpt", model_config=config, stage="dpo", init_from="runs/instruct")
+    check_resume(info, config, dpo(None), "x.ckpt", "runs/instruct")
     with pytest.raises(UserError, match="resume with init_from=runs/instruct"):
-        check_resume(info, config, "dpo", "x.ckpt", "runs/other")
-    check_resume(replace(info, task="instruct", stage="dpo"), config, "dpo", "x.ckpt", "runs/other")  # not DPO
+        check_resume(info, config, dpo(None), "x.ckpt", "runs/other")
 
 
 # ---- the stage from the command line ----
@@ -286,7 +286,7 @@ def export_start(folder: Path) -> Path:
     """A tiny byte-level model exported as an instruct run leaves it: the DPO stage's usual init_from."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=257, context_length=320, emb_dim=32, n_heads=2, n_layers=2, tie_weights=True))
-    meta = {"tokenizer": "bytes", "task": "instruct", "stage": "instruct", "prompt_template": "alpaca"}
+    meta = {"tokenizer": "bytes", "stage": "instruct", "prompt_template": "alpaca"}
     return export_hf(model, folder / "hf", meta)
 
 
@@ -333,7 +333,7 @@ def test_dpo_raises_val_reward_accuracy_from_the_start_and_logs_the_usual_names(
     assert margins[-1] > 0
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(k.startswith("model.") for k in ckpt["state_dict"])  # the reference is not saved
-    assert ckpt["llmtrain"]["task"] == "dpo" and f"init_from={ckpt['llmtrain']['init_from']}" in args
+    assert ckpt["llmtrain"]["stage"] == "dpo" and f"init_from={ckpt['llmtrain']['init_from']}" in args
     assert ckpt["llmtrain"]["prompt_template"] == "alpaca"
 
 

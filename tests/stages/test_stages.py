@@ -8,14 +8,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_datamodule, read_hparams, read_scalars, run_cli
+from conftest import TINY, lm_stage, make_datamodule, read_hparams, read_scalars, run_cli
 from torch.utils.data import DataLoader
 
 from llmtrain.data.prompts import format_prompt
 from llmtrain.data.tables import encode_instruction
 from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.model.gpt import GPT, GPTConfig
-from llmtrain.stages.common import set_trainable
+from llmtrain.stages.base import set_trainable
+from llmtrain.stages.classify import Classify
 from llmtrain.training.module import LanguageModel
 
 
@@ -55,10 +56,9 @@ def test_classification_does_not_depend_on_padding(tmp_path):
     dm.sets = {}
     tok = build_tokenizer("bytes")
     items = [(tok.encode_ordinary(r["text"]), i) for i, r in enumerate(rows)]
-    module = LanguageModel(replace_head(tiny_gpt(), 2).eval(), partial(torch.optim.AdamW), 0, 10, 0.0,
-                           task="classify", label_names=["a", "b"])
-    alone = module._class_logits(dm.collate(items[:1]))
-    padded = module._class_logits(dm.collate(items))  # the short text now carries padding
+    model, stage = replace_head(tiny_gpt(), 2).eval(), Classify(train_blocks="last", lora=None)
+    alone = stage.logits(model, dm.collate(items[:1]))
+    padded = stage.logits(model, dm.collate(items))  # the short text now carries padding
     assert dm.collate(items)["input_ids"].shape[1] > len(items[0][0])
     assert torch.allclose(alone[0], padded[0], atol=1e-6)
 
@@ -109,7 +109,7 @@ def test_prompt_masking_and_a_single_end_of_text_target():
 
 
 def test_masked_positions_contribute_nothing_to_the_loss():
-    module = LanguageModel(tiny_gpt(context_length=256), partial(torch.optim.AdamW), 0, 10, 0.0)
+    module = LanguageModel(tiny_gpt(context_length=256), lm_stage(), partial(torch.optim.AdamW), 0, 10, 0.0)
     tok = build_tokenizer("bytes")
     x, y = encode_instruction(tok, {"instruction": "Say hi", "output": "hi"}, 256, mask_prompt=True)
     batch = {"input_ids": torch.tensor([x]), "labels": torch.tensor([y])}
@@ -119,7 +119,7 @@ def test_masked_positions_contribute_nothing_to_the_loss():
     masked = torch.tensor(y) == -100
     assert masked.sum() > 10 and logits.grad[0, masked].abs().max() == 0
     assert logits.grad[0, ~masked].abs().max() > 0
-    _, n = module._lm_loss(batch)
+    _, n, _ = module.stage.loss(module.model, batch)
     assert n == 3  # "h", "i", <|endoftext|>
 
 
@@ -143,7 +143,7 @@ def test_loss_is_averaged_over_response_tokens_of_the_whole_accumulated_step():
 
     model = tiny_gpt()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    module = LanguageModel(model, partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0)
+    module = LanguageModel(model, lm_stage(), partial(torch.optim.SGD, lr=1.0), 0, 1, 1.0)
     trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=None)
@@ -177,14 +177,14 @@ def test_every_stage_runs_from_the_command_line_and_the_chain_pretrain_to_instru
     assert cls.returncode == 0, cls.stderr[-3000:]
     assert "test/acc" in cls.stdout and "majority class" in cls.stdout
     info = torch.load(tmp_path / "cls" / "checkpoints" / "last.ckpt", weights_only=False)["llmtrain"]
-    assert info["task"] == "classify" and info["label_names"] == ["devil", "jargon"]
+    assert info["stage"] == "classify" and info["label_names"] == ["devil", "jargon"]
 
 
 @pytest.mark.slow
 def test_stage_and_data_must_agree(tmp_path):
     result = run_cli(["finetune=classify", "data=embedded"], cwd=tmp_path)
     assert result.returncode == 2
-    assert "finetune.task=classify needs a ClassifyDataModule" in result.stderr.strip().splitlines()[-1]
+    assert "the classify stage trains on a ClassifyDataModule" in result.stderr.strip().splitlines()[-1]
 
 
 def test_hub_presets_load_local_folders_of_the_same_shape(tmp_path):
@@ -237,12 +237,13 @@ def test_lora_stage_trains_adapters_only_and_saves_them(tmp_path):
     pre = run_cli([*small, "model.context_length=320", "trainer.max_steps=4", "trainer.val_check_interval=4",
                    f"hydra.run.dir={tmp_path / 'pre'}"], cwd=tmp_path)
     assert pre.returncode == 0, pre.stderr[-3000:]
-    args = ["finetune=lora", f"init_from={tmp_path / 'pre'}", "trainer.accelerator=cpu", "trainer.max_steps=4",
+    args = ["lora=default", f"init_from={tmp_path / 'pre'}", "trainer.accelerator=cpu", "trainer.max_steps=4",
             "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "callbacks.progress_bar=null",
-            "data.batch_size=4", "finetune.test_generations=2", "finetune.max_new_tokens=4"]
-    ins = run_cli([*args, f"hydra.run.dir={tmp_path / 'lora'}"], cwd=tmp_path)
+            "data.batch_size=4"]
+    instruct = ["finetune=instruct", "finetune.test_generations=2", "finetune.max_new_tokens=4"]
+    ins = run_cli([*args, *instruct, f"hydra.run.dir={tmp_path / 'lora'}"], cwd=tmp_path)
     assert ins.returncode == 0, ins.stderr[-3000:]
-    assert "lora: trainable params" in ins.stdout + ins.stderr
+    assert "instruct with LoRA: trainable params" in ins.stdout + ins.stderr
     fraction = read_hparams(tmp_path / "lora")["model.trainable_fraction"]  # in TensorBoard's HPARAMS tab
     assert 0 < fraction < 0.2
     adapter = tmp_path / "lora" / "adapter"
@@ -250,13 +251,13 @@ def test_lora_stage_trains_adapters_only_and_saves_them(tmp_path):
     assert json.loads((adapter / "llmtrain_adapter.json").read_text())["base"] == str(tmp_path / "pre")
     check_hf_adapter(tmp_path / "pre" / "hf", tmp_path / "lora", "lm")
 
-    cls = run_cli([*args, "finetune.task=classify", "data=classify_embedded", f"hydra.run.dir={tmp_path / 'c'}"],
+    cls = run_cli([*args, "finetune=classify", "data=classify_embedded", f"hydra.run.dir={tmp_path / 'c'}"],
                   cwd=tmp_path)
     assert cls.returncode == 0, cls.stderr[-3000:]
     assert "test/acc" in cls.stdout
     check_hf_adapter(tmp_path / "pre" / "hf", tmp_path / "c", "classify")
 
-    bad = run_cli([*args, "finetune.lora.target_modules=[attn.qkvv]", f"hydra.run.dir={tmp_path / 'bad'}"],
+    bad = run_cli([*args, *instruct, "finetune.lora.target_modules=[attn.qkvv]", f"hydra.run.dir={tmp_path / 'bad'}"],
                   cwd=tmp_path)
     assert bad.returncode == 2 and "'attn.qkvv' matches no linear layer" in bad.stderr.strip().splitlines()[-1]
 

@@ -5,7 +5,7 @@ from functools import partial
 from types import SimpleNamespace
 
 import torch
-from conftest import TINY, compose
+from conftest import TINY, compose, lm_stage
 from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
@@ -16,7 +16,7 @@ from llmtrain.training.module import LanguageModel
 
 def test_bf16_mixed_clips_the_gradients_of_a_fused_optimizer():
     model = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
-    module = LanguageModel(model, partial(torch.optim.AdamW, fused=True), 0, 10, 0.1)
+    module = LanguageModel(model, lm_stage(), partial(torch.optim.AdamW, fused=True), 0, 10, 0.1)
     module.trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"), strategy=None,
                                      gradient_clip_val=1.0, gradient_clip_algorithm=None)
     for p in model.parameters():
@@ -33,7 +33,7 @@ def test_under_fsdp_the_norm_is_clipped_by_fsdp_over_every_shard():
     strategy = FSDPStrategy()
     strategy._model = SimpleNamespace(clip_grad_norm_=calls.append)  # the FSDP root, as Lightning holds it
     model = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
-    module = LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1)
+    module = LanguageModel(model, lm_stage(), partial(torch.optim.AdamW), 0, 10, 0.1)
     module.trainer = SimpleNamespace(precision_plugin=FSDPPrecision("bf16-mixed"), strategy=strategy,
                                      gradient_clip_val=1.0, gradient_clip_algorithm=None)
     module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm=None)
@@ -46,7 +46,7 @@ def test_under_fsdp_clipping_by_value_stays_clipping_by_value():
     strategy = FSDPStrategy()
     strategy._model = SimpleNamespace(clip_grad_norm_=calls.append)  # would record a clip by norm
     model = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
-    module = LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1)
+    module = LanguageModel(model, lm_stage(), partial(torch.optim.AdamW), 0, 10, 0.1)
     module.trainer = SimpleNamespace(precision_plugin=FSDPPrecision("bf16-mixed"), strategy=strategy,
                                      gradient_clip_val=0.5, gradient_clip_algorithm=None)
     for i, p in enumerate(model.parameters()):

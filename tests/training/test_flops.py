@@ -1,14 +1,13 @@
 """FLOPs per token from what trains, and device peaks found by their exact names."""
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from llmtrain.interop.lora import apply_lora
 from llmtrain.model.gpt import GPT, GPTConfig
-from llmtrain.stages.common import set_trainable
+from llmtrain.stages.base import set_trainable
 from llmtrain.training.flops import peak_flops, training_flops
 
 L_, D, V, T = 3, 32, 100, 16
@@ -76,16 +75,14 @@ def test_the_peak_table_matches_exact_device_names(name, precision, tf32, expect
 
 
 def test_an_unknown_device_gives_no_mfu_and_one_line_saying_how(monkeypatch, caplog):
-    from llmtrain.run.train import device_peak
+    from llmtrain.training.callbacks import device_peak
 
-    cfg = SimpleNamespace(trainer=SimpleNamespace(accelerator="gpu"), perf=SimpleNamespace(tf32=True))
-    eff = SimpleNamespace(precision="bf16-mixed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, expected in (("NVIDIA L40S", 362.05e12), ("NVIDIA RTX PRO 6000 Blackwell", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            assert device_peak(cfg, eff) == expected
+            assert device_peak(torch.device("cuda"), "bf16-mixed", tf32=True) == expected
         hints = [r.getMessage() for r in caplog.records if "perf.peak_flops" in r.getMessage()]
         assert hints == ([] if expected else [
             "train/mfu is not logged: the peak FLOP/s of NVIDIA RTX PRO 6000 Blackwell at trainer.precision=bf16-mixed "

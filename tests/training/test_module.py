@@ -1,6 +1,7 @@
 """The LightningModule: random states in checkpoints, the lm loss through the chunked head, the schedule."""
 
 import torch
+from conftest import lm_stage
 
 from llmtrain.model.gpt import GPT, GPTConfig
 from llmtrain.training.module import LanguageModel
@@ -19,13 +20,13 @@ def test_a_checkpoint_restores_every_random_generator():
         return torch.rand(3).tolist(), random.random(), np.random.rand()
 
     model = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
-    saved, checkpoint = LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1), {}
+    saved, checkpoint = LanguageModel(model, lm_stage(), partial(torch.optim.AdamW), 0, 10, 0.1), {}
     torch.manual_seed(1), random.seed(2), np.random.seed(3)
     saved.on_save_checkpoint(checkpoint)
     expected = draws()
 
     torch.manual_seed(9), random.seed(9), np.random.seed(9)  # a new process: other states
-    resumed = LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1)
+    resumed = LanguageModel(model, lm_stage(), partial(torch.optim.AdamW), 0, 10, 0.1)
     resumed.on_load_checkpoint(checkpoint)
     resumed.trainer = SimpleNamespace(world_size=1, global_rank=0)
     resumed.on_train_start()
@@ -33,9 +34,9 @@ def test_a_checkpoint_restores_every_random_generator():
 
 
 def test_the_chunked_head_and_loss_give_the_plain_loss_and_gradients():
-    """LanguageModel's lm loss through GPT.hidden + the chunked head equals the plain path through the logits,
-    on a GPT with a tied head (the embedding gets both gradients)."""
-    from functools import partial
+    """The language-modelling stages' loss through GPT.hidden + the chunked head equals the plain path through the
+    logits, on a GPT with a tied head (the embedding gets both gradients)."""
+    from llmtrain.stages.pretrain import lm_loss
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, tie_weights=True))
@@ -44,8 +45,7 @@ def test_the_chunked_head_and_loss_give_the_plain_loss_and_gradients():
     results = []
     for chunk in (None, 7):
         model.zero_grad()
-        module = LanguageModel(model, partial(torch.optim.AdamW), 0, 10, 0.1, loss_chunk=chunk)
-        loss, n = module._lm_loss(batch)
+        loss, n = lm_loss(model, batch, chunk)
         loss.backward()
         results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()}))
     (plain, n_plain, grads_plain), (chunked, n_chunked, grads_chunked) = results

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, compose
+from conftest import TINY, compose, lm_stage
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader
 
@@ -156,7 +156,7 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were():
     x = torch.randint(1, 50, (4, 2, 9))
     x[2] = 0  # the third batch is poisoned
     batches = [{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in x]
-    module = LanguageModel(model, partial(torch.optim.AdamW, lr=1e-2), 0, 4, 1.0, max_nonfinite_steps=1)
+    module = LanguageModel(model, lm_stage(), partial(torch.optim.AdamW, lr=1e-2), 0, 4, 1.0, max_nonfinite_steps=1)
     snapshot = Snapshot(batch=2)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[snapshot])

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose
+from conftest import compose, lm_stage
 
 from llmtrain.model.gpt import GPT, GPTConfig
 from llmtrain.run.train import build
@@ -65,7 +65,7 @@ def test_frozen_parameters_are_left_out():
 
 
 def test_adamw_partial_and_schedule_step_per_optimizer_step():
-    module = LanguageModel(tiny(), partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1), warmup_steps=4,
+    module = LanguageModel(tiny(), lm_stage(), partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1), warmup_steps=4,
                            max_steps=20, min_lr_ratio=0.1)
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]

@@ -8,7 +8,8 @@ from functools import partial
 from types import SimpleNamespace
 
 import torch
-from conftest import compose
+from conftest import compose, lm_stage
+from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 
 from llmtrain.interop.pretrained import load_pretrained
@@ -38,20 +39,21 @@ class GatheringFSDP(FSDPStrategy):
 
 def sharded_run(tmp_path, overrides: list[str], rank: int, classes: int | None = None):
     """(module whose own weights are the local shards' stand-ins, trainer on `rank`, cfg, the full weights)."""
+    cfg = compose(overrides, tmp_path)
     torch.manual_seed(0)
     full = GPT(CONFIG)
     shard = GPT(CONFIG)  # other weights: an export taken from them would be wrong
     if classes:
         full.replace_head(classes)
         shard.replace_head(classes)
-    module = SimpleNamespace(model=shard, gpt=shard)
+    module = SimpleNamespace(model=shard, gpt=shard, stage=instantiate(cfg.finetune, _convert_="all"))
     state = {f"model.{k}": v for k, v in full.state_dict().items()}
     trainer = SimpleNamespace(strategy=GatheringFSDP(state, rank), is_global_zero=rank == 0, global_step=7)
-    return module, trainer, compose(overrides, tmp_path), full
+    return module, trainer, cfg, full
 
 
 def test_the_export_under_fsdp_is_the_full_weights_gathered_from_every_rank(tmp_path):
-    meta = {"tokenizer": "bytes", "task": "classify", "stage": "classify", "label_names": ["a", "b", "c"]}
+    meta = {"tokenizer": "bytes", "num_classes": 3, "stage": "classify", "label_names": ["a", "b", "c"]}
     module, trainer, cfg, full = sharded_run(tmp_path, ["finetune=classify"], rank=1, classes=3)
     assert write_outputs(module, trainer, None, cfg, meta) == [] and trainer.strategy.gathers == 1  # took part
     assert not (tmp_path / "hf").exists()
@@ -65,9 +67,9 @@ def test_the_export_under_fsdp_is_the_full_weights_gathered_from_every_rank(tmp_
 
 def test_generation_and_lora_outputs_are_skipped_under_fsdp_with_the_reason(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(sharded, "_said", set())  # each reason is logged once per process
-    module, trainer, cfg, _ = sharded_run(tmp_path, ["finetune=lora"], rank=0)
+    module, trainer, cfg, _ = sharded_run(tmp_path, ["finetune=instruct", "lora=default"], rank=0)
     with caplog.at_level(logging.INFO):
-        written = write_outputs(module, trainer, None, cfg, {"task": "instruct"})
+        written = write_outputs(module, trainer, None, cfg, {"stage": "instruct", "num_classes": None})
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert written == [f"no LoRA adapter or merged export under FSDP (the weights are sharded across ranks); the "
                        f"final state is in {last}", "no test answers under FSDP (the weights are sharded across ranks)"]
@@ -80,8 +82,8 @@ def test_text_samples_are_written_on_one_device_and_skipped_under_fsdp(caplog, m
     monkeypatch.setattr(sharded, "_said", set())
     texts = []
     logger = SimpleNamespace(experiment=SimpleNamespace(add_text=lambda tag, text, step: texts.append(tag)))
-    module = LanguageModel(GPT(CONFIG), partial(torch.optim.AdamW), 0, 10, 0.1, tokenizer="bytes",
-                           sample_prompts=["The "], sample_tokens=4)
+    stage = lm_stage(sample_prompt="The ", sample_tokens=4)
+    module = LanguageModel(GPT(CONFIG), stage, partial(torch.optim.AdamW), 0, 10, 0.1, tokenizer="bytes")
     for strategy, expected in ((SingleDeviceStrategy("cpu"), ["samples/0"]), (GatheringFSDP({}, 0), [])):
         texts.clear()
         module.trainer = SimpleNamespace(strategy=strategy, logger=logger, loggers=[logger], global_rank=0,
