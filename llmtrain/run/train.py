@@ -67,8 +67,8 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
     stage.setup(datamodule)
 
     model = stage.build_model(start_model(cfg, run))
-    lora = " with LoRA" if stage.lora else ""
-    rank_zero_info(f"{stage.name}{lora}: {format_trainable(model)}; precision {run.precision} ({run.precision_reason})")
+    lora = " in LoRA adapters" if stage.lora else ""
+    rank_zero_info(f"{stage.name}: {format_trainable(model)}{lora}; precision {run.precision} ({run.precision_reason})")
     meta = run_meta(cfg, keep_tokenizer(run.tokenizer, run_dir, write=is_launch_rank()), stage)
     module = LanguageModel(
         model, stage, optimizer=build(cfg.optimizer, **fused_where_supported(cfg)),
