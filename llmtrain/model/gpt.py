@@ -186,16 +186,6 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if exclude_embeddings and self.pos_emb is not None else n
 
-    def flops_per_token(self, context_length: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per weight (Kaplan et al., 2020) plus attention's
-        12 * n_layers * emb_dim * T (PaLM, appendix B; emb_dim = n_heads * head_dim: the query heads, with GQA too).
-        Position embeddings do no multiplications; RoPE's few elementwise ones are not counted."""
-        T = context_length or self.config.context_length
-        n = self.num_params(exclude_embeddings=True)  # a tied embedding counts once: as the head's matmul
-        if self.head.weight is not self.tok_emb.weight:
-            n -= self.tok_emb.weight.numel()  # an untied embedding is a lookup, no FLOPs
-        return 6.0 * n + 12.0 * self.config.n_layers * self.config.emb_dim * T
-
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size); with a cache, positions continue from cache.pos."""
         return self.head(self.hidden(idx, cache))

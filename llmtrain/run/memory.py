@@ -39,7 +39,7 @@ from llmtrain.run.distributed import is_launch_rank
 from llmtrain.run.resolve import ResolvedRun
 from llmtrain.stages.base import Stage, inner_gpt
 from llmtrain.training.flops import layers_with_backward
-from llmtrain.training.hardware import on_cuda
+from llmtrain.training.hardware import is_sharded, on_cuda
 from llmtrain.training.optim import param_groups
 
 GIB = 2**30
@@ -79,7 +79,7 @@ def estimate(cfg: DictConfig, run: ResolvedRun) -> Estimate:
     trained = {id(p): p for p in model.parameters()}
     n_all = sum(p.numel() for p in {**trained, **{id(p): p for p in stage.parameters()}}.values())
     n_train = sum(p.numel() for p in trained.values() if p.requires_grad)
-    shards = ranks(cfg) if sharded(cfg) else 1
+    shards = ranks(cfg) if is_sharded(cfg.trainer.strategy) else 1
     kind = number_kind(run.precision)
     width, act_bytes, logit_bytes = BYTES[kind]
     config = run.model_config
@@ -94,7 +94,7 @@ def estimate(cfg: DictConfig, run: ResolvedRun) -> Estimate:
     per_block = act_bytes * config.emb_dim + (2 * config.emb_dim if config.drop_rate > 0 else 0)  # + dropout masks
     blocks = layers_with_backward(model, config.n_layers)
     strategy = cfg.trainer.strategy
-    if cfg.perf.activation_checkpointing or (sharded(cfg) and "activation_checkpointing_policy" in strategy):
+    if cfg.perf.activation_checkpointing or (is_sharded(strategy) and "activation_checkpointing_policy" in strategy):
         activations = tokens * (blocks * config.emb_dim * width + per_block)  # block inputs, one block recomputed
     else:
         activations = tokens * blocks * per_block
@@ -152,13 +152,6 @@ def sequence_length(cfg: DictConfig, run: ResolvedRun) -> int:
     if "max_length" in cfg.data and cfg.data.max_length:
         return min(cfg.data.max_length, run.model_config.context_length)
     return run.context_length
-
-
-def sharded(cfg: DictConfig) -> bool:
-    strategy = cfg.trainer.strategy
-    if isinstance(strategy, DictConfig):
-        return "FSDP" in str(strategy.get("_target_", "")) or "ModelParallel" in str(strategy.get("_target_", ""))
-    return str(strategy).startswith("fsdp")
 
 
 def ranks(cfg: DictConfig) -> int:
@@ -234,7 +227,7 @@ def levers(cfg: DictConfig, run: ResolvedRun) -> list[str]:
     if not cfg.perf.activation_checkpointing:
         out.append("set perf.activation_checkpointing=true")
     cuda = on_cuda(cfg.trainer.accelerator)
-    if cuda and not sharded(cfg):
+    if cuda and not is_sharded(cfg.trainer.strategy):
         out.append("shard weights, gradients and optimizer state over the GPUs with trainer=fsdp")
     if not cuda and ranks(cfg) > 1:
         out.append("use fewer trainer.devices")

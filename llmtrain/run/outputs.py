@@ -23,7 +23,8 @@ from llmtrain.interop.export import export_hf, export_hf_adapter, gpt2_mismatche
 from llmtrain.interop.lora import ADAPTER_META, save_adapter
 from llmtrain.interop.pretrained import hf_folder
 from llmtrain.stages.base import Stage
-from llmtrain.training.sharded import gathered_gpt, is_sharded, skip_sharded
+from llmtrain.training.hardware import is_sharded
+from llmtrain.training.sharded import gathered_gpt, skip_sharded
 
 
 def run_meta(cfg: DictConfig, tokenizer: str, stage: Stage) -> dict:

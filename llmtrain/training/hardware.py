@@ -98,3 +98,17 @@ def hardware_problems(trainer: DictConfig) -> list[str]:
         problems.append(f"trainer.precision={precision} but {torch.cuda.get_device_name()} has no bf16 support "
                         f"(it needs an Ampere or newer GPU): use trainer.precision=16-mixed or 32-true")
     return problems
+
+
+SHARDING = ("FSDPStrategy", "ModelParallelStrategy")  # Lightning's strategies that shard the weights across ranks
+
+
+def is_sharded(strategy) -> bool:
+    """Whether a strategy shards the weights across ranks (FSDP through either of Lightning's strategies). It takes
+    what the run has at hand: the strategy object of a trainer, its config node (a `_target_`), or the name that
+    trainer.strategy takes ("fsdp", "fsdp_cpu_offload", "ddp", ...)."""
+    if isinstance(strategy, (dict, DictConfig)):
+        return str(strategy.get("_target_", "")).rsplit(".", 1)[-1] in SHARDING
+    if isinstance(strategy, str):
+        return strategy.startswith("fsdp")
+    return any(cls.__name__ in SHARDING for cls in type(strategy).__mro__)

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmtrain.model.gpt import GPT
+from llmtrain.training.flops import training_flops
 
 ADVERTS = ("💡 Tip:",)  # Lightning's suggestions to install its cloud services
 NOISE = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # lightning/pytorch/utilities/_pytree.py
@@ -63,15 +64,19 @@ def describe_model(gpt: GPT, context_length: int) -> str:
     weights = gpt.num_params(exclude_embeddings=True)
     if gpt.head.weight is not gpt.tok_emb.weight:
         weights -= gpt.tok_emb.weight.numel()
-    flops = gpt.flops_per_token(context_length)
+    flops = training_flops(gpt, c.n_layers, c.emb_dim).of_batch(1, context_length)
+    if all(p.requires_grad for p in gpt.parameters()):
+        how = (f"6 x {human(weights)} weights + attention 12 x {c.n_layers} layers x {c.emb_dim} x {context_length} "
+               f"tokens")
+    else:
+        how = "2 per weight forward, backward 4 per trained and 2 per frozen weight that a gradient passes, attention"
     head = "tied to the token embedding" if gpt.head.weight is gpt.tok_emb.weight else \
         f"untied, {gpt.head.out_features:,} outputs"
     return "\n".join([
         f"model: GPT, {c.n_layers} layers, width {c.emb_dim}, {c.n_heads} heads, context {c.context_length}, "
         f"vocab {c.vocab_size:,}, head {head}",
         f"  parameters: {gpt.num_params():,} ({human(gpt.num_params())}), {human(weights)} outside lookup tables",
-        f"  training FLOPs per token: {human(flops)} (6 x {human(weights)} weights + attention 12 x {c.n_layers} "
-        f"layers x {c.emb_dim} x {context_length} tokens), {human(flops * context_length)} per sequence",
+        f"  training FLOPs per token: {human(flops)} ({how}), {human(flops * context_length)} per sequence",
     ])
 
 

@@ -21,10 +21,11 @@ from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.model.gpt import GPT
 from llmtrain.stages.base import Stage, inner_gpt
 from llmtrain.stages.text import generate_text
+from llmtrain.training.hardware import is_sharded
 from llmtrain.training.nonfinite import NonFiniteGuard
 from llmtrain.training.optim import lr_factor, param_groups
 from llmtrain.training.resume import gather_rng_states, set_rng_states
-from llmtrain.training.sharded import is_sharded, skip_sharded
+from llmtrain.training.sharded import skip_sharded
 
 
 class LanguageModel(L.LightningModule):

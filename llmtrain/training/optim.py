@@ -83,7 +83,7 @@ class Muon(torch.optim.Muon):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
-        dtypes: dict[torch.device, torch.dtype] = {}  # asked once per device and step, not once per matrix
+        dtypes: dict[torch.device, torch.dtype] = {}  # whether bf16 is native: asked once per device and step
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:

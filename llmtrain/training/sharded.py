@@ -16,18 +16,13 @@ This is written for GPUs (Lightning refuses FSDP without one); on CPU the tests 
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmtrain.interop.checkpoints import load_state, strip_prefixes
 from llmtrain.model.gpt import GPT, GPTConfig
 
 _said: set[str] = set()
-
-
-def is_sharded(strategy) -> bool:
-    """Whether this strategy shards the weights across ranks (FSDP through either of Lightning's strategies)."""
-    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 def skip_sharded(what: str) -> str:

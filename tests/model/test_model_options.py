@@ -7,6 +7,7 @@ import yaml
 from conftest import ROOT
 
 from llmtrain.model.gpt import GPT, GPTConfig, KVCache
+from llmtrain.training.flops import training_flops
 
 CONF = ROOT / "conf" / "model"
 LLAMA = dict(vocab_size=97, context_length=24, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=2, pos_emb="rope",
@@ -103,7 +104,7 @@ def test_flops_per_token_counts_every_matmul_weight():
         m = tiny(tie_weights=tied)
         d, kv, h, L, V, T = 32, 16, 48, 2, 97, 24
         weights = L * (d * d + 2 * d * kv + d * d + 3 * d * h + 2 * d) + d + V * d
-        assert m.flops_per_token(T) == 6 * weights + 12 * L * d * T
+        assert training_flops(m, L, d).of_batch(1, T) == 6 * weights + 12 * L * d * T
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_with_rope():

@@ -9,6 +9,7 @@ from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT, GPTConfig
 from llmtrain.run.resolve import accumulation_steps, resolve_run
 from llmtrain.run.train import train
+from llmtrain.training.flops import training_flops
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -49,7 +50,7 @@ def test_flops_per_token_follows_the_model_shape():
     m = GPT(GPTConfig(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12, qkv_bias=True,
                       tie_weights=True))
     non_embedding = 124_439_808 - 1024 * 768
-    assert m.flops_per_token() == 6 * non_embedding + 12 * 12 * 768 * 1024
+    assert training_flops(m, 12, 768).of_batch(1, 1024) == 6 * non_embedding + 12 * 12 * 768 * 1024
 
 
 @pytest.mark.slow

@@ -83,3 +83,20 @@ def test_a_run_on_this_cpu_builds_a_fused_adamw(tmp_path):
     cfg = compose([*TINY, "optimizer=adamw", "optimizer.fused=false"], tmp_path)
     assert build(cfg.optimizer, **fused_where_supported(cfg))([torch.nn.Parameter(torch.zeros(2))]).defaults[
         "fused"] is False
+
+
+def test_is_sharded_reads_a_strategy_its_config_node_or_its_name():
+    """One answer for the live strategy (outputs, the module), its config before anything is built (the memory
+    pre-flight) and the names trainer.strategy takes."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from omegaconf import OmegaConf
+
+    from llmtrain.training.hardware import is_sharded
+
+    class MyFSDP(FSDPStrategy):
+        pass
+
+    assert is_sharded(FSDPStrategy()) and is_sharded(MyFSDP()) and not is_sharded(DDPStrategy())
+    node = OmegaConf.create({"_target_": "lightning.pytorch.strategies.FSDPStrategy", "sharding_strategy": "FULL"})
+    assert is_sharded(node) and not is_sharded(OmegaConf.create({"_target_": "x.DDPStrategy"}))
+    assert is_sharded("fsdp") and is_sharded("fsdp_cpu_offload") and not is_sharded("ddp") and not is_sharded("auto")

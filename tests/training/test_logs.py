@@ -10,6 +10,7 @@ from conftest import TINY, run_cli
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmtrain.model.gpt import GPT, GPTConfig
+from llmtrain.training.flops import training_flops
 from llmtrain.training.logs import describe_model, human, quiet_lightning
 
 
@@ -38,7 +39,7 @@ def test_the_model_summary_states_parameters_and_flops_per_token():
     assert f"{gpt.num_params():,}" in text and "2 layers, width 32, 2 heads, context 32, vocab 257" in text
     weights = gpt.num_params() - 32 * 32  # all but the position table (the tied embedding is the head's matmul)
     flops = 6 * weights + 12 * 2 * 32 * 16
-    assert gpt.flops_per_token(16) == flops
+    assert training_flops(gpt, 2, 32).of_batch(1, 16) == flops
     assert f"training FLOPs per token: {human(flops)} (6 x {human(weights)} weights" in text
     assert human(7_241_088) == "7.24 M" and human(5.65e9) == "5.65 G" and human(512) == "512"
 
