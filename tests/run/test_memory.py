@@ -129,3 +129,17 @@ def test_cpu_processes_sharing_the_cores_are_warned_about(tmp_path, capsys):
 @pytest.fixture
 def base_ckpt(tmp_path):
     return write_checkpoint(tmp_path / "base.ckpt", n_layers=4, label_names=["a", "b", "c"])
+
+
+def test_the_chunked_loss_keeps_the_logits_of_one_chunk(tmp_path):
+    """With perf.loss_chunk the logits term is one chunk's logits plus the head's and the hidden states' gradients:
+    far below all logits at once, and doubling the tokens of a micro-batch adds only their hidden-state gradients
+    (emb_dim values a token), not a vocabulary's worth of logits per token."""
+    wide = ["data.tokenizer=gpt2", "model.vocab_size=50257", "model.emb_dim=64", "model.n_layers=2", "model.n_heads=2",
+            "model.context_length=128", "trainer.precision=32-true"]
+    chunked = memory.estimate(*checked([*wide, "data.batch_size=16", "perf.loss_chunk=256"], tmp_path))
+    double = memory.estimate(*checked([*wide, "data.batch_size=32", "perf.loss_chunk=256"], tmp_path))
+    plain = memory.estimate(*checked([*wide, "data.batch_size=16", "perf.loss_chunk=null"], tmp_path))
+    assert plain.logits == 16 * 128 * 50257 * 12  # every token's logits, log-softmax and gradients in fp32
+    assert chunked.logits < plain.logits / 5
+    assert double.logits - chunked.logits == 16 * 128 * 64 * 4  # the added tokens' hidden-state gradients alone

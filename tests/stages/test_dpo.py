@@ -399,3 +399,15 @@ def test_two_ddp_ranks_of_half_the_pairs_step_as_one_process_does(dpo_run, tmp_p
     assert one.keys() == two.keys()
     for key, value in one.items():
         assert torch.allclose(value, two[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_reference_pass_gives_the_policy_back_in_the_mode_it_was_in(mode):
+    """With LoRA the reference is the policy itself (adapters off), run in eval mode: afterwards the policy is in
+    the mode it had, eval included (validation runs the pass on a policy in eval mode)."""
+    policy = apply_lora(tiny_gpt(drop_rate=0.1), r=4, alpha=8, dropout=0.1)
+    policy.train(mode == "train")
+    batch = pair_batch(2)
+    dpo(None).reference_logps(policy, batch["input_ids"], batch["labels"])
+    assert policy.training == (mode == "train")
+    assert all(m.training == (mode == "train") for m in policy.modules())

@@ -1,5 +1,6 @@
 """The LightningModule: random states in checkpoints, the lm loss through the chunked head, the schedule."""
 
+import pytest
 import torch
 from conftest import lm_stage
 
@@ -53,3 +54,42 @@ def test_the_chunked_head_and_loss_give_the_plain_loss_and_gradients():
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_chunked[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def logged_eval_end(module: LanguageModel, mine: dict, other_rank: dict, prefix: str = "val") -> dict[str, float]:
+    """Run the end-of-evaluation reduction of `module` as rank 0 of two: `mine` are this rank's sums, `other_rank`
+    the second rank's; the strategy's all-reduce adds them. Returns what the module logged."""
+    from types import SimpleNamespace
+
+    class TwoRanks:
+        def reduce(self, value, reduce_op):
+            assert reduce_op == "sum"
+            return value + other_rank[next(k for k, v in mine.items() if v is value)]
+
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    module._trainer = SimpleNamespace(strategy=TwoRanks())
+    module._eval = dict(mine)
+    module._eval_end(prefix)
+    return logged
+
+
+def test_evaluation_metrics_pool_the_sums_of_uneven_ranks():
+    """Two ranks with 2 and 10 loss tokens: val/loss is the mean over all 12 tokens (40 / 12), not the mean of the
+    two ranks' means ((5 + 3) / 2); a classifier's accuracy pools the confusion matrices the same way."""
+    import math
+    from functools import partial
+
+    from llmtrain.stages.classify import Classify
+
+    model = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    d = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    lm = LanguageModel(model, lm_stage(), partial(torch.optim.AdamW), 0, 10, 0.1)
+    logged = logged_eval_end(lm, {"loss": d(10.0), "count": d(2.0)}, {"loss": d(30.0), "count": d(10.0)})
+    assert logged["val/loss"] == pytest.approx(40 / 12) and logged["val/ppl"] == pytest.approx(math.exp(40 / 12))
+
+    cls = LanguageModel(model, Classify(train_blocks="all", lora=None), partial(torch.optim.AdamW), 0, 10, 0.1)
+    mine = {"loss": d(1.0), "count": d(1.0), "confusion": d([[1.0, 0.0], [0.0, 0.0]])}  # 1 of 1 right
+    other = {"loss": d(9.0), "count": d(9.0), "confusion": d([[0.0, 0.0], [9.0, 0.0]])}  # 0 of 9 right
+    logged = logged_eval_end(cls, mine, other, prefix="test")
+    assert logged["test/acc"] == pytest.approx(0.1) and logged["test/loss"] == pytest.approx(1.0)
