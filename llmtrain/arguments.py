@@ -75,9 +75,14 @@ def read_value(raw: str, kind: Any) -> Any:
     """One value as the field's type reads it: text as typed (null = not set, quotes taken off), anything else as
     YAML through OmegaConf's dotlist; OmegaConf's merge then checks it against the type."""
     base, optional = unwrap(kind)
-    if base is str and raw != "null" and not (len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""):
-        return raw
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
+    if base is str and raw != "null":
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        try:  # a quoted text loses its quotes; a text that only starts and ends with one is text as typed
+            value = read_yaml(raw) if quoted else raw
+        except yaml.YAMLError:
+            value = raw
+        return value if isinstance(value, str) else raw
+    value = read_yaml(raw)
     if value is None and not optional:
         raise ValueError("null for a field that needs a value")
     if isinstance(value, str) and "${" in value and base is not str:  # no interpolation: it would stay unread
@@ -85,6 +90,11 @@ def read_value(raw: str, kind: Any) -> Any:
     if base is bool and not isinstance(value, bool) and value not in (0, 1):  # OmegaConf would take 2 for true
         raise ValueError("not a truth value")
     return value
+
+
+def read_yaml(raw: str) -> Any:
+    """The value OmegaConf's dotlist makes of `key=raw`, as plain Python."""
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
 
 
 def unwrap(kind: Any) -> tuple[Any, bool]:

@@ -47,6 +47,7 @@ def test_text_is_taken_as_typed_and_quotes_make_text_of_anything():
     args = parse(Schema, ["ckpt='null'", "name=\"true\"", "text="])
     assert (args.ckpt, args.name, args.text) == ("null", "true", "")
     assert parse(Schema, ["ckpt=a=b"]).ckpt == "a=b"  # the first = splits
+    assert parse(Schema, ['ckpt="Hi," she said, "bye"']).ckpt == '"Hi," she said, "bye"'  # not one quoted text
 
 
 @pytest.mark.parametrize("argv, message", [
