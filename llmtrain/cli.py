@@ -3,14 +3,12 @@ checks the config and runs the recipe in train.py; a mistake a user can make end
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from llmtrain.errors import UserError
+from llmtrain.errors import one_line_errors
 from llmtrain.run.distributed import is_launch_rank
 from llmtrain.run.jobs import only_hydra_files, remove_run_dir
 from llmtrain.run.memory import preflight
@@ -26,7 +24,7 @@ CONF_DIR = next((d for d in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf") 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    try:
+    with one_line_errors(cleanup=lambda: remove_if_unused(Path(cfg.run_dir))):
         run = resolve_run(cfg)
         preflight(cfg, run)  # before any process starts: a run that cannot fit stops here
         # Lightning, datasets and peft take seconds to import: the recipe is imported only once the config is
@@ -34,12 +32,6 @@ def main(cfg: DictConfig) -> float:
         from llmtrain.run.train import train
 
         return train(cfg, run)
-    except UserError as e:
-        if os.environ.get("LLMTRAIN_DEBUG"):
-            raise
-        remove_if_unused(Path(cfg.run_dir))
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def remove_if_unused(run_dir: Path) -> None:

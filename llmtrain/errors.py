@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -17,13 +17,15 @@ class UserError(Exception):
 
 
 @contextmanager
-def one_line_errors() -> Iterator[None]:
-    """For a command line's main: a UserError ends in `error: <message>` on stderr and exit status 2
-    (LLMTRAIN_DEBUG=1 keeps the traceback)."""
+def one_line_errors(cleanup: Callable[[], object] | None = None) -> Iterator[None]:
+    """For a command line's main: a UserError ends in `error: <message>` on stderr and exit status 2, after
+    cleanup() (e.g. removing what the stopped command made); LLMTRAIN_DEBUG=1 keeps the traceback and all files."""
     try:
         yield
     except UserError as e:
         if os.environ.get("LLMTRAIN_DEBUG"):
             raise
+        if cleanup is not None:
+            cleanup()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,38 +1,36 @@
-"""python -m llmtrain.export SOURCE OUT_DIR: any model llmtrain reads, as a Hugging Face GPT-2 folder.
+"""python -m llmtrain.export source=... out_dir=...: any model llmtrain reads, as a Hugging Face GPT-2 folder.
 
-SOURCE is anything `init_from=` takes: a run dir (its checkpoints/last.ckpt, else its export), an llmtrain `.ckpt`,
+    python -m llmtrain.export source=outputs/runs/<run> out_dir=exported/my-gpt
+
+source is anything `init_from=` takes: a run dir (its checkpoints/last.ckpt, else its export), an llmtrain `.ckpt`,
 an export folder (`<run>/hf`, or `<run>/model` of the earlier format), a Hugging Face GPT-2 folder or Hub name.
 This is what runs made before the Hugging Face export need, and what a checkpoint of the middle of a run (e.g.
-`checkpoints/best-step200.ckpt`) needs to leave llmtrain. OUT_DIR is written whole or not at all, and an existing
-folder is replaced only when it is an export (or empty). A mistake ends in one line on stderr and exit status 2.
+`checkpoints/best-step200.ckpt`) needs to leave llmtrain. out_dir is written whole or not at all, and an existing
+folder is replaced only when it is an export (or empty); transformers loads it offline, and init_from= reads it
+back exactly. A mistake ends in one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
-from llmtrain.errors import UserError, one_line_errors
+from omegaconf import MISSING
+
+from llmtrain.arguments import parse
+from llmtrain.errors import one_line_errors
 from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.interop.export import export_hf
 from llmtrain.interop.pretrained import load_pretrained
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints the usage and exits; one line is our convention
-        raise UserError(f"{message} (usage: python -m llmtrain.export SOURCE OUT_DIR; --help says more)")
+@dataclass
+class ExportArgs:
+    """The command line's keys (llmtrain.arguments reads them by their types; `--help` shows these comments)."""
 
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = Parser(prog="python -m llmtrain.export",
-                    description="Write any model llmtrain reads as a Hugging Face GPT-2 folder (transformers loads "
-                                "it offline; init_from= reads it back exactly).",
-                    epilog="e.g. python -m llmtrain.export outputs/runs/<run> exported/my-gpt")
-    parser.add_argument("source", help="a run dir, an llmtrain .ckpt or export folder, a Hugging Face GPT-2 "
-                                       "folder or Hub name (what init_from= takes)")
-    parser.add_argument("out_dir", help="the folder to write (config.json, model.safetensors, tokenizer files, "
-                                        "llmtrain.json)")
-    return parser.parse_args(argv)
+    source: str = MISSING  # a run dir, an llmtrain .ckpt or export folder, a Hugging Face GPT-2 folder or Hub name
+    # (what init_from= takes)
+    out_dir: str = MISSING  # the folder to write (config.json, model.safetensors, tokenizer files, llmtrain.json)
 
 
 def meta_of(info: ModelInfo) -> dict:
@@ -57,7 +55,7 @@ def run(source: str, out_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse(ExportArgs, sys.argv[1:] if argv is None else argv)
         print(run(args.source, args.out_dir))
 
 

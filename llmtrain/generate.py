@@ -5,7 +5,8 @@ model.safetensors), a Hugging Face GPT-2 or Llama directory or Hub name (anythin
 reads; a Llama folder brings its tokenizer.json), or a LoRA adapter directory (adapter_config.json; its base comes
 from llmtrain_adapter.json or `base=`), which is merged into the base before generating.
 
-Arguments are `key=value` pairs, parsed here without Hydra so that the command starts in about a second.
+Arguments are `key=value` pairs, read as training's overrides are (`--help` lists them), without Hydra's
+composition so that the command starts in about a second.
 `show_top=K` prints the K likeliest next tokens instead of generating: a window into the model.
 """
 
@@ -13,13 +14,15 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from omegaconf import MISSING
 
+from llmtrain.arguments import parse
 from llmtrain.data.prompts import format_prompt
-from llmtrain.data.tokenizer import ENDOFTEXT, build_tokenizer, continuation_text, find_tokenizer
+from llmtrain.data.tokenizer import build_tokenizer, find_tokenizer
 from llmtrain.errors import UserError, one_line_errors
 from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.interop.export import is_hf_adapter
@@ -27,20 +30,19 @@ from llmtrain.interop.lora import ADAPTER_META, load_adapter, merge
 from llmtrain.interop.pretrained import describe, load_pretrained
 from llmtrain.model.gpt import GPT
 from llmtrain.run.decoding import PRECISIONS, decode_precision, prepare_for_decoding, resolve_device
-
-TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
-NULL = ("null", "none", "~", "")
+from llmtrain.stages.text import encode_prompt, generate_text
 
 
 @dataclass
 class GenerateArgs:
-    """The command line's keys; a field's type says how its value is parsed."""
+    """The command line's keys (llmtrain.arguments reads them by their types; `--help` shows these comments)."""
 
-    ckpt_path: str | None = None  # required
+    ckpt_path: str = MISSING  # an llmtrain .ckpt, run dir or export dir, a Hugging Face GPT-2 or Llama dir or Hub
+    # name, or a LoRA adapter dir, e.g. ckpt_path=outputs/runs/<run>
     base: str | None = None  # base model of a LoRA adapter dir, when llmtrain_adapter.json does not name it
-    prompt: str | None = None  # required unless instruction is given
+    prompt: str | None = None  # the text to continue; required unless instruction is given
     instruction: str | None = None  # wrapped in the Alpaca template, with input
-    input: str = ""
+    input: str = ""  # the instruction's input (or the prompt's, for an instruction-tuned model)
     raw: bool = False  # do not wrap prompt= in the checkpoint's instruction template
     max_new_tokens: int = 80
     temperature: float = 0.8  # 0 = greedy
@@ -58,62 +60,15 @@ class GenerateArgs:
 
 
 def parse_args(argv: list[str]) -> GenerateArgs:
-    """['key=value', ...] -> GenerateArgs; every problem (unknown key, unparsable or bad value) in one UserError."""
-    kinds = {f.name: f.type for f in fields(GenerateArgs)}
-    values: dict[str, object] = {}
-    problems = []
-    for arg in argv:
-        key, sep, raw = arg.partition("=")
-        key = key.strip().removeprefix("--").removeprefix("+")
-        if not sep:
-            problems.append(f"{arg!r} is not key=value")
-        elif key not in kinds:
-            problems.append(f"unknown key {key!r}: accepted keys are {', '.join(kinds)}")
-        else:
-            try:
-                values[key] = _convert(raw, kinds[key])
-            except ValueError as e:
-                problems.append(f"{key}={raw}: {e}")
-    if problems:
-        raise UserError("; ".join(problems))
-    args = GenerateArgs(**values)
+    """['key=value', ...] -> GenerateArgs, its values checked together (`--help` prints the keys and exits)."""
+    args = parse(GenerateArgs, argv)
     validate(args)
     return args
-
-
-def _convert(raw: str, kind: str) -> object:
-    """Parse one value by its field's annotation (a string, as `from __future__ import annotations` leaves it)."""
-    optional = kind.endswith("| None")
-    base = kind.removesuffix("| None").strip()
-    if base == "str":  # text is taken as typed: only the word null means "not set" (an empty prompt is a prompt)
-        return None if optional and raw == "null" else raw
-    if optional and raw.strip().lower() in NULL:
-        return None
-    if base == "bool":
-        if raw.strip().lower() in TRUE:
-            return True
-        if raw.strip().lower() in FALSE:
-            return False
-        raise ValueError("expected true or false")
-    if base == "int":
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError("expected an integer") from None
-    if base == "float":
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError("expected a number") from None
-    raise AssertionError(f"no parser for {kind}")
 
 
 def validate(args: GenerateArgs) -> None:
     """Every rule that the values alone decide, reported together."""
     problems = []
-    if not args.ckpt_path:
-        problems.append("ckpt_path is not set: give an llmtrain .ckpt, run dir or export dir, a Hugging Face GPT-2 "
-                        "dir or Hub name, or a LoRA adapter dir, e.g. ckpt_path=outputs/<run>/checkpoints/last.ckpt")
     if args.prompt is None and args.instruction is None:
         problems.append('prompt is not set: give prompt="..." (or instruction="..." for an instruction-tuned model)')
     if args.prompt is not None and args.instruction is not None:
@@ -210,25 +165,6 @@ def build_prompt(template: str | None, prompt: str | None, instruction: str | No
         raise UserError("input= goes with instruction= (or with an instruction-tuned checkpoint): "
                         "give instruction=... input=..., or put the input into prompt=")
     return prompt
-
-
-def encode_prompt(model: GPT, tokenizer, prompt: str) -> torch.Tensor:
-    """prompt -> token ids (1, T) on the model's device; an empty prompt starts from <|endoftext|>, as GPT-2's
-    unconditional samples do; a prompt longer than the context keeps its last context_length tokens."""
-    ids = tokenizer.encode(prompt, allowed_special={ENDOFTEXT}) or [tokenizer.eot_token]
-    ids = ids[-model.config.context_length :]
-    return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-
-
-def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8,
-                  top_k: int | None = 50, top_p: float | None = None, seed: int = 1234,
-                  use_cache: bool = True) -> str:
-    """The continuation of prompt (not the prompt itself), up to max_new_tokens tokens, cut at <|endoftext|>."""
-    idx = encode_prompt(model, tokenizer, prompt)  # (1, T)
-    generator = torch.Generator(device=idx.device).manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                         eos_id=tokenizer.eot_token, use_cache=use_cache, generator=generator)  # (1, T + n)
-    return continuation_text(tokenizer, out[0, idx.size(1) :].tolist())
 
 
 @torch.no_grad()

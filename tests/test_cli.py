@@ -20,3 +20,30 @@ def test_help_introduces_llmtrain_its_groups_and_three_examples(tmp_path):
     assert len(examples) == 3
     assert "experiment" in groups and "debug" in groups
     assert not (tmp_path / "outputs").exists()
+
+
+def test_one_line_errors_cleans_up_before_its_line(capsys, monkeypatch):
+    """The command line's clean-up (an unused run dir) runs on a user's mistake only, and not under LLMTRAIN_DEBUG,
+    which keeps every file for the traceback."""
+    from llmtrain.errors import UserError, one_line_errors
+
+    monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
+    done = []
+    with pytest.raises(SystemExit) as e, one_line_errors(cleanup=lambda: done.append(1)):
+        raise UserError("bad value: give another")
+    assert e.value.code == 2 and done == [1]
+    assert capsys.readouterr().err == "error: bad value: give another\n"
+    with one_line_errors(cleanup=lambda: done.append(2)):
+        pass
+    monkeypatch.setenv("LLMTRAIN_DEBUG", "1")
+    with pytest.raises(UserError), one_line_errors(cleanup=lambda: done.append(3)):
+        raise UserError("bad value")
+    assert done == [1]
+
+
+@pytest.mark.slow
+def test_a_mistake_leaves_no_run_dir(tmp_path):
+    result = run_cli(["model.n_layers=0"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: model.n_layers must be a positive integer, got 0"
+    assert not (tmp_path / "outputs").exists()  # Hydra made the run dir; the clean-up removed it

@@ -1,4 +1,4 @@
-"""python -m llmtrain.export SOURCE OUT_DIR: checkpoints and exports made before become Hugging Face folders;
+"""python -m llmtrain.export source=... out_dir=...: checkpoints and exports made before become Hugging Face folders;
 bad input is one line and exit status 2, and nothing that is not an export is overwritten."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def tokens() -> torch.Tensor:
 def test_a_run_dir_becomes_a_folder_transformers_loads(tmp_path, capsys):
     model = tiny(tie_weights=True)
     save_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt", model)
-    main([str(tmp_path / "run"), str(tmp_path / "out")])
+    main([f"source={tmp_path / 'run'}", f"out_dir={tmp_path / 'out'}"])
     line = capsys.readouterr().out
     assert line.startswith(f"exported {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} (a language model, ")
     assert line.rstrip().endswith(f"to {tmp_path / 'out'}: transformers' AutoModelForCausalLM and AutoTokenizer "
@@ -58,7 +58,7 @@ def test_a_run_dir_becomes_a_folder_transformers_loads(tmp_path, capsys):
 def test_an_instruct_checkpoint_keeps_its_prompt_template(tmp_path, capsys):
     """llmtrain.json carries the record on: generate wraps prompts in the template the model was tuned on."""
     ckpt = save_ckpt(tmp_path / "last.ckpt", tiny(), stage="instruct", prompt_template="alpaca")
-    main([str(ckpt), str(tmp_path / "out")])
+    main([f"source={ckpt}", f"out_dir={tmp_path / 'out'}"])
     meta = json.loads((tmp_path / "out" / "llmtrain.json").read_text())
     assert (meta["prompt_template"], meta["stage"], meta["step"]) == ("alpaca", "instruct", 7)
     _, info = load_pretrained(str(tmp_path / "out"))
@@ -71,7 +71,7 @@ def test_a_classifier_checkpoint_from_before_bias_free_heads_predicts_the_same_i
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([1.5, -0.5]))
     ckpt = save_ckpt(tmp_path / "best-step20.ckpt", model, num_classes=2, label_names=["ham", "spam"])
-    main([str(ckpt), str(tmp_path / "out")])
+    main([f"source={ckpt}", f"out_dir={tmp_path / 'out'}"])
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert hf.config.id2label == {0: "ham", 1: "spam"}
     with torch.no_grad():
@@ -92,19 +92,18 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(tmp_path, capsys, monk
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     (tmp_path / "broken.ckpt").write_text("not a checkpoint")
     cases = [
-        ([str(ckpt)], "error: the following arguments are required: out_dir (usage: python -m llmtrain.export "
-                      "SOURCE OUT_DIR; --help says more)"),
-        ([str(tmp_path / "nope"), str(tmp_path / "out")], f"error: source={tmp_path / 'nope'}: no such file or "
-                                                          "directory, nor a known Hub name; source accepts"),
-        ([str(tmp_path / "broken.ckpt"), str(tmp_path / "out")], f"error: source={tmp_path / 'broken.ckpt'} "
-                                                                 "cannot be read: it is truncated, corrupt or not"),
-        ([str(ckpt), str(tmp_path / "notes")], f"error: {tmp_path / 'notes'} exists and is not an llmtrain export: "
-                                               "export into a new folder, or move this one away"),
-        ([str(ckpt), str(tmp_path / "run")], f"error: {tmp_path / 'run'} exists and is not an llmtrain export"),
+        ([ckpt], "error: out_dir is not set: give out_dir=..., the folder to write"),
+        ([tmp_path / "nope", tmp_path / "out"], f"error: source={tmp_path / 'nope'}: no such file or directory, nor "
+                                                "a known Hub name; source accepts"),
+        ([tmp_path / "broken.ckpt", tmp_path / "out"], f"error: source={tmp_path / 'broken.ckpt'} cannot be read: "
+                                                       "it is truncated, corrupt or not"),
+        ([ckpt, tmp_path / "notes"], f"error: {tmp_path / 'notes'} exists and is not an llmtrain export: export into "
+                                     "a new folder, or move this one away"),
+        ([ckpt, tmp_path / "run"], f"error: {tmp_path / 'run'} exists and is not an llmtrain export"),
     ]
-    for args, message in cases:
+    for paths, message in cases:
         with pytest.raises(SystemExit) as e:
-            main(args)
+            main([f"{key}={path}" for key, path in zip(("source", "out_dir"), paths)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
@@ -116,11 +115,11 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(tmp_path, capsys, monk
 def test_the_command_line(tmp_path):
     """The real process: one line on success; a mistake is one line on stderr, exit 2, no traceback."""
     ckpt = save_ckpt(tmp_path / "last.ckpt", tiny())
-    good = run_export(str(ckpt), "out", cwd=tmp_path)
+    good = run_export(f"source={ckpt}", "out_dir=out", cwd=tmp_path)
     assert good.returncode == 0, good.stderr
     assert good.stdout.startswith(f"exported {ckpt} (a language model, ") and good.stdout.count("\n") == 1
     assert json.loads((tmp_path / "out" / "llmtrain.json").read_text())["exported_from"] == str(ckpt)
-    bad = run_export(str(tmp_path / "missing.ckpt"), "other", cwd=tmp_path)
+    bad = run_export(f"source={tmp_path / 'missing.ckpt'}", "out_dir=other", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1, bad.stderr
     assert bad.stderr.startswith(f"error: source={tmp_path / 'missing.ckpt'}: no such file or directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "out"]
@@ -128,8 +127,8 @@ def test_the_command_line(tmp_path):
 
 def test_an_export_can_be_exported_again_in_place(tmp_path, capsys):
     model = tiny()
-    main([str(save_ckpt(tmp_path / "last.ckpt", model)), str(tmp_path / "out")])
-    main([str(tmp_path / "out"), str(tmp_path / "out")])  # read whole before it is replaced
+    main([f"source={save_ckpt(tmp_path / 'last.ckpt', model)}", f"out_dir={tmp_path / 'out'}"])
+    main([f"source={tmp_path / 'out'}", f"out_dir={tmp_path / 'out'}"])  # read whole before it is replaced
     assert json.loads((tmp_path / "out" / "llmtrain.json").read_text())["exported_from"] == str(tmp_path / "out")
     loaded, _ = load_pretrained(str(tmp_path / "out"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

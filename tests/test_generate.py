@@ -134,7 +134,8 @@ def test_classifier_checkpoint_is_refused(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["prompt=hi"], "ckpt_path is not set"),
     (["CKPT"], "prompt is not set"),
-    (["CKPT", "prompt=hi", "tempreature=0"], "unknown key 'tempreature': accepted keys are ckpt_path"),
+    (["CKPT", "prompt=hi", "tempreature=0"], "unknown key 'tempreature' (did you mean temperature?); the keys are "
+                                             "ckpt_path, base, prompt"),
     (["CKPT", "prompt=hi", "temperature=-1", "top_p=1.5"], "temperature must be >= 0"),
     (["CKPT", "prompt=hi", "max_new_tokens=many"], "max_new_tokens=many: expected an integer"),
 ])

@@ -70,7 +70,7 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
         if not gpt2_mismatches(module.gpt):  # peft's names for transformers' GPT-2
             base = hf_folder(cfg.init_from)
             export_hf_adapter(module.model, run_dir / "hf_adapter", base, meta["num_classes"] is not None)
-            on = base or f"{cfg.init_from} once exported (python -m llmtrain.export {cfg.init_from} DIR)"
+            on = base or f"{cfg.init_from} once exported (python -m llmtrain.export source={cfg.init_from} out_dir=DIR)"
             written[-1] += f", and in {run_dir / 'hf_adapter'} for peft on transformers' GPT-2 of {on}"
     return written + stage.write_files(module.gpt, datamodule, run_dir)
 
