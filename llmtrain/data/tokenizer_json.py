@@ -7,7 +7,7 @@ tokenizes with, keeps only the rank of every merged byte string (`llmtrain/asset
 Face's files spell each byte as a printable character (the bytes-to-unicode map below) and list the merges in
 order. The merges are recovered from the ranks: BPE on a token's own bytes, allowing only lower ranks, ends in
 exactly two parts, and those are the merge that made the token. For GPT-2 this gives back the 50,000 merges it
-was released with, so `AutoTokenizer.from_pretrained` gives tiktoken's ids (tests/test_hf_tokenizer.py).
+was released with, so `AutoTokenizer.from_pretrained` gives tiktoken's ids (tests/data/test_hf_tokenizer.py).
 
 - "gpt2": 50,257 ids, `<|endoftext|>` = 50256.
 - "bytes": id = the byte's value and `<|endoftext|>` = 256, no merges: one token per byte, as llmtrain's byte
