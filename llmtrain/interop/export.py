@@ -104,7 +104,7 @@ def hf_state_dict(gpt: GPT, classifier: bool = False) -> dict[str, torch.Tensor]
     (in, out), on the CPU. The head: nothing when tied (transformers ties lm_head to wte), else `lm_head.weight`
     or a classifier's `score.weight`. Zeros stand in for an absent qkv bias (GPT-2 always has one)."""
     top = {ours: hf for hf, ours in TOP_NAMES.items()}
-    tied = gpt.head.weight is gpt.tok_emb.weight
+    tied = gpt.tied
     out = {}
     for key, tensor in gpt.state_dict().items():
         if key == "head.weight":

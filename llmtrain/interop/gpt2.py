@@ -159,7 +159,7 @@ def copy_hf_weights(model: GPT, hf_sd: dict[str, torch.Tensor], what: str) -> No
     bias takes the zeros that GPT-2's layout holds in its place (anything else is refused). Messages name the
     tensors as the safetensors files do (without `transformer.`).
     """
-    tied = model.head.weight is model.tok_emb.weight
+    tied = model.tied
     renamed: dict[str, tuple[str, torch.Tensor]] = {}  # our key -> (GPT-2 key, tensor in our layout)
     unexpected = []
     for key, value in hf_sd.items():

@@ -55,7 +55,7 @@ def load_export(path: str | Path) -> tuple[GPT, ModelInfo]:
     model = GPT(info.model_config)
     if info.num_classes:  # a classifier: the head that GPT.replace_head made
         model.replace_head(info.num_classes)
-    if model.head.weight is model.tok_emb.weight:  # stored once, under either name
+    if model.tied:  # stored once, under either name
         tied = state.get("head.weight", state.get("tok_emb.weight"))
         if tied is not None:
             state |= {"head.weight": tied, "tok_emb.weight": tied}

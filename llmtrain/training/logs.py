@@ -61,11 +61,10 @@ def describe_model(gpt: GPT, context_length: int) -> str:
     """Three lines: the architecture, the parameters, the training FLOPs per token at this context length."""
     c = gpt.config
     weights = gpt.num_params(exclude_embeddings=True)
-    if gpt.head.weight is not gpt.tok_emb.weight:
+    if not gpt.tied:
         weights -= gpt.tok_emb.weight.numel()
     flops = gpt.flops_per_token(context_length)
-    head = "tied to the token embedding" if gpt.head.weight is gpt.tok_emb.weight else \
-        f"untied, {gpt.head.out_features:,} outputs"
+    head = "tied to the token embedding" if gpt.tied else f"untied, {gpt.head.out_features:,} outputs"
     return "\n".join([
         f"model: GPT, {c.n_layers} layers, width {c.emb_dim}, {c.n_heads} heads, context {c.context_length}, "
         f"vocab {c.vocab_size:,}, head {head}",

@@ -32,7 +32,7 @@ def tiny(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**(TINY | overrides))).eval()
     with torch.no_grad():  # GPT-2's init gives near-uniform logits; spread them so that greedy choices are clear
-        model.head.weight.mul_(10) if model.head.weight is not model.tok_emb.weight else model.tok_emb.weight.mul_(10)
+        model.head.weight.mul_(10) if not model.tied else model.tok_emb.weight.mul_(10)
     return model
 
 
