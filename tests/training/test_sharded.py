@@ -51,7 +51,7 @@ def sharded_run(tmp_path, overrides: list[str], rank: int, classes: int | None =
 
 
 def test_the_export_under_fsdp_is_the_full_weights_gathered_from_every_rank(tmp_path):
-    meta = {"tokenizer": "bytes", "task": "classify", "stage": "classify", "label_names": ["a", "b", "c"]}
+    meta = {"tokenizer": "bytes", "stage": "classify", "num_classes": 3, "label_names": ["a", "b", "c"]}
     module, trainer, cfg, full = sharded_run(tmp_path, ["finetune=classify"], rank=1, classes=3)
     assert write_outputs(module, trainer, None, cfg, meta) == [] and trainer.strategy.gathers == 1  # took part
     assert not (tmp_path / "hf").exists()
