@@ -28,7 +28,7 @@ WRAPPER_PREFIXES = ("model.", "_orig_mod.", "base_model.model.")
 class ModelInfo:
     """What a checkpoint, an export or a Hugging Face folder says about the model it holds (read once)."""
 
-    kind: str  # "llmtrain" (a .ckpt, an export of the earlier format) or "hf" (a Hugging Face GPT-2 or Llama folder)
+    kind: str  # "llmtrain" (a .ckpt) or "hf" (a Hugging Face GPT-2 or Llama folder, llmtrain's exports among them)
     path: str  # the file or folder read
     model_config: GPTConfig
     tokenizer: str | None = "gpt2"  # gpt2, bytes or a tokenizer.json's path; None: a Hugging Face folder without one
@@ -42,7 +42,7 @@ class ModelInfo:
 
     @classmethod
     def from_meta(cls, kind: str, path: str | Path, meta: dict, what: str) -> ModelInfo:
-        """From the `llmtrain` entry of a checkpoint (or an export's config.json); `what` names it in errors."""
+        """From the `llmtrain` entry of a checkpoint (or an export's llmtrain.json); `what` names it in errors."""
         try:
             config = GPTConfig(**meta["model_config"])
         except (TypeError, ValueError, KeyError) as e:
@@ -96,24 +96,8 @@ def load_checkpoint(path: str | Path, what: str, hint: str = "") -> tuple[GPT, M
     model = GPT(info.model_config)
     if info.num_classes:  # a classifier: the head the classify stage made
         model.replace_head(info.num_classes)
-    load_state(model, fold_head_bias(strip_prefixes(checkpoint["state_dict"]), what), what)
+    load_state(model, strip_prefixes(checkpoint["state_dict"]), what)
     return model.eval(), info
-
-
-def fold_head_bias(state_dict: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """A classifier saved with a biased head (before heads became bias-free, as GPT-2's `score` is): move the
-    bias b into the final LayerNorm's shift, which only the head reads. W (h + d) = W h + b for d = W⁺ b, exact
-    when W (classes x width) has full row rank, as a trained head's few rows do; anything else is refused."""
-    if "head.bias" not in state_dict:
-        return state_dict
-    out = dict(state_dict)
-    bias, weight = out.pop("head.bias").double(), out["head.weight"].double()
-    shift = torch.linalg.pinv(weight) @ bias  # (emb_dim,)
-    if not torch.allclose(weight @ shift, bias, atol=1e-5):
-        raise UserError(f"{what}: its classifier head has a bias that cannot move into the final LayerNorm "
-                        "(the head's rows are linearly dependent): train the classifier again")
-    out["ln_f.bias"] = (out["ln_f.bias"].double() + shift).to(out["ln_f.bias"].dtype)
-    return out
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -38,7 +38,6 @@ from llmtrain.interop.folders import write_folder
 from llmtrain.interop.gpt2 import CLASSIFIER, LAYER_NAMES, LLMTRAIN_JSON, TOP_NAMES, TRANSPOSED
 from llmtrain.interop.llama import LLAMA_OPTIONS, export_llama, llama_mismatches
 from llmtrain.interop.lora import plain_gpt, save_adapter
-from llmtrain.interop.native import is_export
 from llmtrain.model.gpt import GPT
 
 GPT2_OPTIONS = {"pos_emb": "learned", "norm": "layernorm", "norm_eps": 1e-5, "mlp": "gelu", "bias": True}
@@ -182,11 +181,11 @@ def export_hf_adapter(peft_model: nn.Module, out_dir: str | Path, base: str | No
 
 
 def is_hf_export(path: str | Path) -> bool:
-    """Whether path holds an llmtrain Hugging Face export (its llmtrain.json), or one of the earlier format."""
+    """Whether path holds an llmtrain Hugging Face export (its llmtrain.json)."""
     try:
         record = json.loads((Path(path) / LLMTRAIN_JSON).read_text())
     except (OSError, ValueError):
-        return is_export(path)
+        return False
     return isinstance(record, dict) and record.get("format") == "llmtrain"
 
 
@@ -215,8 +214,3 @@ def _labels(gpt: GPT, classifier: bool, label_names: list[str] | None) -> list[s
         raise ValueError(f"{len(labels)} label names for a head of {rows} classes")
     return labels
 
-
-def _prefixes(name: str) -> list[str]:
-    """'blocks.0.attn.qkv.lora_A.weight' -> ['blocks.0.attn.qkv.lora_A', 'blocks.0.attn.qkv', ...], longest first."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]

@@ -60,28 +60,6 @@ def test_a_classifier_checkpoint_rebuilds_its_head(tmp_path):
         torch.testing.assert_close(model(ids(97)), original(ids(97)), atol=0, rtol=0)
 
 
-def test_a_classifier_checkpoint_from_before_bias_free_heads_loads_with_its_bias_folded(tmp_path):
-    """The classify stage's head had a bias until heads followed GPT-2's bias-free `score`: the bias moves into
-    the final LayerNorm's shift (only the head reads it), and the classes' logits stay the same."""
-    torch.manual_seed(0)
-    original = GPT(GPTConfig(**TINY))
-    original.head = torch.nn.Linear(32, 3, bias=True)
-    with torch.no_grad():
-        original.head.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    fake_checkpoint(tmp_path / "old.ckpt", original.eval(), label_names=["a", "b", "c"])
-    model, info = load_checkpoint(tmp_path / "old.ckpt", "init_from=old.ckpt")
-    assert model.head.bias is None and info.num_classes == 3
-    assert not torch.equal(model.ln_f.bias, original.ln_f.bias)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids(97)), original(ids(97)), atol=1e-5, rtol=0)
-
-    with torch.no_grad():  # two equal rows with different biases: no shift of the norm gives both
-        original.head.weight[1] = original.head.weight[0]
-    fake_checkpoint(tmp_path / "odd.ckpt", original, label_names=["a", "b", "c"])
-    with pytest.raises(UserError, match=r"^init_from=odd.ckpt: its classifier head has a bias that cannot move"):
-        load_checkpoint(tmp_path / "odd.ckpt", "init_from=odd.ckpt")
-
-
 def test_read_info_reads_no_weights(tmp_path, monkeypatch):
     """The record alone, memory-mapped: what the config checks read before a run builds anything."""
     torch.manual_seed(0)
