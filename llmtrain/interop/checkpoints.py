@@ -1,7 +1,7 @@
 """llmtrain's checkpoint files: where `ckpt_path` points, what a checkpoint says about itself, safe loading.
 
 A Lightning checkpoint written by llmtrain holds, besides Lightning's own entries (`state_dict`, optimizer,
-loops), an `llmtrain` entry that describes the model: its config, tokenizer, task, stage, labels and prompt
+loops), an `llmtrain` entry that describes the model: its config, tokenizer, stage, classes, labels and prompt
 template. `read_info` reads that entry into a `ModelInfo` without reading the weights (memory-mapped);
 `load_checkpoint` builds the GPT from it. Every load is `weights_only=True`: no pickled objects are run.
 No Lightning or Hydra here.

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from llmtrain.data.tables import pad_batch
 from llmtrain.errors import UserError
-from llmtrain.interop.export import export_hf
+from llmtrain.interop.hf import export_hf
 from llmtrain.interop.lora import apply_lora
 from llmtrain.model.gpt import GPT, GPTConfig
 from llmtrain.stages.dpo import PAIR_STATS, DPOLoss, frozen_copy, reference_for, sequence_logps
