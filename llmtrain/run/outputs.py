@@ -1,5 +1,5 @@
-"""What a finished run leaves beside its checkpoints (written by rank zero): the final model as a Hugging Face GPT-2
-folder (`hf/`, which llmtrain reads back exactly), a LoRA stage's adapter (`adapter/` for llmtrain's GPT,
+"""What a finished run leaves beside its checkpoints (written by rank zero): the final model as a Hugging Face
+folder of its family, GPT-2's or Llama's (`hf/`, read back exactly), a LoRA stage's adapter (`adapter/` for ours,
 `hf_adapter/` for transformers' GPT-2), an instruct stage's answers to the test split (see sharded.py for what
 changes under FSDP).
 
@@ -21,7 +21,9 @@ from omegaconf import DictConfig
 from llmtrain.data.prompts import record_prompt, template_of
 from llmtrain.data.tokenizer import TOKENIZER_FILE, continuation_text, is_file_tokenizer
 from llmtrain.errors import UserError
-from llmtrain.interop.export import export_hf, export_hf_adapter, gpt2_mismatches
+from llmtrain.interop.adapters import export_hf_adapter
+from llmtrain.interop.gpt2 import gpt2_mismatches
+from llmtrain.interop.hf import export_hf
 from llmtrain.interop.lora import ADAPTER_META, save_adapter
 from llmtrain.interop.pretrained import hf_folder
 from llmtrain.training.sharded import gathered_gpt, is_sharded, skip_sharded
