@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,23 +116,31 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def load_state(model: GPT, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    """Copy every tensor into the model; missing, unexpected and mis-shaped keys are one UserError."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in state_dict and state_dict[k].shape != own[k].shape]
+    """Copy every tensor of a state dict (our names) into the model, after check_tensors."""
+    check_tensors(state_dict, model.state_dict(), what)
+    model.load_state_dict(state_dict)
+
+
+def check_tensors(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str,
+                  against: str = "the model config", entries: str = "keys", weights: str = "weights") -> None:
+    """The check before every copy of weights into a GPT (a checkpoint's state dict, a Hugging Face folder's
+    safetensors): one UserError, one line, naming what `found` lacks, what it has beyond `expected` and what differs
+    in shape, a few of each. `against` names where `expected` comes from (the model config, config.json), `entries`
+    what the names are (state-dict keys, file tensors), `weights` what was read."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k} {tuple(found[k].shape)} but {against} implies {tuple(t.shape)}" for k, t in expected.items()
+             if k in found and found[k].shape != t.shape]
     problems = []
     if missing:
-        problems.append(f"missing keys {few(missing)}")
+        problems.append(f"missing {entries} {few(missing)}")
     if unexpected:
         hint = " (LoRA weights: merge them into the base first)" if any("lora_" in k for k in unexpected) else ""
-        problems.append(f"unexpected keys {few(unexpected)}{hint}")
+        problems.append(f"unexpected {entries} {few(unexpected)}{hint}")
     if wrong:
-        problems.append(f"shapes differ from the checkpoint's own model config: {few(wrong)}")
+        problems.append(f"shapes disagree: {few(wrong)}")
     if problems:
-        raise UserError(f"{what}: the weights do not fit the model: {'; '.join(problems)}")
-    model.load_state_dict(state_dict)
+        raise UserError(f"{what}: the {weights} do not match {against}: {'; '.join(problems)}")
 
 
 def few(items: list[str], n: int = 5) -> str:

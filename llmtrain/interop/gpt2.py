@@ -27,7 +27,7 @@ from torch import nn
 from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.data.tokenizer_json import tokenizer_files
 from llmtrain.errors import UserError
-from llmtrain.interop.checkpoints import ModelInfo, few
+from llmtrain.interop.checkpoints import ModelInfo, check_tensors
 from llmtrain.interop.folders import (
     CONFIG,
     GENERATION,
@@ -124,9 +124,7 @@ def copy_gpt2_weights(model: GPT, tensors: dict[str, torch.Tensor], what: str, c
     if model.tied:
         found.pop("lm_head.weight", None)  # the head is wte
     expected = {k.removeprefix("transformer."): v for k, v in gpt2_state_dict(model, classifier).items()}
-    problems = _differences(found, expected)
-    if problems:
-        raise UserError(f"{what}: the safetensors weights do not match config.json: {'; '.join(problems)}")
+    check_tensors(found, expected, what, "config.json", "tensors", "safetensors weights")
     if not model.config.qkv_bias:
         for key in [k for k in found if k.endswith("attn.c_attn.bias")]:
             if found.pop(key).any():
@@ -137,16 +135,6 @@ def copy_gpt2_weights(model: GPT, tensors: dict[str, torch.Tensor], what: str, c
     with torch.no_grad():
         for ours, hf in names.items():
             own[ours].copy_(found[hf].t() if hf.endswith(TRANSPOSED) else found[hf])
-
-
-def _differences(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k} {tuple(found[k].shape)} but config.json implies {tuple(t.shape)}" for k, t in expected.items()
-             if k in found and found[k].shape != t.shape]
-    return ([f"missing tensors {few(missing)}"] if missing else []) + (
-        [f"unexpected tensors {few(unexpected)}"] if unexpected else []) + (
-        [f"shapes disagree: {few(wrong)}"] if wrong else [])
 
 
 # --- out --------------------------------------------------------------------------------------------------------

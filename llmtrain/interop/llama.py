@@ -29,7 +29,7 @@ from torch import nn
 from llmtrain.data.tokenizer import TOKENIZER_FILE, build_tokenizer
 from llmtrain.data.tokenizer_json import tokenizer_json
 from llmtrain.errors import UserError
-from llmtrain.interop.checkpoints import ModelInfo, few
+from llmtrain.interop.checkpoints import ModelInfo, check_tensors
 from llmtrain.interop.folders import (
     CONFIG,
     GENERATION,
@@ -80,16 +80,7 @@ def load_llama(path: Path, what: str) -> tuple[GPT, ModelInfo]:
         tensors = {f"model.{k}": v for k, v in tensors.items()}
     if model.tied:
         tensors.pop("lm_head.weight", None)  # the head is the embedding
-    expected = {k: tuple(t.shape) for k, t in llama_state_dict(model).items()}
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} but config.json implies {expected[k]}" for k in expected
-             if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    problems = ([f"missing tensors {few(missing)}"] if missing else []) + (
-        [f"unexpected tensors {few(unexpected)}"] if unexpected else []) + (
-        [f"shapes disagree: {few(wrong)}"] if wrong else [])
-    if problems:
-        raise UserError(f"{what}: the safetensors weights do not match config.json: {'; '.join(problems)}")
+    check_tensors(tensors, llama_state_dict(model), what, "config.json", "tensors", "safetensors weights")
     model.load_state_dict(state_dict_from_llama(tensors, info.model_config), strict=True)  # casts to float32
     return model.eval(), info
 

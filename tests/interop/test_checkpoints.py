@@ -10,6 +10,7 @@ import torch
 from llmtrain.errors import UserError
 from llmtrain.interop.checkpoints import (
     ModelInfo,
+    check_tensors,
     load_checkpoint,
     newest_loadable_checkpoint,
     read_info,
@@ -104,6 +105,22 @@ def test_checkpoint_with_unexpected_and_missing_keys(tmp_path):
     torch.save({"state_dict": state, "llmtrain": {"model_config": asdict(model.config)}}, tmp_path / "x.ckpt")
     with pytest.raises(UserError, match=r"missing keys ln_f\.bias; unexpected keys blocks\.0\.attn\.qkv\.lora_A"):
         load_pretrained(str(tmp_path / "x.ckpt"))
+
+
+def test_one_check_names_every_missing_unexpected_and_misshaped_tensor_in_one_line():
+    """The check before every copy of weights (a checkpoint, a GPT-2 or a Llama folder): one wording, one line."""
+    expected = {"wte.weight": torch.zeros(8, 4), "h.0.ln_1.weight": torch.zeros(4), "ln_f.weight": torch.zeros(4)}
+    found = {"wte.weight": torch.zeros(6, 4), "ln_f.weight": torch.zeros(4), "h.9.mlp.c_fc.weight": torch.zeros(1)}
+    with pytest.raises(UserError) as e:
+        check_tensors(found, expected, "init_from=x", "config.json", "tensors", "safetensors weights")
+    assert str(e.value) == ("init_from=x: the safetensors weights do not match config.json: missing tensors "
+                            "h.0.ln_1.weight; unexpected tensors h.9.mlp.c_fc.weight; shapes disagree: wte.weight "
+                            "(6, 4) but config.json implies (8, 4)")
+    many = {f"h.{i}.ln_1.weight": torch.zeros(4) for i in range(8)}
+    with pytest.raises(UserError, match=r"^x: the weights do not match the model config: missing keys h\.0\.ln_1"
+                                        r"\.weight, .*h\.4\.ln_1\.weight and 3 more$"):
+        check_tensors({}, many, "x")
+    check_tensors(expected, expected, "x")  # nothing to say
 
 
 def test_bad_inputs_name_init_from(tmp_path):
