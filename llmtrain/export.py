@@ -1,13 +1,13 @@
-"""python -m llmtrain.export source=... out_dir=...: any model llmtrain reads, as a Hugging Face GPT-2 folder.
+"""python -m llmtrain.export source=... out_dir=...: any model llmtrain reads, as a Hugging Face folder of its
+family (GPT-2's layout, or Llama's for a model with Llama's options).
 
     python -m llmtrain.export source=outputs/runs/<run> out_dir=exported/my-gpt
 
 source is anything `init_from=` takes: a run dir (its checkpoints/last.ckpt, else its export), an llmtrain `.ckpt`,
-an export folder (`<run>/hf`, or `<run>/model` of the earlier format), a Hugging Face GPT-2 folder or Hub name.
-This is what runs made before the Hugging Face export need, and what a checkpoint of the middle of a run (e.g.
-`checkpoints/best-step200.ckpt`) needs to leave llmtrain. out_dir is written whole or not at all, and an existing
-folder is replaced only when it is an export (or empty); transformers loads it offline, and init_from= reads it
-back exactly. A mistake ends in one line on stderr and exit status 2.
+an export folder (`<run>/hf`), a Hugging Face GPT-2 or Llama folder or Hub name. It is what a checkpoint of the
+middle of a run (e.g. `checkpoints/best-step200.ckpt`) needs to leave llmtrain. out_dir is written whole or not at
+all, and an existing folder is replaced only when it is an export (or empty); transformers loads it offline, and
+init_from= reads it back exactly. A mistake ends in one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from omegaconf import MISSING
 from llmtrain.arguments import parse
 from llmtrain.errors import one_line_errors
 from llmtrain.interop.checkpoints import ModelInfo
-from llmtrain.interop.export import export_hf
+from llmtrain.interop.hf import export_hf
 from llmtrain.interop.pretrained import load_pretrained
 
 

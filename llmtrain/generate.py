@@ -24,8 +24,8 @@ from llmtrain.arguments import parse
 from llmtrain.data.prompts import format_prompt
 from llmtrain.data.tokenizer import build_tokenizer, find_tokenizer
 from llmtrain.errors import UserError, one_line_errors
+from llmtrain.interop.adapters import is_hf_adapter
 from llmtrain.interop.checkpoints import ModelInfo
-from llmtrain.interop.export import is_hf_adapter
 from llmtrain.interop.lora import ADAPTER_META, load_adapter, merge
 from llmtrain.interop.pretrained import describe, load_pretrained
 from llmtrain.model.gpt import GPT

@@ -65,19 +65,6 @@ def test_an_instruct_checkpoint_keeps_its_prompt_template(tmp_path, capsys):
     assert (info.prompt_template, info.stage) == ("alpaca", "instruct")
 
 
-def test_a_classifier_checkpoint_from_before_bias_free_heads_predicts_the_same_in_transformers(tmp_path):
-    model = tiny(tie_weights=True)
-    model.head = torch.nn.Linear(32, 2, bias=True)  # as the classify stage made it then
-    with torch.no_grad():
-        model.head.bias.copy_(torch.tensor([1.5, -0.5]))
-    ckpt = save_ckpt(tmp_path / "best-step20.ckpt", model, num_classes=2, label_names=["ham", "spam"])
-    main([f"source={ckpt}", f"out_dir={tmp_path / 'out'}"])
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
-    assert hf.config.id2label == {0: "ham", 1: "spam"}
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens()).logits, model(tokens())[:, -1], atol=1e-4, rtol=0)
-
-
 def run_export(*args: str, cwd) -> subprocess.CompletedProcess:
     env = subprocess_env()
     env.pop("LLMTRAIN_DEBUG", None)

@@ -1,7 +1,7 @@
 """llmtrain's checkpoint files: where `ckpt_path` points, what a checkpoint says about itself, safe loading.
 
 A Lightning checkpoint written by llmtrain holds, besides Lightning's own entries (`state_dict`, optimizer,
-loops), an `llmtrain` entry that describes the model: its config, tokenizer, task, stage, labels and prompt
+loops), an `llmtrain` entry that describes the model: its config, tokenizer, stage, classes, labels and prompt
 template. `read_info` reads that entry into a `ModelInfo` without reading the weights (memory-mapped);
 `load_checkpoint` builds the GPT from it. Every load is `weights_only=True`: no pickled objects are run.
 No Lightning or Hydra here.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ WRAPPER_PREFIXES = ("model.", "_orig_mod.", "base_model.model.")
 class ModelInfo:
     """What a checkpoint, an export or a Hugging Face folder says about the model it holds (read once)."""
 
-    kind: str  # "llmtrain" (a .ckpt, an export of the earlier format) or "hf" (a Hugging Face GPT-2 or Llama folder)
+    kind: str  # "llmtrain" (a .ckpt) or "hf" (a Hugging Face GPT-2 or Llama folder, llmtrain's exports among them)
     path: str  # the file or folder read
     model_config: GPTConfig
     tokenizer: str | None = "gpt2"  # gpt2, bytes or a tokenizer.json's path; None: a Hugging Face folder without one
@@ -42,7 +43,7 @@ class ModelInfo:
 
     @classmethod
     def from_meta(cls, kind: str, path: str | Path, meta: dict, what: str) -> ModelInfo:
-        """From the `llmtrain` entry of a checkpoint (or an export's config.json); `what` names it in errors."""
+        """From the `llmtrain` entry of a checkpoint (or an export's llmtrain.json); `what` names it in errors."""
         try:
             config = GPTConfig(**meta["model_config"])
         except (TypeError, ValueError, KeyError) as e:
@@ -96,24 +97,8 @@ def load_checkpoint(path: str | Path, what: str, hint: str = "") -> tuple[GPT, M
     model = GPT(info.model_config)
     if info.num_classes:  # a classifier: the head the classify stage made
         model.replace_head(info.num_classes)
-    load_state(model, fold_head_bias(strip_prefixes(checkpoint["state_dict"]), what), what)
+    load_state(model, strip_prefixes(checkpoint["state_dict"]), what)
     return model.eval(), info
-
-
-def fold_head_bias(state_dict: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """A classifier saved with a biased head (before heads became bias-free, as GPT-2's `score` is): move the
-    bias b into the final LayerNorm's shift, which only the head reads. W (h + d) = W h + b for d = W⁺ b, exact
-    when W (classes x width) has full row rank, as a trained head's few rows do; anything else is refused."""
-    if "head.bias" not in state_dict:
-        return state_dict
-    out = dict(state_dict)
-    bias, weight = out.pop("head.bias").double(), out["head.weight"].double()
-    shift = torch.linalg.pinv(weight) @ bias  # (emb_dim,)
-    if not torch.allclose(weight @ shift, bias, atol=1e-5):
-        raise UserError(f"{what}: its classifier head has a bias that cannot move into the final LayerNorm "
-                        "(the head's rows are linearly dependent): train the classifier again")
-    out["ln_f.bias"] = (out["ln_f.bias"].double() + shift).to(out["ln_f.bias"].dtype)
-    return out
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,23 +116,31 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def load_state(model: GPT, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    """Copy every tensor into the model; missing, unexpected and mis-shaped keys are one UserError."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in state_dict and state_dict[k].shape != own[k].shape]
+    """Copy every tensor of a state dict (our names) into the model, after check_tensors."""
+    check_tensors(state_dict, model.state_dict(), what)
+    model.load_state_dict(state_dict)
+
+
+def check_tensors(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str,
+                  against: str = "the model config", entries: str = "keys", weights: str = "weights") -> None:
+    """The check before every copy of weights into a GPT (a checkpoint's state dict, a Hugging Face folder's
+    safetensors): one UserError, one line, naming what `found` lacks, what it has beyond `expected` and what differs
+    in shape, a few of each. `against` names where `expected` comes from (the model config, config.json), `entries`
+    what the names are (state-dict keys, file tensors), `weights` what was read."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k} {tuple(found[k].shape)} but {against} implies {tuple(t.shape)}" for k, t in expected.items()
+             if k in found and found[k].shape != t.shape]
     problems = []
     if missing:
-        problems.append(f"missing keys {few(missing)}")
+        problems.append(f"missing {entries} {few(missing)}")
     if unexpected:
         hint = " (LoRA weights: merge them into the base first)" if any("lora_" in k for k in unexpected) else ""
-        problems.append(f"unexpected keys {few(unexpected)}{hint}")
+        problems.append(f"unexpected {entries} {few(unexpected)}{hint}")
     if wrong:
-        problems.append(f"shapes differ from the checkpoint's own model config: {few(wrong)}")
+        problems.append(f"shapes disagree: {few(wrong)}")
     if problems:
-        raise UserError(f"{what}: the weights do not fit the model: {'; '.join(problems)}")
-    model.load_state_dict(state_dict)
+        raise UserError(f"{what}: the {weights} do not match {against}: {'; '.join(problems)}")
 
 
 def few(items: list[str], n: int = 5) -> str:

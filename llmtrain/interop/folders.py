@@ -1,15 +1,139 @@
-"""Folders written whole or not at all: an export, an adapter. A reader never sees a half-written folder, and a
-kill or a full disk in the middle of a write leaves the previous folder as it was."""
+"""Hugging Face folders on disk, whatever the architecture family: what gpt2.py and llama.py (and adapters.py) share.
+
+In: config.json and llmtrain.json (JSON, read with one-line errors), the weights as `model.safetensors` or as the
+shards that `model.safetensors.index.json` names, a Hub repository's snapshot. Out: a folder written whole or not
+at all (an export, an adapter), and an export's `llmtrain.json`: what only llmtrain reads, the exact GPTConfig and
+the run's record (tokenizer, stage, classes, prompt template, init_from, step), so that reading the folder back
+gives the very model that was exported.
+
+A folder is written beside its destination and renamed into place: a reader never sees a half-written folder, and
+a kill or a full disk in the middle of a write leaves the previous folder as it was. No Lightning or Hydra, and no
+transformers: safetensors and JSON.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file, save_file
+
+from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
+from llmtrain.interop.checkpoints import ModelInfo
+from llmtrain.model.gpt import GPT
+
+CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+GENERATION = "generation_config.json"
+LLMTRAIN_JSON = "llmtrain.json"  # beside llmtrain's Hugging Face export: what only llmtrain reads
+FORMAT = "llmtrain"  # llmtrain.json's "format"
+RESERVED = ("format", "model_config", "num_classes", "tokenizer")  # llmtrain.json keys the export decides, not meta
+
+
+# --- in ---------------------------------------------------------------------------------------------------------
+
+
+def download(repo_id: str, what: str) -> Path:
+    """The local snapshot of a Hub repository's config, tokenizer and safetensors weights."""
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG, "*.safetensors", "*.json"]))
+    except Exception as e:  # offline, no huggingface_hub, a proxy, ...
+        raise UserError(
+            f"{what}: the weights could not be downloaded from the Hugging Face Hub ({type(e).__name__}); "
+            "a local directory in save_pretrained layout (config.json + model.safetensors) also works"
+        ) from e
+
+
+def read_json(file: Path, what: str):
+    """A JSON file's value; an unreadable one is a UserError naming it."""
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: {file} is not readable JSON ({e})") from e
+
+
+def read_config_json(path: Path, what: str) -> dict:
+    """A Hugging Face folder's config.json as a dict ({} if it holds no JSON object)."""
+    config = read_json(path / CONFIG, what)
+    return config if isinstance(config, dict) else {}
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """model.safetensors, or every shard that model.safetensors.index.json names, on the CPU."""
+    if (path / INDEX).is_file():
+        shards = sorted(set(read_json(path / INDEX, what)["weight_map"].values()))
+    elif (path / WEIGHTS).is_file():
+        shards = [WEIGHTS]
+    else:
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:8])
+        raise UserError(f"{what}: no {WEIGHTS} (or {INDEX}) next to {CONFIG} (found: {found}); save with "
+                        "save_pretrained(dir, safe_serialization=True)")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (path / shard).is_file():
+            raise UserError(f"{what}: the shard {shard} named in {INDEX} is missing")
+        tensors |= load_file(path / shard, device="cpu")
+    return tensors
+
+
+def read_record(info: ModelInfo, path: Path, what: str, stated: Iterable[str], family: str) -> ModelInfo:
+    """info (what config.json says), or beside llmtrain's own export what its llmtrain.json says: the exact
+    GPTConfig (e.g. drop_rate, which config.json does not state) and the run's record. The GPTConfig fields that
+    config.json also states (`stated`) and the classes must agree; `family` names the plain reading of the folder."""
+    file = path / LLMTRAIN_JSON
+    if not file.is_file():
+        return info
+    ours = ModelInfo.from_meta("hf", path, read_json(file, what), f"{what}: {LLMTRAIN_JSON}")
+    differ = [f"{k} {getattr(ours.model_config, k)} vs {getattr(info.model_config, k)}" for k in stated
+              if getattr(ours.model_config, k) != getattr(info.model_config, k)]
+    if ours.num_classes != info.num_classes:
+        differ.append(f"classes {ours.num_classes} vs {info.num_classes}")
+    if differ:
+        raise UserError(f"{what}: {LLMTRAIN_JSON} and {CONFIG} disagree ({', '.join(differ)}): restore the files "
+                        f"that were exported together, or delete {LLMTRAIN_JSON} to read the folder as plain {family}")
+    return ours
+
+
+def is_hf_export(path: str | Path) -> bool:
+    """Whether path holds an llmtrain Hugging Face export (its llmtrain.json)."""
+    try:
+        record = json.loads((Path(path) / LLMTRAIN_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == FORMAT
+
+
+# --- out --------------------------------------------------------------------------------------------------------
+
+
+def record_text(gpt: GPT, meta: dict, tokenizer: str, num_classes: int | None) -> str:
+    """llmtrain.json's text: the run's record (`meta`: stage, label_names, prompt_template, init_from, step, ...),
+    the tokenizer (a tokenizer.json as the copy in the folder, found wherever the folder goes), the model's exact
+    GPTConfig and its classes."""
+    record = {"format": FORMAT, **{k: v for k, v in meta.items() if k not in RESERVED},
+              "tokenizer": TOKENIZER_FILE if is_file_tokenizer(tokenizer) else tokenizer,
+              "model_config": dataclasses.asdict(gpt.config), "num_classes": num_classes}
+    return json.dumps(record, indent=1) + "\n"
+
+
+def write_export(out: Path, tensors: dict[str, torch.Tensor], texts: dict[str, str],
+                 replaceable: Callable[[Path], bool], what: str) -> Path:
+    """Write model.safetensors (tensors, on the CPU) and the text files (file name -> text) as the folder out,
+    whole or not at all (write_folder). Returns out."""
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})  # transformers requires the "format" entry
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+
+    return write_folder(out, write, replaceable, what)
 
 
 def write_folder(out: Path, write: Callable[[Path], None], replaceable: Callable[[Path], bool], what: str) -> Path:

@@ -1,45 +1,62 @@
-"""Hugging Face GPT-2 checkpoints in: names, Conv1D transposes, config translation.
+"""Hugging Face GPT-2 in and out: `GPT2LMHeadModel` and `GPT2ForSequenceClassification` folders <-> a GPT with
+GPT-2's options (llmtrain's defaults).
 
-A folder in `save_pretrained` layout (`config.json` + `model.safetensors`, or shards named by
-`model.safetensors.index.json`) is read directly with safetensors; transformers is not needed. The released
-sizes are downloaded by Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`). A `GPT2ForSequenceClassification`
-folder is read as a classifier (its `score` is our bias-free head, its `id2label` the label names). llmtrain's own
-Hugging Face export (hf_export.py) carries `llmtrain.json` beside: the exact GPTConfig (e.g. no qkv bias, whose
-zeros the folder holds) and the record checkpoints carry (tokenizer, task, stage, labels, prompt template), so that
-reading it back gives the very model that was exported. No Lightning or Hydra.
+    config.json             GPT2Config: GPT2LMHeadModel, or GPT2ForSequenceClassification with id2label
+    generation_config.json  <|endoftext|> as bos and eos (language models)
+    model.safetensors       transformer.h.N.attn.c_attn.weight, ...: GPT-2's names and Conv1D (in, out) orientation;
+                            a tied head is stored once, as transformer.wte.weight; a classifier's head is `score`
+    vocab.json, merges.txt, tokenizer_config.json   the tokenizer (a tokenizer.json for a tokenizer that is one)
+    llmtrain.json           in llmtrain's exports: what only llmtrain reads (folders.py)
+
+In: a folder in `save_pretrained` layout (shards too), read with safetensors alone: transformers is not needed. The
+released sizes are downloaded by Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`). Out: `export_gpt2`
+writes such a folder, which transformers loads offline. Our GPT is GPT-2's architecture, so the translation is names
+and transposes only, one table read both ways (`gpt2_names`): a model without a qkv bias is written with zeros in
+its place (llmtrain.json says so, and reading takes them back out), and a classifier's head is bias-free like
+GPT-2's `score`. No Lightning or Hydra.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
-from safetensors.torch import load_file
+from torch import nn
 
-from llmtrain.data.tokenizer import find_tokenizer
+from llmtrain.data.tokenizer import build_tokenizer
+from llmtrain.data.tokenizer_json import tokenizer_files
 from llmtrain.errors import UserError
-from llmtrain.interop.checkpoints import ModelInfo, few
+from llmtrain.interop.checkpoints import ModelInfo, check_tensors
+from llmtrain.interop.folders import (
+    CONFIG,
+    GENERATION,
+    LLMTRAIN_JSON,
+    is_hf_export,
+    read_config_json,
+    read_record,
+    read_safetensors,
+    record_text,
+    write_export,
+)
+from llmtrain.interop.lora import plain_gpt
 from llmtrain.model.gpt import GPT, GPTConfig
 
 # Hub name -> our model config (conf/model/<name>.yaml) with the same shapes
 GPT2_NAMES = {"gpt2": "gpt124m", "gpt2-medium": "gpt355m", "gpt2-large": "gpt774m", "gpt2-xl": "gpt1558m"}
-# GPT-2 stores these as Conv1D, (in, out); our nn.Linear wants (out, in)
+GPT2_OPTIONS = {"pos_emb": "learned", "norm": "layernorm", "norm_eps": 1e-5, "mlp": "gelu", "bias": True}
+# GPT-2 stores these as Conv1D, (in, out); our nn.Linear has (out, in)
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# per-layer GPT-2 name -> ours
-LAYER_NAMES = {
-    "ln_1": "ln1", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.out_proj", "ln_2": "ln2",
-    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-}
-TOP_NAMES = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "ln_f.weight",
+# per-layer modules: ours -> GPT-2's (a bare name is qualified: GPT-2 has two c_proj, attention's and the MLP's)
+LAYER_NAMES = {"ln1": "ln_1", "attn.qkv": "attn.c_attn", "attn.out_proj": "attn.c_proj", "ln2": "ln_2",
+               "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj", "head": "lm_head"}
+LEAF_NAMES = {ours.split(".")[-1]: hf for ours, hf in LAYER_NAMES.items()}  # qkv -> attn.c_attn, fc2 -> mlp.c_proj
+TOP_NAMES = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight", "ln_f.weight": "ln_f.weight",
              "ln_f.bias": "ln_f.bias"}
-HEAD_NAMES = ("lm_head.weight", "score.weight")  # the LM head (absent when tied to wte); a classifier's head
+BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers that older transformers saved: not weights
 CLASSIFIER = "GPT2ForSequenceClassification"
-LLMTRAIN_JSON = "llmtrain.json"  # beside llmtrain's Hugging Face export: what only llmtrain reads
 # GPTConfig fields that config.json also states; qkv_bias and drop_rate come from llmtrain.json alone
-SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "tie_weights")
+STATED = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "tie_weights")
 
 
 def hub_name(name: str) -> str | None:
@@ -48,67 +65,33 @@ def hub_name(name: str) -> str | None:
     return bare if bare in GPT2_NAMES else None
 
 
-def download(repo_id: str, what: str) -> Path:
-    """The local snapshot of a Hub repository's config and safetensors weights."""
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.json"]))
-    except Exception as e:  # offline, no huggingface_hub, a proxy, ...
-        raise UserError(
-            f"{what}: the weights could not be downloaded from the Hugging Face Hub ({type(e).__name__}); "
-            "a local directory in save_pretrained layout (config.json + model.safetensors) also works"
-        ) from e
+# --- in ---------------------------------------------------------------------------------------------------------
 
 
-def read_config_json(path: Path, what: str) -> dict:
-    """A Hugging Face folder's config.json as a dict ({} if it holds no JSON object)."""
-    hf = _read_json(path / "config.json", what)
-    return hf if isinstance(hf, dict) else {}
-
-
-def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
+def read_gpt2_info(path: Path, what: str) -> ModelInfo:
     """The ModelInfo of a Hugging Face GPT-2 folder, from its config.json (and llmtrain.json, if beside) alone."""
     hf = read_config_json(path, what)
-    if hf.get("model_type") != "gpt2":
-        raise UserError(f"{what}: config.json has model_type={hf.get('model_type')!r}, but only GPT-2 ('gpt2') and "
-                        f"Llama ('llama') map onto llmtrain's GPT{hint}")
-    config = config_from_hf(hf, what)
     labels = None
     if CLASSIFIER in (hf.get("architectures") or []):  # id2label: {"0": "ham", "1": "spam"}
         id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
         labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
-    info = ModelInfo(kind="hf", path=str(path), model_config=config, tokenizer="gpt2",
-                     label_names=labels,
-                     num_classes=len(labels) if labels else None)
-    if not (path / LLMTRAIN_JSON).is_file():
-        return info
-    ours = ModelInfo.from_meta("hf", path, _read_json(path / LLMTRAIN_JSON, what), f"{what}: {LLMTRAIN_JSON}")
-    differ = [f"{k} {getattr(ours.model_config, k)} vs {getattr(config, k)}" for k in SHAPE_FIELDS
-              if getattr(ours.model_config, k) != getattr(config, k)]
-    if differ or ours.num_classes != info.num_classes:
-        differ += [] if ours.num_classes == info.num_classes else [f"classes {ours.num_classes} vs {info.num_classes}"]
-        raise UserError(f"{what}: {LLMTRAIN_JSON} and config.json disagree ({', '.join(differ)}): restore the files "
-                        f"that were exported together, or delete {LLMTRAIN_JSON} to read the folder as plain GPT-2")
-    return replace(ours, tokenizer=find_tokenizer(ours.tokenizer, path))  # a tokenizer.json travels with the folder
+    info = ModelInfo(kind="hf", path=str(path), model_config=config_from_gpt2(hf, what), tokenizer="gpt2",
+                     label_names=labels, num_classes=len(labels) if labels else None)
+    return read_record(info, path, what, STATED, "GPT-2")
 
 
-def load_hf(path: Path, what: str, hint: str = "") -> tuple[GPT, ModelInfo]:
+def load_gpt2(path: Path, what: str) -> tuple[GPT, ModelInfo]:
     """A Hugging Face GPT-2 folder -> (GPT with its weights, in eval mode on the CPU; ModelInfo)."""
-    info = read_hf_info(path, what, hint)
+    info = read_gpt2_info(path, what)
     model = GPT(info.model_config)
-    if info.num_classes:  # GPT2ForSequenceClassification: `score` is the head
+    classifier = info.num_classes is not None
+    if classifier:  # GPT2ForSequenceClassification: `score` is the head
         model.replace_head(info.num_classes)
-    copy_hf_weights(model, read_safetensors(path, what), what)
+    copy_gpt2_weights(model, read_safetensors(path, what), what, classifier)
     return model.eval(), info
 
 
-def _read_json(file: Path, what: str):
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{what}: {file} is not readable JSON ({e})") from e
-
-
-def config_from_hf(hf: dict, what: str) -> GPTConfig:
+def config_from_gpt2(hf: dict, what: str) -> GPTConfig:
     """GPT-2's config.json -> GPTConfig; reject the options whose computation our GPT does not implement."""
     problems = []
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -133,84 +116,136 @@ def config_from_hf(hf: dict, what: str) -> GPTConfig:
                         "vocab_size, n_positions, n_embd, n_head and n_layer") from e
 
 
-def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """model.safetensors, or every shard that model.safetensors.index.json names."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        found = ", ".join(sorted(p.name for p in path.iterdir())[:8])
-        raise UserError(f"{what}: no model.safetensors (or model.safetensors.index.json) next to "
-                        f"config.json (found: {found}); save with save_pretrained(dir, safe_serialization=True)")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        if not (path / shard).is_file():
-            raise UserError(f"{what}: the shard {shard} named in {index.name} is missing")
-        tensors |= load_file(path / shard, device="cpu")
-    return tensors
-
-
-def copy_hf_weights(model: GPT, hf_sd: dict[str, torch.Tensor], what: str) -> None:
-    """Rename GPT-2's tensors to ours, transpose its Conv1D weights, check every shape and copy.
-
-    The head is `lm_head` (skipped when the model ties it to wte) or a classifier's `score`. A model without a qkv
-    bias takes the zeros that GPT-2's layout holds in its place (anything else is refused). Messages name the
-    tensors as the safetensors files do (without `transformer.`).
-    """
-    tied = model.head.weight is model.tok_emb.weight
-    renamed: dict[str, tuple[str, torch.Tensor]] = {}  # our key -> (GPT-2 key, tensor in our layout)
-    unexpected = []
-    for key, value in hf_sd.items():
-        key = key.removeprefix("transformer.")
-        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
-            continue
-        if key == "lm_head.weight" and tied:
-            continue  # the head is wte
-        if key.endswith("attn.c_attn.bias") and not model.config.qkv_bias:
-            if value.any():
+def copy_gpt2_weights(model: GPT, tensors: dict[str, torch.Tensor], what: str, classifier: bool = False) -> None:
+    """Copy GPT-2's tensors (with or without `transformer.`) into the model: every name and shape checked, Conv1D
+    weights transposed, fp16/bf16 cast to the model's dtype. A model without a qkv bias takes the zeros that GPT-2's
+    layout holds in its place (anything else is refused). Messages name the tensors without `transformer.`."""
+    found = {k.removeprefix("transformer."): v for k, v in tensors.items() if not k.endswith(BUFFERS)}
+    if model.tied:
+        found.pop("lm_head.weight", None)  # the head is wte
+    expected = {k.removeprefix("transformer."): v for k, v in gpt2_state_dict(model, classifier).items()}
+    check_tensors(found, expected, what, "config.json", "tensors", "safetensors weights")
+    if not model.config.qkv_bias:
+        for key in [k for k in found if k.endswith("attn.c_attn.bias")]:
+            if found.pop(key).any():
                 raise UserError(f"{what}: {key} is not zero, but {LLMTRAIN_JSON} says qkv_bias=false: delete "
                                 f"{LLMTRAIN_JSON} to read the folder as plain GPT-2 (with its qkv bias)")
-            continue
-        if key.endswith(TRANSPOSED):
-            value = value.t()
-        ours = "head.weight" if key in HEAD_NAMES else _ours(key)
-        if ours is None:
-            unexpected.append(key)
-        else:
-            renamed[ours] = (key, value)
+    names = {ours: hf.removeprefix("transformer.") for ours, hf in gpt2_names(model, classifier).items()}
     own = model.state_dict()  # tensors that share storage with the parameters
-    if tied:
-        own.pop("head.weight")  # the same tensor as tok_emb.weight
-    unexpected += [hf_key for k, (hf_key, _) in renamed.items() if k not in own]  # e.g. h.5 with n_layer=4
-    missing = [k for k in own if k not in renamed]
-    wrong = [f"{renamed[k][0]} {_hf_shape(renamed[k])} but config.json implies {_hf_shape((renamed[k][0], t))}"
-             for k, t in own.items() if k in renamed and renamed[k][1].shape != t.shape]
-    problems = ([f"missing tensors for {few(missing)}"] if missing else []) + (
-        [f"unexpected tensors {few(unexpected)}"] if unexpected else []) + (
-        [f"shapes disagree: {few(wrong)}"] if wrong else [])
-    if problems:
-        raise UserError(f"{what}: the safetensors weights do not match config.json: {'; '.join(problems)}")
     with torch.no_grad():
-        for k, param in own.items():
-            param.copy_(renamed[k][1])  # casts fp16/bf16 checkpoints to the model's fp32
+        for ours, hf in names.items():
+            own[ours].copy_(found[hf].t() if hf.endswith(TRANSPOSED) else found[hf])
 
 
-def _hf_shape(entry: tuple[str, torch.Tensor]) -> tuple[int, ...]:
-    """A tensor's shape as GPT-2 stores it (Conv1D weights transposed back)."""
-    key, t = entry
-    return tuple(t.t().shape if key.endswith(TRANSPOSED) else t.shape)
+# --- out --------------------------------------------------------------------------------------------------------
 
 
-def _ours(key: str) -> str | None:
-    """'h.3.attn.c_attn.weight' -> 'blocks.3.attn.qkv.weight'; None for a name GPT-2 does not have."""
-    if key in TOP_NAMES:
-        return TOP_NAMES[key]
-    parts = key.split(".")
-    if len(parts) < 4 or parts[0] != "h" or not parts[1].isdigit():
+def gpt2_mismatches(gpt: GPT) -> list[str]:
+    """What keeps a GPT from GPT-2's layout (empty: export_gpt2 writes it as GPT2LMHeadModel or a classifier)."""
+    c = gpt.config
+    differ = [f"model.{k}={getattr(c, k)}" for k, v in GPT2_OPTIONS.items() if getattr(c, k) != v]
+    if c.n_kv_heads != c.n_heads:
+        differ.append(f"model.n_kv_heads={c.n_kv_heads}")
+    if c.mlp_hidden != 4 * c.emb_dim:
+        differ.append(f"model.mlp_hidden={c.mlp_hidden}")
+    return differ
+
+
+def export_gpt2(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
+    """Write model (a GPT with GPT-2's options, or a peft model around one, merged into a copy) to out_dir in
+    GPT-2's layout (see the top of this file).
+
+    meta is the run's record (tokenizer, stage, num_classes, label_names, prompt_template, init_from, step): it goes
+    to llmtrain.json, and decides the tokenizer files and, with num_classes, the classifier layout. An existing
+    out_dir is replaced only when it is an llmtrain export (or empty). Returns out_dir."""
+    gpt = plain_gpt(model)
+    differ = gpt2_mismatches(gpt)
+    if differ:
+        raise UserError(f"the model cannot be written as GPT-2: it has {', '.join(differ)}")
+    classifier = meta.get("num_classes") is not None
+    labels = _labels(gpt, classifier, meta.get("label_names"))
+    tokenizer = meta.get("tokenizer") or "gpt2"
+    eot = build_tokenizer(tokenizer).eot_token
+    files = {CONFIG: gpt2_config(gpt, eot, labels)}
+    if not classifier:
+        files[GENERATION] = {"bos_token_id": eot, "eos_token_id": eot}
+    texts = {name: json.dumps(value, indent=1) + "\n" for name, value in files.items()}  # fails before any file
+    texts[LLMTRAIN_JSON] = record_text(gpt, meta, tokenizer, len(labels) if labels else None)
+    texts |= tokenizer_files(tokenizer, gpt.config.context_length, pad=classifier)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in gpt2_state_dict(gpt, classifier).items()}
+    return write_export(Path(out_dir), tensors, texts, is_hf_export, "an llmtrain export")
+
+
+def gpt2_config(gpt: GPT, eot: int, label_names: list[str] | None = None) -> dict:
+    """GPT2Config's fields for the GPT; with label_names, those of GPT2ForSequenceClassification (padded with
+    <|endoftext|>, as llmtrain's batches are: the classifier reads the last token that is not padding)."""
+    c = gpt.config
+    config = {
+        "architectures": [CLASSIFIER if label_names else "GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": c.vocab_size, "n_positions": c.context_length, "n_embd": c.emb_dim, "n_head": c.n_heads,
+        "n_layer": c.n_layers, "n_inner": None, "activation_function": "gelu_new",  # GELU, tanh approximation
+        "resid_pdrop": c.drop_rate, "embd_pdrop": c.drop_rate, "attn_pdrop": c.drop_rate,
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": c.tie_weights,
+        "torch_dtype": str(gpt.tok_emb.weight.dtype).removeprefix("torch."),
+    }
+    if label_names:
+        config |= {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)},
+                   "pad_token_id": eot}
+    return config
+
+
+def _labels(gpt: GPT, classifier: bool, label_names: list[str] | None) -> list[str] | None:
+    """A classifier's label names, one per row of its head (HF's LABEL_i where none are known); None for an LM."""
+    rows = gpt.head.out_features
+    if not classifier:
+        if rows != gpt.config.vocab_size:
+            raise ValueError(f"the head has {rows} rows, not one per token ({gpt.config.vocab_size}): a classifier "
+                             "is exported with meta num_classes")
         return None
-    module, leaf = ".".join(parts[2:-1]), parts[-1]
-    if module not in LAYER_NAMES or leaf not in ("weight", "bias"):
-        return None
-    return f"blocks.{parts[1]}.{LAYER_NAMES[module]}.{leaf}"
+    labels = [str(n) for n in label_names] if label_names else [f"LABEL_{i}" for i in range(rows)]
+    if len(labels) != rows:
+        raise ValueError(f"{len(labels)} label names for a head of {rows} classes")
+    return labels
+
+
+# --- names, both ways -------------------------------------------------------------------------------------------
+
+
+def gpt2_module_name(name: str, classifier: bool = False) -> str:
+    """One of our module names (or a peft target suffix) in GPT-2's naming: `blocks.3.attn.qkv` ->
+    `transformer.h.3.attn.c_attn`, `attn.out_proj` -> `attn.c_proj`, `fc2` -> `mlp.c_proj`, `head` -> `lm_head`
+    (a classifier's: `score`)."""
+    parts = name.split(".")
+    if parts[0] == "blocks" and len(parts) > 2:
+        return f"transformer.h.{parts[1]}.{gpt2_module_name('.'.join(parts[2:]))}"
+    if name == "head" and classifier:
+        return "score"
+    return LAYER_NAMES.get(name) or LEAF_NAMES.get(name) or name
+
+
+def gpt2_names(gpt: GPT, classifier: bool = False) -> dict[str, str]:
+    """Our state-dict keys -> GPT-2's tensor names (`blocks.0.attn.qkv.weight` -> `transformer.h.0.attn.c_attn.weight`,
+    `tok_emb.weight` -> `transformer.wte.weight`). A tied head has none: transformers ties lm_head to wte."""
+    names = {}
+    for key in gpt.state_dict():
+        if key == "head.weight":
+            if not gpt.tied:
+                names[key] = "score.weight" if classifier else "lm_head.weight"
+            continue
+        module, _, leaf = key.rpartition(".")
+        names[key] = f"transformer.{TOP_NAMES[key]}" if key in TOP_NAMES else f"{gpt2_module_name(module)}.{leaf}"
+    return names
+
+
+def gpt2_state_dict(gpt: GPT, classifier: bool = False) -> dict[str, torch.Tensor]:
+    """The GPT's weights under GPT-2's names, Conv1D weights as (in, out) (views: nothing is copied). Zeros stand in
+    for an absent qkv bias (GPT-2 always has one)."""
+    own = gpt.state_dict()
+    out = {hf: own[ours].t() if hf.endswith(TRANSPOSED) else own[ours]
+           for ours, hf in gpt2_names(gpt, classifier).items()}
+    if not gpt.config.qkv_bias:
+        dtype = gpt.tok_emb.weight.dtype
+        out |= {f"transformer.h.{i}.attn.c_attn.bias": torch.zeros(3 * gpt.config.emb_dim, dtype=dtype)
+                for i in range(gpt.config.n_layers)}
+    return out

@@ -1,9 +1,15 @@
-"""Hugging Face Llama checkpoints in and out: `LlamaForCausalLM` folders <-> a GPT with Llama's options.
+"""Hugging Face Llama in and out: `LlamaForCausalLM` folders <-> a GPT with Llama's options (rope, rmsnorm,
+swiglu; grouped-query attention, biases or none).
 
-In: a folder in `save_pretrained` layout (`config.json` with model_type "llama", `model.safetensors` or shards named
-by `model.safetensors.index.json`, and usually `tokenizer.json`), read with safetensors alone: transformers is not
-needed. Out: `export_llama` writes such a folder from a GPT whose options are Llama's (rope, rmsnorm, swiglu), with
-its tokenizer as tokenizer.json, so that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads it.
+    config.json             LlamaConfig: LlamaForCausalLM
+    generation_config.json  the tokenizer's end-of-text token as bos and eos
+    model.safetensors       model.layers.N.self_attn.q_proj.weight, ...; a tied head is stored once (embed_tokens)
+    tokenizer.json, tokenizer_config.json   the tokenizer, as a Hugging Face fast tokenizer
+    llmtrain.json           in llmtrain's exports: what only llmtrain reads (folders.py)
+
+In: a folder in `save_pretrained` layout (shards too; usually with its `tokenizer.json`, which becomes the model's
+tokenizer), read with safetensors alone: transformers is not needed. SmolLM is downloaded by Hub name. Out:
+`export_llama` writes such a folder, so that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads it.
 
 Names: q_proj, k_proj and v_proj are the row blocks of our one `attn.qkv`; o_proj is `attn.out_proj`; gate_proj,
 up_proj and down_proj are `mlp.gate`, `mlp.fc1`, `mlp.fc2`. q and k rows stay in transformers' layout: our RoPE pairs
@@ -18,15 +24,23 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from llmtrain.data.tokenizer import TOKENIZER_FILE, TOKENIZERS, build_tokenizer
+from llmtrain.data.tokenizer import TOKENIZER_FILE, build_tokenizer
 from llmtrain.data.tokenizer_json import tokenizer_json
 from llmtrain.errors import UserError
-from llmtrain.interop.checkpoints import ModelInfo, few
-from llmtrain.interop.folders import write_folder
-from llmtrain.interop.gpt2 import LLMTRAIN_JSON, read_config_json, read_safetensors
+from llmtrain.interop.checkpoints import ModelInfo, check_tensors
+from llmtrain.interop.folders import (
+    CONFIG,
+    GENERATION,
+    LLMTRAIN_JSON,
+    WEIGHTS,
+    read_config_json,
+    read_record,
+    read_safetensors,
+    record_text,
+    write_export,
+)
 from llmtrain.interop.lora import plain_gpt
 from llmtrain.model.gpt import GPT, GPTConfig
 
@@ -39,47 +53,34 @@ QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # the row bl
 TOP_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight",
              "head.weight": "lm_head.weight"}
 LLAMA_OPTIONS = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+# every GPTConfig field is stated by config.json, but drop_rate (llmtrain.json alone)
+STATED = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "drop_rate"]
 
 
-def read_llama_info(path: Path, what: str, hint: str = "") -> ModelInfo:
-    """The ModelInfo of a Hugging Face Llama folder, from its config.json; its tokenizer is the tokenizer.json
-    beside it (None when there is none: data.tokenizer must then name one)."""
+# --- in ---------------------------------------------------------------------------------------------------------
+
+
+def read_llama_info(path: Path, what: str) -> ModelInfo:
+    """The ModelInfo of a Hugging Face Llama folder, from its config.json (and llmtrain.json, if beside); its
+    tokenizer is the tokenizer.json beside it (None when there is none: data.tokenizer must then name one)."""
     hf = read_config_json(path, what)
     tokenizer = path / TOKENIZER_FILE
     info = ModelInfo(kind="hf", path=str(path), model_config=config_from_llama(hf, what),
                      tokenizer=str(tokenizer.resolve()) if tokenizer.is_file() else None)
-    if not (path / LLMTRAIN_JSON).is_file():
-        return info
-    # llmtrain's own export: its record (stage, classes, prompt template, ...) and the exact config (drop_rate)
-    record = json.loads((path / LLMTRAIN_JSON).read_text())
-    ours = ModelInfo.from_meta("hf", path, record, f"{what}: {LLMTRAIN_JSON}")
-    if dataclasses.replace(ours.model_config, drop_rate=0.0) != info.model_config:
-        raise UserError(f"{what}: {LLMTRAIN_JSON} and config.json disagree: restore the files that were exported "
-                        f"together, or delete {LLMTRAIN_JSON} to read the folder as plain Llama")
-    return dataclasses.replace(ours, tokenizer=record["tokenizer"] if record.get("tokenizer") in TOKENIZERS
-                               else info.tokenizer)
+    return read_record(info, path, what, STATED, "Llama")
 
 
-def load_llama(path: Path, what: str, hint: str = "") -> tuple[GPT, ModelInfo]:
+def load_llama(path: Path, what: str) -> tuple[GPT, ModelInfo]:
     """A Hugging Face Llama folder -> (GPT with its weights, in eval mode on the CPU; ModelInfo)."""
-    info = read_llama_info(path, what, hint)
+    info = read_llama_info(path, what)
     model = GPT(info.model_config)
     tensors = {k: v for k, v in read_safetensors(path, what).items()
                if not k.endswith("rotary_emb.inv_freq")}  # older transformers saved RoPE's frequencies
     if not any(k.startswith("model.") for k in tensors):  # a bare LlamaModel: no "model." and no head
         tensors = {f"model.{k}": v for k, v in tensors.items()}
-    if info.model_config.tie_weights:
+    if model.tied:
         tensors.pop("lm_head.weight", None)  # the head is the embedding
-    expected = {k: tuple(t.shape) for k, t in llama_state_dict(model).items()}
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} but config.json implies {expected[k]}" for k in expected
-             if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    problems = ([f"missing tensors {few(missing)}"] if missing else []) + (
-        [f"unexpected tensors {few(unexpected)}"] if unexpected else []) + (
-        [f"shapes disagree: {few(wrong)}"] if wrong else [])
-    if problems:
-        raise UserError(f"{what}: the safetensors weights do not match config.json: {'; '.join(problems)}")
+    check_tensors(tensors, llama_state_dict(model), what, "config.json", "tensors", "safetensors weights")
     model.load_state_dict(state_dict_from_llama(tensors, info.model_config), strict=True)  # casts to float32
     return model.eval(), info
 
@@ -116,6 +117,9 @@ def config_from_llama(hf: dict, what: str) -> GPTConfig:
                         "hidden_size, intermediate_size, num_attention_heads and num_hidden_layers") from e
 
 
+# --- names, both ways -------------------------------------------------------------------------------------------
+
+
 def _name_pairs(n_layers: int) -> list[tuple[str, str]]:
     """(our name, Llama's name) of every tensor except the q, k, v blocks; weights and biases both."""
     pairs = list(TOP_NAMES.items())
@@ -129,7 +133,7 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The GPT's weights under Llama's names, attn.qkv split into q, k, v (views; a tied head is left out)."""
     c, own = model.config, model.state_dict()
     out = {hf: own[ours] for ours, hf in _name_pairs(c.n_layers) if ours in own}
-    if c.tie_weights:
+    if model.tied:
         out.pop("lm_head.weight")
     sizes = [c.emb_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim]
     for i in range(c.n_layers):
@@ -150,6 +154,9 @@ def state_dict_from_llama(tensors: dict[str, torch.Tensor], config: GPTConfig) -
             if all(p is not None for p in parts):
                 out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat(parts)
     return out
+
+
+# --- out --------------------------------------------------------------------------------------------------------
 
 
 def llama_mismatches(gpt: GPT) -> list[str]:
@@ -190,21 +197,13 @@ def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path, meta: di
     }
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot_text, "eos_token": eot_text,
                         "model_max_length": c.context_length, "add_bos_token": False, "add_eos_token": False}
-    texts = {"config.json": json.dumps(config, indent=2) + "\n",
-             "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": eot}) + "\n",
+    texts = {CONFIG: json.dumps(config, indent=2) + "\n",
+             GENERATION: json.dumps({"bos_token_id": eot, "eos_token_id": eot}) + "\n",
              TOKENIZER_FILE: tokenizer_json(tokenizer),
              "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n"}
     if meta is not None:
-        record = {"format": "llmtrain", **meta, "tokenizer": tokenizer if tokenizer in TOKENIZERS else TOKENIZER_FILE,
-                  "model_config": dataclasses.asdict(c), "num_classes": None}
-        texts[LLMTRAIN_JSON] = json.dumps(record, indent=1) + "\n"
+        texts[LLMTRAIN_JSON] = record_text(gpt, meta, tokenizer, None)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in llama_state_dict(gpt).items()}
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for name, text in texts.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-
-    ours = {"model.safetensors", *texts, LLMTRAIN_JSON}
-    return write_folder(Path(out_dir), write, lambda p: {f.name for f in p.iterdir()} <= ours,
+    ours = {WEIGHTS, *texts, LLMTRAIN_JSON}
+    return write_export(Path(out_dir), tensors, texts, lambda p: {f.name for f in p.iterdir()} <= ours,
                         "a Llama export (it holds other files)")

@@ -91,7 +91,7 @@ def apply_lora(
     `blocks.N.attn.qkv` in every block. Each is checked first to match at least one nn.Linear, so that a typo fails
     here instead of training nothing.
 
-    Weight tying (GPT-2's `head.weight is tok_emb.weight`): the default targets leave the LM head alone, so it
+    Weight tying (GPT-2's, `GPT.tied`): the default targets leave the LM head alone, so it
     stays frozen and tied -- the LM head is not adapted. Targeting a tied head is refused: `merge` would write the
     head's update into the shared tensor and so change the token embedding too. For classification, give the
     model a new, untied head (`model.head = nn.Linear(emb_dim, n_classes)`) before this call and list it in

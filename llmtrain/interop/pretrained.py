@@ -1,10 +1,9 @@
 """Weights to start from: one name (`init_from=`, generate's `ckpt_path=`) for every kind of pretrained model.
 
 Accepted, in this order:
-  - a directory with `config.json`: a Hugging Face folder by its model_type, GPT-2 (hub.py) or Llama (hf_llama.py),
-    llmtrain's own Hugging Face export among them (its llmtrain.json makes the round trip exact), or an export
-    of the earlier format (native.py);
-  - a run directory: its `checkpoints/last.ckpt`, else its export `hf/` (or `model/`, the earlier format);
+  - a directory with `config.json`: a Hugging Face folder, read by its family (hf.py), llmtrain's own export among
+    them (its llmtrain.json makes the round trip exact);
+  - a run directory: its `checkpoints/last.ckpt`, else its export `hf/`;
   - an llmtrain `.ckpt` file (checkpoints.py);
   - a Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `HuggingFaceTB/SmolLM-135M`, ...), downloaded.
 `describe` reads only what a source says about its model (config, tokenizer, classes), so that the run's config can
@@ -18,26 +17,20 @@ from pathlib import Path
 
 from llmtrain.errors import UserError
 from llmtrain.interop.checkpoints import ModelInfo, load_checkpoint, read_info
-from llmtrain.interop.gpt2 import GPT2_NAMES, download, hub_name, load_hf, read_config_json, read_hf_info
-from llmtrain.interop.llama import LLAMA_NAMES, load_llama, read_llama_info
-from llmtrain.interop.native import is_export, load_export, read_export_info
+from llmtrain.interop.folders import CONFIG, download
+from llmtrain.interop.hf import HUB_NAMES, hub_preset, load_hf, read_hf_info
 from llmtrain.model.gpt import GPT
 
-HUB_NAMES = [*GPT2_NAMES, *LLAMA_NAMES]
 ACCEPTS = ("an llmtrain .ckpt file, a run directory, an llmtrain export directory, a local Hugging Face GPT-2 or "
            f"Llama directory (config.json + model.safetensors) or a Hub name ({', '.join(HUB_NAMES)})")
-# Hugging Face model_type -> (read its ModelInfo, load its model)
-HF_FORMATS = {"gpt2": (read_hf_info, load_hf), "llama": (read_llama_info, load_llama)}
 
 
 def describe(init_from: str, key: str = "init_from") -> ModelInfo:
     """What init_from holds, without its weights (a Hub name is downloaded first)."""
     kind, path = _locate(init_from, key)
     what, hint = f"{key}={init_from}", f"; {key} accepts {ACCEPTS}"
-    if kind == "export":
-        return _named(read_export_info, path, what)
     if kind == "hf":
-        return _hub_info(_hf_format(path, what, hint)[0](path, what, hint), init_from)
+        return _hub_info(read_hf_info(path, what, hint), init_from)
     return read_info(path, what, hint)
 
 
@@ -45,56 +38,35 @@ def load_pretrained(init_from: str, key: str = "init_from") -> tuple[GPT, ModelI
     """init_from -> (GPT with its config and weights, in eval mode on the CPU; its ModelInfo)."""
     kind, path = _locate(init_from, key)
     what, hint = f"{key}={init_from}", f"; {key} accepts {ACCEPTS}"
-    if kind == "export":
-        return _named(load_export, path, what)
     if kind == "hf":
-        model, info = _hf_format(path, what, hint)[1](path, what, hint)
+        model, info = load_hf(path, what, hint)
         return model, _hub_info(info, init_from)
     return load_checkpoint(path, what, hint)
 
 
 def _locate(init_from: str, key: str) -> tuple[str, Path]:
-    """("export" | "hf" | "ckpt", the folder or file to read) for init_from; a Hub name is downloaded."""
+    """("hf" | "ckpt", the folder or file to read) for init_from; a Hub name is downloaded."""
     path = Path(init_from).expanduser()
     if path.is_dir():
-        if (path / "config.json").is_file():
-            return ("export" if is_export(path) else "hf"), path
+        if (path / CONFIG).is_file():
+            return "hf", path
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if candidate.is_file():
                 return "ckpt", candidate
-        if (path / "hf" / "config.json").is_file():
+        if (path / "hf" / CONFIG).is_file():
             return "hf", path / "hf"
-        if (path / "model" / "config.json").is_file():
-            return "export", path / "model"
         raise UserError(f"{key}={init_from}: the directory holds neither config.json nor checkpoints/last.ckpt "
                         f"nor hf/config.json; {key} accepts {ACCEPTS}")
     if path.is_file():
         return "ckpt", path
-    if hub_name(init_from) or init_from in LLAMA_NAMES:
+    if hub_preset(init_from):
         return "hf", download(init_from, f"{key}={init_from}")
     raise UserError(f"{key}={init_from}: no such file or directory, nor a known Hub name; {key} accepts {ACCEPTS}")
 
 
-def _hf_format(path: Path, what: str, hint: str) -> tuple:
-    """The reader and loader of a Hugging Face folder, by its config.json's model_type."""
-    model_type = read_config_json(path, what).get("model_type")
-    if model_type not in HF_FORMATS:
-        raise UserError(f"{what}: config.json has model_type={model_type!r}, but only GPT-2 ('gpt2') and Llama "
-                        f"('llama') map onto llmtrain's GPT{hint}")
-    return HF_FORMATS[model_type]
-
-
-def _named(read, path: Path, what: str):
-    """An export's own messages name its folder; here they also name the key the user set."""
-    try:
-        return read(path)
-    except UserError as e:
-        raise UserError(f"{what}: {e}") from e
-
-
 def _hub_info(info: ModelInfo, init_from: str) -> ModelInfo:
     """A Hub download also says which of our model presets has its shapes."""
-    preset = GPT2_NAMES[hub_name(init_from)] if hub_name(init_from) else LLAMA_NAMES.get(init_from)
+    preset = hub_preset(init_from)
     if preset is None:
         return info
     return replace(info, extra={"hub_name": init_from, "model_name": preset})
@@ -104,10 +76,10 @@ def hf_folder(init_from: str) -> str | None:
     """Where init_from's weights are in Hugging Face's layout, for an adapter's base_model_name_or_path: a Hub
     name, a Hugging Face folder (absolute), a run dir's export hf/; None when they are only in llmtrain's own files
     (a .ckpt), which `python -m llmtrain.export` turns into such a folder."""
-    if hub_name(init_from):
+    if hub_preset(init_from):
         return init_from
     path = Path(init_from).expanduser()
     for folder in (path, path / "hf"):
-        if (folder / "config.json").is_file() and not is_export(folder):
+        if (folder / CONFIG).is_file():
             return str(folder.resolve())
     return None

@@ -150,6 +150,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def tied(self) -> bool:
+        """Whether the LM head shares the token embedding's weight (tie_weights=true, until replace_head gives the
+        model a head of its own): one tensor, trained, counted and saved once."""
+        return self.head.weight is self.tok_emb.weight
+
     def replace_head(self, num_classes: int) -> None:
         """Turn the LM into a classifier: a new linear head to num_classes logits (untied from the embedding,
         GPT-2's init). The classify stage reads its logits at the last real token of each sequence.

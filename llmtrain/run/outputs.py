@@ -19,7 +19,9 @@ from omegaconf import DictConfig
 
 from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
-from llmtrain.interop.export import export_hf, export_hf_adapter, gpt2_mismatches
+from llmtrain.interop.adapters import export_hf_adapter
+from llmtrain.interop.gpt2 import gpt2_mismatches
+from llmtrain.interop.hf import export_hf
 from llmtrain.interop.lora import ADAPTER_META, save_adapter
 from llmtrain.interop.pretrained import hf_folder
 from llmtrain.stages.base import Stage

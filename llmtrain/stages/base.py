@@ -62,7 +62,7 @@ def set_trainable(model: GPT, train_blocks: str | int) -> None:
     if n:
         model.ln_f.requires_grad_(True)
     model.head.requires_grad_(True)
-    if model.head.weight is model.tok_emb.weight:  # a tied LM head: training it trains the embedding too
+    if model.tied:  # a tied LM head: training it trains the embedding too
         model.tok_emb.requires_grad_(True)
 
 

@@ -62,7 +62,7 @@ def describe_model(gpt: GPT, context_length: int) -> str:
     """Three lines: the architecture, the parameters, the training FLOPs per token at this context length."""
     c = gpt.config
     weights = gpt.num_params(exclude_embeddings=True)
-    if gpt.head.weight is not gpt.tok_emb.weight:
+    if not gpt.tied:
         weights -= gpt.tok_emb.weight.numel()
     flops = training_flops(gpt, c.n_layers, c.emb_dim).of_batch(1, context_length)
     if all(p.requires_grad for p in gpt.parameters()):
@@ -70,8 +70,7 @@ def describe_model(gpt: GPT, context_length: int) -> str:
                f"tokens")
     else:
         how = "2 per weight forward, backward 4 per trained and 2 per frozen weight that a gradient passes, attention"
-    head = "tied to the token embedding" if gpt.head.weight is gpt.tok_emb.weight else \
-        f"untied, {gpt.head.out_features:,} outputs"
+    head = "tied to the token embedding" if gpt.tied else f"untied, {gpt.head.out_features:,} outputs"
     return "\n".join([
         f"model: GPT, {c.n_layers} layers, width {c.emb_dim}, {c.n_heads} heads, context {c.context_length}, "
         f"vocab {c.vocab_size:,}, head {head}",

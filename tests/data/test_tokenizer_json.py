@@ -162,7 +162,7 @@ def test_an_export_carries_its_tokenizer_json_and_finds_it_after_a_move(tmp_path
     import torch
     import transformers
 
-    from llmtrain.interop.export import export_hf
+    from llmtrain.interop.hf import export_hf
     from llmtrain.interop.pretrained import load_pretrained
     from llmtrain.model.gpt import GPT, GPTConfig
 

@@ -10,6 +10,7 @@ import torch
 from llmtrain.errors import UserError
 from llmtrain.interop.checkpoints import (
     ModelInfo,
+    check_tensors,
     load_checkpoint,
     newest_loadable_checkpoint,
     read_info,
@@ -60,28 +61,6 @@ def test_a_classifier_checkpoint_rebuilds_its_head(tmp_path):
         torch.testing.assert_close(model(ids(97)), original(ids(97)), atol=0, rtol=0)
 
 
-def test_a_classifier_checkpoint_from_before_bias_free_heads_loads_with_its_bias_folded(tmp_path):
-    """The classify stage's head had a bias until heads followed GPT-2's bias-free `score`: the bias moves into
-    the final LayerNorm's shift (only the head reads it), and the classes' logits stay the same."""
-    torch.manual_seed(0)
-    original = GPT(GPTConfig(**TINY))
-    original.head = torch.nn.Linear(32, 3, bias=True)
-    with torch.no_grad():
-        original.head.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    fake_checkpoint(tmp_path / "old.ckpt", original.eval(), label_names=["a", "b", "c"])
-    model, info = load_checkpoint(tmp_path / "old.ckpt", "init_from=old.ckpt")
-    assert model.head.bias is None and info.num_classes == 3
-    assert not torch.equal(model.ln_f.bias, original.ln_f.bias)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids(97)), original(ids(97)), atol=1e-5, rtol=0)
-
-    with torch.no_grad():  # two equal rows with different biases: no shift of the norm gives both
-        original.head.weight[1] = original.head.weight[0]
-    fake_checkpoint(tmp_path / "odd.ckpt", original, label_names=["a", "b", "c"])
-    with pytest.raises(UserError, match=r"^init_from=odd.ckpt: its classifier head has a bias that cannot move"):
-        load_checkpoint(tmp_path / "odd.ckpt", "init_from=odd.ckpt")
-
-
 def test_read_info_reads_no_weights(tmp_path, monkeypatch):
     """The record alone, memory-mapped: what the config checks read before a run builds anything."""
     torch.manual_seed(0)
@@ -126,6 +105,22 @@ def test_checkpoint_with_unexpected_and_missing_keys(tmp_path):
     torch.save({"state_dict": state, "llmtrain": {"model_config": asdict(model.config)}}, tmp_path / "x.ckpt")
     with pytest.raises(UserError, match=r"missing keys ln_f\.bias; unexpected keys blocks\.0\.attn\.qkv\.lora_A"):
         load_pretrained(str(tmp_path / "x.ckpt"))
+
+
+def test_one_check_names_every_missing_unexpected_and_misshaped_tensor_in_one_line():
+    """The check before every copy of weights (a checkpoint, a GPT-2 or a Llama folder): one wording, one line."""
+    expected = {"wte.weight": torch.zeros(8, 4), "h.0.ln_1.weight": torch.zeros(4), "ln_f.weight": torch.zeros(4)}
+    found = {"wte.weight": torch.zeros(6, 4), "ln_f.weight": torch.zeros(4), "h.9.mlp.c_fc.weight": torch.zeros(1)}
+    with pytest.raises(UserError) as e:
+        check_tensors(found, expected, "init_from=x", "config.json", "tensors", "safetensors weights")
+    assert str(e.value) == ("init_from=x: the safetensors weights do not match config.json: missing tensors "
+                            "h.0.ln_1.weight; unexpected tensors h.9.mlp.c_fc.weight; shapes disagree: wte.weight "
+                            "(6, 4) but config.json implies (8, 4)")
+    many = {f"h.{i}.ln_1.weight": torch.zeros(4) for i in range(8)}
+    with pytest.raises(UserError, match=r"^x: the weights do not match the model config: missing keys h\.0\.ln_1"
+                                        r"\.weight, .*h\.4\.ln_1\.weight and 3 more$"):
+        check_tensors({}, many, "x")
+    check_tensors(expected, expected, "x")  # nothing to say
 
 
 def test_bad_inputs_name_init_from(tmp_path):

@@ -28,7 +28,17 @@ def test_gpt2_small_parameter_counts():
 
 def test_tied_head_shares_the_embedding():
     m = tiny(tie_weights=True)
-    assert m.head.weight is m.tok_emb.weight
+    assert m.tied
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_says_whether_the_head_shares_the_embeddings_weight(tie):
+    m = tiny(tie_weights=tie)
+    assert m.tied is tie and (m.head.weight is m.tok_emb.weight) is tie
+    m.replace_head(3)  # a classifier's head is its own, whatever the config says
+    assert m.tied is False and m.config.tie_weights is tie
+    with pytest.raises(AttributeError):  # read-only: tying is decided by the config and replace_head
+        m.tied = True
 
 
 def test_residual_projections_use_scaled_init():
@@ -138,7 +148,7 @@ def test_replace_head_makes_a_classifier_untied_from_the_embedding():
     m = tiny(tie_weights=True)
     m.replace_head(3)
     assert m(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 3)
-    assert m.head.weight is not m.tok_emb.weight
+    assert not m.tied
     assert m.head.bias is None  # as GPT-2's GPT2ForSequenceClassification.score: it exports unchanged
 
 

@@ -13,7 +13,9 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 
 from llmtrain.errors import UserError
-from llmtrain.interop.export import export_hf, export_hf_adapter, hf_module_name
+from llmtrain.interop.adapters import export_hf_adapter, is_hf_adapter
+from llmtrain.interop.gpt2 import gpt2_module_name
+from llmtrain.interop.hf import export_hf
 from llmtrain.interop.lora import apply_lora
 from llmtrain.model.gpt import GPT, GPTConfig
 
@@ -53,7 +55,7 @@ def test_peft_on_transformers_gpt2_computes_our_logits(tmp_path, tied, targets):
     out = export_hf_adapter(ours, tmp_path / "hf_adapter", str(base_dir), False)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["target_modules"] == sorted(hf_module_name(t) for t in targets)
+    assert config["target_modules"] == sorted(gpt2_module_name(t) for t in targets)
     assert set(config["target_modules"]) <= {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"}
     assert config["fan_in_fan_out"] and config["task_type"] == "CAUSAL_LM" and config["auto_mapping"] is None
     assert config["base_model_name_or_path"] == str(base_dir)
@@ -91,10 +93,10 @@ def test_a_classifier_adapter_with_its_head_on_gpt2_for_sequence_classification(
 
 
 def test_names_in_gpt2s_terms():
-    assert hf_module_name("blocks.3.attn.qkv") == "transformer.h.3.attn.c_attn"
-    assert [hf_module_name(n) for n in ("attn.out_proj", "out_proj", "mlp.fc2", "fc2", "fc1", "ln1")] == [
+    assert gpt2_module_name("blocks.3.attn.qkv") == "transformer.h.3.attn.c_attn"
+    assert [gpt2_module_name(n) for n in ("attn.out_proj", "out_proj", "mlp.fc2", "fc2", "fc1", "ln1")] == [
         "attn.c_proj", "attn.c_proj", "mlp.c_proj", "mlp.c_proj", "mlp.c_fc", "ln_1"]
-    assert (hf_module_name("head"), hf_module_name("head", classifier=True)) == ("lm_head", "score")
+    assert (gpt2_module_name("head"), gpt2_module_name("head", classifier=True)) == ("lm_head", "score")
 
 
 def test_an_adapter_never_replaces_another_folder(tmp_path):
@@ -108,7 +110,6 @@ def test_an_adapter_never_replaces_another_folder(tmp_path):
 
 def test_generate_tells_an_adapter_for_transformers_from_ours(tmp_path):
     from llmtrain.generate import load_model
-    from llmtrain.interop.export import is_hf_adapter
     from llmtrain.interop.lora import save_adapter
 
     ours = adapted(base_model(tied=True), ["attn.qkv"])

@@ -1,0 +1,75 @@
+"""Hugging Face in and out, by architecture family: which family's layout a model is written in, which family's
+reader a folder (or a Hub name) goes to. The families themselves are gpt2.py and llama.py, each both ways; what
+their folders share is folders.py.
+
+Out: `export_hf` writes a language model with Llama's options (rope, rmsnorm, swiglu) as LlamaForCausalLM, any
+other model of GPT-2's options (and every classifier) as GPT2LMHeadModel or GPT2ForSequenceClassification.
+In: `read_hf_info` and `load_hf` read a folder by its config.json's model_type. No Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from llmtrain.errors import UserError
+from llmtrain.interop.checkpoints import ModelInfo
+from llmtrain.interop.folders import read_config_json
+from llmtrain.interop.gpt2 import GPT2_NAMES, export_gpt2, gpt2_mismatches, hub_name, load_gpt2, read_gpt2_info
+from llmtrain.interop.llama import (
+    LLAMA_NAMES,
+    LLAMA_OPTIONS,
+    export_llama,
+    llama_mismatches,
+    load_llama,
+    read_llama_info,
+)
+from llmtrain.interop.lora import plain_gpt
+from llmtrain.model.gpt import GPT
+
+# config.json's model_type -> (read its ModelInfo, load its model)
+FAMILIES = {"gpt2": (read_gpt2_info, load_gpt2), "llama": (read_llama_info, load_llama)}
+HUB_NAMES = [*GPT2_NAMES, *LLAMA_NAMES]  # the Hub names llmtrain downloads
+
+
+def export_hf(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
+    """Write model (a GPT, or a peft model around one, merged into a copy: the model is not modified) to out_dir
+    in its family's Hugging Face layout, with llmtrain.json beside.
+
+    meta is the run's record (tokenizer, stage, num_classes, label_names, prompt_template, init_from, step): it goes
+    to llmtrain.json, and decides the tokenizer files and, with num_classes, the classifier layout (GPT-2's only).
+    Returns out_dir."""
+    gpt = plain_gpt(model)
+    if meta.get("num_classes") is None and not llama_mismatches(gpt):
+        return export_llama(gpt, meta.get("tokenizer") or "gpt2", out_dir, meta)
+    differ = gpt2_mismatches(gpt)
+    if differ:
+        raise UserError(f"the model has no Hugging Face layout: {', '.join(differ)} is neither GPT-2's nor (with "
+                        f"{', '.join(f'{k}={v}' for k, v in LLAMA_OPTIONS.items())}) Llama's; llmtrain reads its "
+                        f"checkpoints (init_from=, generate's ckpt_path=)")
+    return export_gpt2(gpt, out_dir, meta)
+
+
+def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
+    """What a Hugging Face folder says about its model (config.json, llmtrain.json), without its weights."""
+    return _family(path, what, hint)[0](path, what)
+
+
+def load_hf(path: Path, what: str, hint: str = "") -> tuple[GPT, ModelInfo]:
+    """A Hugging Face folder -> (GPT with its weights, in eval mode on the CPU; ModelInfo)."""
+    return _family(path, what, hint)[1](path, what)
+
+
+def hub_preset(name: str) -> str | None:
+    """The conf/model preset with the shapes of a Hub name that llmtrain downloads; None for any other name."""
+    return GPT2_NAMES[hub_name(name)] if hub_name(name) else LLAMA_NAMES.get(name)
+
+
+def _family(path: Path, what: str, hint: str) -> tuple:
+    """The reader and loader of a Hugging Face folder, by its config.json's model_type."""
+    model_type = read_config_json(path, what).get("model_type")
+    if model_type not in FAMILIES:
+        raise UserError(f"{what}: config.json has model_type={model_type!r}, but only GPT-2 ('gpt2') and Llama "
+                        f"('llama') map onto llmtrain's GPT{hint}")
+    return FAMILIES[model_type]
