@@ -144,8 +144,10 @@ def save_adapter(peft_model: PeftModel, out_dir: str | Path) -> Path:
     return out
 
 
-def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
+def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool = False,
+                 key: str = "ckpt_path") -> PeftModel:
     """Put the adapter saved in `adapter_dir` onto `base_model` (modified in place); frozen unless `trainable`.
+    `key`: the argument that named the folder, for the error messages.
 
     The base must hold the very weights the adapter was trained on: peft cannot tell, and a different base gives
     wrong outputs without an error. If the adapter was trained with a replaced head (modules_to_save), give
@@ -154,12 +156,12 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool
     path = Path(adapter_dir)
     if not path.is_dir():
         raise UserError(
-            f"finetune.lora.adapter_dir: {str(path)!r} is not a directory: point it at a folder written by "
+            f"{key}={str(path)!r} is not a directory: point it at a folder written by "
             "save_adapter (with adapter_config.json)"
         )
     if not (path / "adapter_config.json").is_file():
         raise UserError(
-            f"finetune.lora.adapter_dir: {str(path)!r} has no adapter_config.json: point it at a folder written by "
+            f"{key}={str(path)!r} has no adapter_config.json: point it at a folder written by "
             "save_adapter"
         )
     from peft import PeftModel
