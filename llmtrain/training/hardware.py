@@ -3,6 +3,7 @@ CPU, the precision `trainer.precision=auto` stands for."""
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import cache
 
@@ -11,6 +12,9 @@ from omegaconf import DictConfig
 
 # CPU features that make bf16 arithmetic native (not emulated): x86 AVX512-BF16 or AMX tiles, Arm BF16
 CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+# For tests only: LLMTRAIN_CPU_BF16=1 (or 0) makes this CPU look as if it had native bf16 (or not), so that the whole
+# suite can be run as on either kind of CPU (docs/testing.md). bf16 then runs emulated where the CPU lacks it.
+CPU_BF16_ENV = "LLMTRAIN_CPU_BF16"
 
 
 def on_cuda(accelerator: str) -> bool:
@@ -39,9 +43,17 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_bf16_features() -> list[str]:
+    """What gives this CPU native bf16: its feature flags among CPU_BF16_FLAGS, or the test switch CPU_BF16_ENV."""
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced in ("0", "1"):
+        return [f"{CPU_BF16_ENV}=1"] if forced == "1" else []
+    return sorted(CPU_BF16_FLAGS & cpu_flags())
+
+
 def cpu_bf16() -> bool:
     """Native bf16 on this CPU: bf16 autocast then runs its matmuls at up to twice the fp32 rate or more."""
-    return bool(CPU_BF16_FLAGS & cpu_flags())
+    return bool(cpu_bf16_features())
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -60,7 +72,7 @@ def choose_precision(requested: str | int, accelerator: str) -> tuple[str | int,
             return "bf16-mixed", f"auto: {torch.cuda.get_device_name()} has native bf16"
         return "32-true", f"auto: {torch.cuda.get_device_name()} has no native bf16"
     if cpu_bf16():
-        return "bf16-mixed", f"auto: this CPU has native bf16 ({', '.join(sorted(CPU_BF16_FLAGS & cpu_flags()))})"
+        return "bf16-mixed", f"auto: this CPU has native bf16 ({', '.join(cpu_bf16_features())})"
     return "32-true", "auto: this CPU has no native bf16 (no avx512_bf16, amx_bf16 or bf16 flag)"
 
 

@@ -82,7 +82,8 @@ def test_one_learning_rate_curve_at_the_steps_the_loss_is_logged():
 
 
 def test_the_run_values_are_flattened_for_tensorboard(tmp_path):
-    cfg = compose([*TINY, "optimizer=adamw", "optimizer.lr=3e-4", "data.context_length=16"], tmp_path)
+    cfg = compose([*TINY, "optimizer=adamw", "optimizer.lr=3e-4", "data.context_length=16",
+                   "trainer.precision=32-true"], tmp_path)  # fp32 on any CPU
     eff = resolve_run(cfg)
     model = GPT(eff.model_config)
     hp = run_hparams(cfg, eff, model)

@@ -30,6 +30,7 @@ def test_without_init_from_the_model_node_is_the_config(tmp_path, monkeypatch):
     import llmtrain.training.hardware
 
     monkeypatch.setattr(llmtrain.training.hardware, "cpu_flags", lambda: frozenset())  # a CPU without native bf16
+    monkeypatch.delenv(llmtrain.training.hardware.CPU_BF16_ENV, raising=False)
     eff = resolve_run(compose(TINY, tmp_path))
     assert eff.model_config == GPTConfig(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2,
                                          tie_weights=True)

@@ -21,6 +21,11 @@ def checked(overrides: list[str], tmp_path):
     return cfg, resolve_run(cfg)
 
 
+
+def checked_fp32(overrides: list[str], tmp_path):
+    """checked() at fp32 on any CPU (trainer.precision=auto would be bf16-mixed on one with native bf16)."""
+    return checked([*overrides, "trainer.precision=32-true"], tmp_path)
+
 # Two CPU shapes whose peak is made of different things: a wide vocabulary (the logits, two chunks of the default
 # perf.loss_chunk), a deep and wide stack at a small vocabulary (the activations); 2 optimizer steps (the second
 # runs with AdamW's state), fp32 on any CPU.
@@ -92,26 +97,29 @@ def test_on_gpus_the_limit_is_each_gpus_memory_and_fsdp_shards_the_states(tmp_pa
 def test_the_estimate_follows_what_trains(tmp_path, base_ckpt):
     """Pretraining trains everything; the classify stage its last block and head (no activations kept below it);
     LoRA only its adapters (but a gradient passes through every block)."""
-    pre = memory.estimate(*checked(["model=checkpoint", f"init_from={base_ckpt}", "data.tokenizer=bytes"], tmp_path))
-    cls = memory.estimate(*checked(["finetune=classify", f"init_from={base_ckpt}"], tmp_path))
-    lora = memory.estimate(*checked(["finetune=instruct", "lora=default", f"init_from={base_ckpt}"], tmp_path))
+    pre = memory.estimate(*checked_fp32(["model=checkpoint", f"init_from={base_ckpt}", "data.tokenizer=bytes"],
+                                        tmp_path))
+    cls = memory.estimate(*checked_fp32(["finetune=classify", f"init_from={base_ckpt}"], tmp_path))
+    lora = memory.estimate(*checked_fp32(["finetune=instruct", "lora=default", f"init_from={base_ckpt}"], tmp_path))
     assert pre.gradients > cls.gradients > lora.gradients > 0
     assert cls.activations < pre.activations / 2 and lora.activations > cls.activations
     lora_params = 4 * 4 * 8 * (32 + 96 + 32 + 32)  # 4 blocks x (qkv 32->96, out_proj 32->32) x r=8, fp32 grads
     assert lora.gradients == lora_params
-    ckpt = memory.estimate(*checked(["model=checkpoint", f"init_from={base_ckpt}", "data.tokenizer=bytes",
+    ckpt = memory.estimate(*checked_fp32(["model=checkpoint", f"init_from={base_ckpt}", "data.tokenizer=bytes",
                                      "perf.activation_checkpointing=true"], tmp_path))
     assert ckpt.activations < pre.activations
     # DPO: a pair is two sequences through the policy, and a frozen copy of the start is the reference (with
     # LoRA the base itself is, its adapters disabled); the classifier's head (bias-free) is counted under LoRA
-    ins = memory.estimate(*checked(["finetune=instruct", f"init_from={base_ckpt}", "data.max_length=64"], tmp_path))
-    dpo = memory.estimate(*checked(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64"], tmp_path))
-    dpo_lora = memory.estimate(*checked(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64",
+    ins = memory.estimate(*checked_fp32(["finetune=instruct", f"init_from={base_ckpt}", "data.max_length=64"],
+                                        tmp_path))
+    dpo = memory.estimate(*checked_fp32(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64"], tmp_path))
+    dpo_lora = memory.estimate(*checked_fp32(["finetune=dpo", f"init_from={base_ckpt}", "data.max_length=64",
                                          "lora=default", "finetune.lora.target_modules=[attn.qkv]"],
                                         tmp_path))
     assert dpo.activations == 2 * ins.activations  # 8 pairs a micro-batch, against 8 instruct records
-    assert dpo.weights == 2 * ins.weights and dpo_lora.weights == ins.weights
-    lora_cls = memory.estimate(*checked(["finetune=classify", "lora=default", f"init_from={base_ckpt}"], tmp_path))
+    assert dpo.weights == 2 * ins.weights  # the frozen copy
+    assert dpo_lora.weights == ins.weights + dpo_lora.gradients  # no copy: the base, and its adapters (fp32, trained)
+    lora_cls = memory.estimate(*checked_fp32(["finetune=classify", "lora=default", f"init_from={base_ckpt}"], tmp_path))
     # adapters + a new head of the data's classes (2 stand in for them before the data is read: the shipped
     # classify data's own count; the checkpoint's 3-class head is replaced)
     assert lora_cls.gradients == 4 * (4 * 8 * (32 + 96 + 32 + 32) + 2 * 32)

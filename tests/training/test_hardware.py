@@ -11,6 +11,7 @@ def machine(monkeypatch):
     """Set what the machine reports: CPU flags, and a CUDA GPU with or without native bf16 (or none)."""
 
     def set_machine(flags=(), gpu=None, gpu_bf16=False):
+        monkeypatch.delenv(hw.CPU_BF16_ENV, raising=False)  # the flags decide, whatever the suite was started with
         monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(flags))
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: gpu_bf16)
@@ -100,3 +101,15 @@ def test_is_sharded_reads_a_strategy_its_config_node_or_its_name():
     node = OmegaConf.create({"_target_": "lightning.pytorch.strategies.FSDPStrategy", "sharding_strategy": "FULL"})
     assert is_sharded(node) and not is_sharded(OmegaConf.create({"_target_": "x.DDPStrategy"}))
     assert is_sharded("fsdp") and is_sharded("fsdp_cpu_offload") and not is_sharded("ddp") and not is_sharded("auto")
+
+
+def test_the_test_switch_makes_the_cpu_look_as_it_says(machine, monkeypatch):
+    """LLMTRAIN_CPU_BF16=1 or 0 runs the suite as on a CPU with or without native bf16, whatever this one has."""
+    machine({"avx512f"})
+    monkeypatch.setenv(hw.CPU_BF16_ENV, "1")
+    assert hw.choose_precision("auto", "cpu") == ("bf16-mixed", "auto: this CPU has native bf16 (LLMTRAIN_CPU_BF16=1)")
+    machine({"avx512_bf16"})
+    monkeypatch.setenv(hw.CPU_BF16_ENV, "0")
+    assert hw.choose_precision("auto", "cpu")[0] == "32-true" and not hw.native_bf16(torch.device("cpu"))
+    monkeypatch.setenv(hw.CPU_BF16_ENV, "maybe")  # anything else: the flags decide
+    assert hw.cpu_bf16()
