@@ -130,3 +130,14 @@ def lm_stage(loss_chunk: int | None = None, sample_prompt: str | None = None, sa
 
     return Pretrain(train_blocks="all", lora=None, loss_chunk=loss_chunk, sample_prompt=sample_prompt,
                     sample_tokens=sample_tokens)
+
+
+def build_script():
+    """scripts/build_datasets.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_datasets", ROOT / "scripts" / "build_datasets.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["build_datasets"] = script  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    return script

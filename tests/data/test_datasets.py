@@ -43,3 +43,23 @@ def test_no_stage_val_or_test_text_is_in_the_pretraining_corpus():
         corpus = "\n".join(docs[split])  # no held-out text holds a newline after normalising: no match spans two
         inside = [text for text in held_out if text in corpus]
         assert not inside, f"{len(inside)} held-out stage texts are in the pretraining {split} split: {inside[:3]}"
+
+
+def test_the_split_rule_puts_buckets_0_to_79_in_train_80_to_89_in_val_and_90_to_99_in_test():
+    """The held-out splits of every shipped stage set come from sha1("source:term") mod 100; an off-by-one at a
+    boundary would move headwords between train, val and test unseen."""
+    import hashlib
+
+    from conftest import build_script
+
+    split_of = build_script().split_of
+    wanted = {0: "train", 79: "train", 80: "val", 89: "val", 90: "test", 99: "test"}
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < len(wanted):
+        term = f"term{i}"
+        bucket = int(hashlib.sha1(f"devil:{term}".encode()).hexdigest(), 16) % 100
+        if bucket in wanted and bucket not in found:
+            found[bucket] = split_of("devil", term)
+        i += 1
+    assert found == wanted

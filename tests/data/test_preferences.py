@@ -125,15 +125,9 @@ def test_other_column_names_and_conversations(tmp_path):
 def test_the_build_script_pairs_each_entry_with_another_of_its_own_split():
     """scripts/build_datasets.py on made-up entries: rejected from the same split, never the entry's own answer,
     each answer rejected once, the same pairs on every run."""
-    import importlib.util
-    import sys
+    from conftest import build_script
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("build_datasets", ROOT / "scripts" / "build_datasets.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules["build_datasets"] = script  # its dataclasses look their module up
-    spec.loader.exec_module(script)
+    script = build_script()
     entries = [script.Entry(source, f"term{i}", "", f"what {source} says of term{i}, at some length", "")
                for i in range(60) for source in ("devil", "jargon")]
     out = script.preference_records(entries)

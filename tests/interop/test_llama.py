@@ -257,3 +257,17 @@ def test_a_lora_model_is_exported_merged(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids()).logits, wrapped(ids()), atol=1e-4, rtol=0)
         assert not torch.allclose(hf(ids()).logits, llama_gpt()(ids()), atol=1e-2)
+
+
+def test_a_config_without_tie_word_embeddings_is_untied_and_keeps_its_head(tmp_path):
+    """transformers' Llama is untied unless config.json says otherwise: a folder whose config.json leaves the key out
+    and holds an lm_head.weight loads that head, not the embedding in its place."""
+    hf = save_llama(tmp_path / "lm", tie_word_embeddings=False)
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
+    assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    model, _ = load_pretrained(str(tmp_path / "lm"))
+    assert not model.tied and torch.equal(model.head.weight, hf.lm_head.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()), hf(ids()).logits, atol=1e-4, rtol=0)

@@ -73,3 +73,18 @@ def test_last_token_logits_reads_each_sequence_at_its_last_real_token():
     logits = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     out = last_token_logits(logits, torch.tensor([2, 4]))
     assert torch.equal(out, torch.stack([logits[0, 1], logits[1, 3]]))
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_chunked_gradients_when_one_input_is_frozen(frozen):
+    """A LoRA run's head is frozen (its weight takes no gradient) while the hidden states must get theirs, so that
+    the adapters below train; and the other way round. Each gradient that is asked for equals the plain path's."""
+    hidden, weight, labels = inputs()
+    (weight if frozen == "weight" else hidden).requires_grad_(False)
+    plain, _ = lm_loss_sum(hidden @ weight.t(), labels)
+    trained = hidden if frozen == "weight" else weight
+    expected = torch.autograd.grad(plain, trained)[0]
+    chunked, _ = chunked_lm_loss_sum(hidden, weight, labels, 5)
+    got = torch.autograd.grad(chunked, trained)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert got.abs().sum() > 0

@@ -140,3 +140,25 @@ def test_every_refusal_of_the_checks_has_a_row_in_the_error_catalogue():
     assert len(sites) >= 20  # the scan found the checks
     undocumented = [f"{f}:{line}" for f, line, regex in sites if not any(re.search(regex, m) for m in messages)]
     assert not undocumented, f"refusals without a row in docs/errors.md: {undocumented}"
+
+
+@pytest.mark.parametrize("key, value", [("rope_theta", 5000.0), ("norm_eps", 1e-3)])
+def test_rope_theta_and_norm_eps_that_differ_from_the_checkpoints_are_refused(tmp_path, base_ckpt, key, value):
+    """They change no weight's shape, but the function the weights were trained to compute: like a shape, a value
+    other than the checkpoint's is refused, by the config check and by the resume check."""
+    from dataclasses import replace
+
+    from llmtrain.interop.checkpoints import ModelInfo
+    from llmtrain.run.checks import check_resume
+    from llmtrain.stages.pretrain import Pretrain
+
+    saved = GPTConfig(**BASE)
+    assert getattr(saved, key) != value
+    with pytest.raises(UserError, match=rf"model.{key}={value} but init_from=.* has {getattr(saved, key)}"):
+        resolve_run(compose([*TINY, f"init_from={base_ckpt}", f"model.{key}={value}"], tmp_path))
+    info = ModelInfo(kind="llmtrain", path="x.ckpt", model_config=saved, stage="pretrain")
+    stage = Pretrain(train_blocks="all", lora=None, loss_chunk=None, sample_prompt=None, sample_tokens=0)
+    check_resume(info, saved, stage, "x.ckpt")  # the same config resumes
+    with pytest.raises(UserError, match=rf"holds another architecture: model.{key}={getattr(saved, key)} \(this "
+                                        rf"run: {value}\)"):
+        check_resume(info, replace(saved, **{key: value}), stage, "x.ckpt")

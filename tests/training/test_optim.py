@@ -188,3 +188,22 @@ def test_without_native_bf16_newton_schulz_runs_in_fp32(monkeypatch):
     p.grad = g
     optim.Muon([p], lr=0.02, adjust_lr_fn="original").step()
     assert used == [torch.float32]
+
+
+def test_muon_settings_other_than_the_defaults_reach_the_optimizers(tmp_path):
+    """optimizer.ns_steps and optimizer.adamw_weight_decay from the command line end up in the inner optimizers'
+    groups, and another number of Newton-Schulz iterations gives another update."""
+    cfg = compose(["optimizer=muon", "optimizer.ns_steps=2", "optimizer.adamw_weight_decay=0.25"], tmp_path)
+    assert cfg.optimizer.ns_steps != compose(["optimizer=muon"], tmp_path).optimizer.ns_steps  # not the default
+    opt = build(cfg.optimizer)(param_groups(tiny()))
+    assert opt._muon.param_groups[0]["ns_steps"] == 2
+    assert {g["weight_decay"] for g in opt._adamw.param_groups if g["name"] != "scalar"} == {0.25}
+
+    steps = []
+    for ns in (2, 5):
+        model = tiny()
+        opt = build(compose(["optimizer=muon", f"optimizer.ns_steps={ns}"], tmp_path).optimizer)(param_groups(model))
+        loss_of(model, seed=0).backward()
+        opt.step()
+        steps.append(model.blocks[0].attn.qkv.weight.detach().clone())
+    assert not torch.equal(*steps)
