@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -104,6 +105,8 @@ def load_mutations(path: Path, root: Path = ROOT) -> list[Mutation]:
         if not isinstance(module, dict) or set(module) - MODULE_KEYS or "mutations" not in module:
             raise ListError(f"{path}: {file}: expected the keys 'mutations' (a list) and optionally 'tests'")
         module_tests = _test_list(module.get("tests"), f"{path}: {file}: tests")
+        if not module_tests and any(isinstance(e, dict) and not e.get("tests") for e in module["mutations"] or []):
+            module_tests = covering_tests(file, root)
         for index, entry in enumerate(module["mutations"] or [], 1):
             where = f"{path}: {file}#{index}"
             if not isinstance(entry, dict):
@@ -113,7 +116,7 @@ def load_mutations(path: Path, root: Path = ROOT) -> list[Mutation]:
                 raise ListError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
             if not all(isinstance(entry[k], str) for k in ("original", "replacement", "description")):
                 raise ListError(f"{where}: original, replacement and description must be strings")
-            tests = _test_list(entry.get("tests"), f"{where}: tests") or module_tests or covering_tests(file, root)
+            tests = _test_list(entry.get("tests"), f"{where}: tests") or module_tests
             found.append(Mutation(file, index, entry["original"], entry["replacement"],
                                   " ".join(entry["description"].split()), tests))
     return found
@@ -137,9 +140,14 @@ def covering_tests(file: str, root: Path = ROOT) -> tuple[str, ...]:
     own_folder_first = lambda test: (test.parent != root / mirrored.parent, test)  # noqa: E731
     for test in sorted((root / "tests").rglob("test_*.py"), key=own_folder_first):
         relative = test.relative_to(root).as_posix()
-        if relative not in found and module in referenced_modules(test.read_text()):
+        if relative not in found and module in _references(test):
             found.append(relative)
     return tuple(found)
+
+
+@cache
+def _references(test: Path) -> set[str]:
+    return referenced_modules(test.read_text())
 
 
 def referenced_modules(source: str) -> set[str]:
