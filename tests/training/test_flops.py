@@ -27,6 +27,7 @@ def test_everything_training_is_six_per_weight_plus_attention():
     for tie in (True, False):
         model = gpt(tie)
         assert training_flops(model, L_, D).of_batch(1, T) == model.flops_per_token(T)
+        assert training_flops(model, L_, D).of_batch(5, T) == 5 * model.flops_per_token(T)  # per token, both terms
 
 
 def test_frozen_layers_below_the_lowest_trainable_one_do_no_backward():
