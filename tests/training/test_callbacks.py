@@ -51,3 +51,49 @@ def test_throughput_counts_tokens_that_are_not_padding_and_the_flops_they_cost(m
     counts.add(windows)
     counts.add(batches[0])
     assert counts.total(torch.device("cpu")).tolist() == [32 + 8, 32 * 8 + 8 * 6]
+
+
+def test_a_save_removes_what_a_killed_save_left_and_leaves_only_the_checkpoint(tmp_path):
+    (tmp_path / ".last.ckpt.tmp4242").write_bytes(b"half a checkpoint")  # a save killed mid-write
+    (tmp_path / ".other.ckpt.tmp4242").write_bytes(b"another file's")
+    AtomicCheckpointIO().save_checkpoint({"global_step": 7}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.ckpt.tmp4242", "last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt")["global_step"] == 7
+
+
+def test_a_sigterm_on_one_rank_saves_and_stops_every_rank(tmp_path):
+    """SIGTERM may reach one rank only (a scheduler signals a node): the decision to stop is any rank's."""
+    from types import SimpleNamespace
+
+    from llmtrain.training.callbacks import LastCheckpoint
+
+    saved = []
+
+    class Trainer(SimpleNamespace):
+        @property
+        def received_sigterm(self) -> bool:
+            return self._signal_connector.received_sigterm
+
+    other_rank = False  # no SIGTERM there
+
+    def reduce_boolean_decision(decision: bool, all: bool = True) -> bool:
+        return (decision and other_rank) if all else (decision or other_rank)
+
+    trainer = Trainer(global_step=3, max_steps=100, ckpt_path=None, _signal_connector=SimpleNamespace(
+        received_sigterm=False), strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
+        save_checkpoint=lambda path, weights_only: saved.append((path, trainer.global_step)))
+    cb = LastCheckpoint(str(tmp_path), every_n_steps=50)
+    cb.on_train_start(trainer, None)
+    trainer._signal_connector.received_sigterm = True  # arrives here only
+    trainer.global_step = 4  # this batch ends an optimizer step
+    cb.on_train_batch_end(trainer, None, None, None, 0)
+    assert saved == [(tmp_path / "last.ckpt", 4)] and trainer.received_sigterm  # Lightning stops at the batch end
+
+
+def test_peak_memory_on_a_cpu_is_the_resident_set_linux_gives_in_kib(monkeypatch):
+    from types import SimpleNamespace
+
+    import llmtrain.training.callbacks as callbacks
+
+    monkeypatch.setattr(callbacks.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3 * 2**20))
+    assert callbacks.peak_memory_gib(torch.device("cpu")) == 3.0
