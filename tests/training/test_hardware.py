@@ -99,6 +99,16 @@ def test_as_many_devices_as_gpus_is_fine_and_one_more_is_refused(machine, monkey
         "trainer.devices=3 but this machine has 2 GPUs: set trainer.devices=2 or fewer"]
 
 
+@pytest.mark.parametrize("precision", [16, "16", "16-mixed", "16-true"])
+def test_fp16_on_a_cpu_is_refused_however_it_is_written(machine, precision):
+    from omegaconf import OmegaConf
+
+    machine(gpu=None)
+    trainer = OmegaConf.create({"accelerator": "cpu", "devices": 1, "precision": precision})
+    [problem] = hw.hardware_problems(trainer)
+    assert problem.startswith(f"trainer.precision={precision} needs a CUDA GPU")
+
+
 def test_the_fused_optimizer_runs_on_cuda_and_cpu_but_not_mps(machine, monkeypatch):
     machine(gpu=None)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
