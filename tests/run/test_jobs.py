@@ -14,6 +14,7 @@ from llmtrain.run.jobs import (
     SweepSummary,
     folder_name,
     job_label,
+    read_jobs,
     swept_keys,
     write_metrics,
 )
@@ -63,6 +64,16 @@ def test_the_sweep_summary_ranks_the_jobs_by_val_loss_prints_and_writes_it(tmp_p
     assert "not finished" in rows[2]
     assert "| rank | job | overrides" in table and "val/acc" not in table  # a classifier's columns only for one
     assert all(r in printed for r in rows) and f"tensorboard --logdir {tmp_path}" in printed
+
+
+def test_a_job_whose_val_loss_is_nan_ranks_last(tmp_path):
+    """Best val/loss first, then unfinished jobs, then a diverged one: a NaN compares false with everything, so
+    sorting by the loss alone would leave it wherever it was read."""
+    make_job(tmp_path, "0", ["optimizer.lr=1"], {"val/loss": float("nan")})
+    make_job(tmp_path, "1", ["optimizer.lr=0.1"], {"val/loss": 4.0})
+    make_job(tmp_path, "2", ["optimizer.lr=0.01"], None)
+    make_job(tmp_path, "3", ["optimizer.lr=0.001"], {"val/loss": 3.0})
+    assert [j["job"] for j in read_jobs(tmp_path, {"optimizer.lr"})] == ["3", "1", "2", "0"]
 
 
 def test_a_classifier_sweep_shows_accuracy(tmp_path, capsys):
