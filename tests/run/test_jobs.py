@@ -15,6 +15,7 @@ from llmtrain.run.jobs import (
     folder_name,
     job_label,
     read_jobs,
+    remove_run_dir,
     swept_keys,
     write_metrics,
 )
@@ -99,6 +100,20 @@ def test_debug_fast_removes_only_a_run_dir_that_its_job_created(tmp_path, monkey
         discard.on_job_end(config, job_return=None)
     assert not new.exists() and old.is_dir() and (old / "model").is_dir()
     assert f"removed the run dir {new}" in capsys.readouterr().out
+
+
+def test_removing_a_run_dir_removes_the_folders_made_for_it_up_to_the_working_directory(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    run_dir = work / "outputs" / "runs" / "fast"
+    (run_dir / ".hydra").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    remove_run_dir(run_dir)
+    assert work.is_dir() and list(work.iterdir()) == []  # outputs/runs/ went with it; the empty cwd stays
+    kept = work / "outputs" / "runs" / "kept"
+    (kept / ".hydra").mkdir(parents=True)
+    (work / "outputs" / "runs" / "other").mkdir()
+    remove_run_dir(kept)
+    assert sorted(p.name for p in (work / "outputs" / "runs").iterdir()) == ["other"]  # a folder in use stays
 
 
 @pytest.mark.parametrize("level, shown", [(logging.INFO, "hello"), (logging.WARNING, "WARNING: hello")])
