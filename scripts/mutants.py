@@ -312,11 +312,10 @@ def run_mutation(copies: Copies, mutation: Mutation, tier: str, timeout: float, 
 
 
 def print_line(outcome: Outcome, done: int, total: int, tier: str) -> None:
-    label = "caught" if outcome.status == "caught" else outcome.status
     by = outcome.tier or ("fast" if tier == FAST else "slow")
     detail = f" ({outcome.detail})" if outcome.detail else ""
-    print(f"[{done:>{len(str(total))}}/{total}] {label:<6} {by:<4} {outcome.seconds:6.1f} s  {outcome.mutation.name}"
-          f"  {outcome.mutation.description}{detail}", flush=True)
+    print(f"[{done:>{len(str(total))}}/{total}] {outcome.status:<6} {by:<4} {outcome.seconds:6.1f} s  "
+          f"{outcome.mutation.name}  {outcome.mutation.description}{detail}", flush=True)
 
 
 def run_tier(copies: Copies, mutations: list[Mutation], tier: str, timeout: float, deselect: list[str],
