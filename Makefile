@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: help install train test test-fast lint bench wheel clean
+.PHONY: help install train test test-fast mutants lint bench wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: install  ## run the whole test suite (what CI runs)
 
 test-fast: install  ## the inner loop: every module, no real-process runs (tests marked slow), under 2 minutes
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+mutants: install  ## the mutation round: break each module as scripts/mutants.yaml lists, see which tests notice (ARGS='--slow --jobs 2', docs/testing.md)
+	$(BIN)/python scripts/mutants.py $(ARGS)
 
 bench: install  ## print throughput of llmtrain vs a plain PyTorch loop, MFU, tokenization speed (~5 min on a CPU)
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

@@ -52,7 +52,7 @@ def quiet_lightning() -> None:
 def human(n: float) -> str:
     """7233536 -> '7.23 M' (k, M, G, T, P)."""
     for unit in ("", " k", " M", " G", " T"):
-        if abs(n) < 1000:
+        if abs(float(f"{n:.3g}")) < 1000:  # as printed: 999,999 is "1 M", not "1e+03 k"
             return f"{n:.3g}{unit}"
         n /= 1000
     return f"{n:.3g} P"

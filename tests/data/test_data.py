@@ -50,6 +50,7 @@ def test_second_run_reuses_the_cache_and_a_changed_file_does_not(tmp_path):
     assert again.cache.dir == dm.cache.dir and again.cache.exists()
     again.prepare_data()
     assert os.stat(dm.cache.dir / "meta.json").st_mtime_ns == stamp
+    assert make_dm(tmp_path, path=str(f), val_fraction=0.3).cache.dir != dm.cache.dir  # another split
     write_paragraphs(f, n=70)
     assert make_dm(tmp_path, path=str(f)).cache.dir != dm.cache.dir
     assert make_dm(tmp_path, path=str(f), tokenizer="gpt2").cache.dir != dm.cache.dir
@@ -119,6 +120,29 @@ def test_token_windows_cover_the_stream_without_overlap(tmp_path):
     assert len(w) == 10
     assert w[3]["input_ids"].tolist() == list(range(30, 40))
     assert w[9]["labels"].tolist() == list(range(91, 101))
+
+
+def test_a_window_needs_its_last_target(tmp_path):
+    """100 tokens make 9 windows of 10 + 1: a tenth would lack the target of its last position."""
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    w = TokenWindows(tmp_path / "t.bin", "uint16", 10)
+    assert len(w) == 9 and w[8]["labels"].tolist() == list(range(81, 91))
+
+
+def test_documents_end_with_end_of_text_and_a_split_of_one_window_is_enough(tmp_path):
+    """Rows 0-3 go to train and row 4 to val at val_fraction 0.2 (the fixed rule on the index); the val document
+    and its <|endoftext|> are exactly one window of context_length 7 + 1."""
+    docs = ["first doc", "second", "third one", "fourth", "fifth!!"]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    dm = make_dm(tmp_path, source="json", path=str(tmp_path / "d.jsonl"), context_length=7, batch_size=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    eot = build_tokenizer("bytes").eot_token
+    as_tokens = lambda texts: [t for d in texts for t in [*d.encode(), eot]]  # noqa: E731
+    assert dm.cache.tokens("train").tolist() == as_tokens(docs[:4])
+    assert dm.cache.tokens("val").tolist() == as_tokens(docs[4:])
+    assert len(dm.val_set) == 1 and len(dm.train_set) == 4  # 34 train tokens: 4 windows of 7 + 1
+    assert [len(b["input_ids"]) for b in dm.train_dataloader()] == [3]  # the short last batch is dropped
 
 
 def test_resumable_loader_continues_the_epoch_where_the_checkpoint_left_it():

@@ -146,3 +146,14 @@ def test_the_build_script_pairs_each_entry_with_another_of_its_own_split():
     records = script.preference_records(few)["test"]
     assert len(records) == 3 and all(r["rejected"] != r["chosen"] for r in records)
     assert script.preference_records(few[:2]) == {"train": [], "val": [], "test": []}  # nothing else to reject
+
+
+def test_max_train_samples_keeps_the_first_pairs(tmp_path):
+    """data.max_train_samples (debug=overfit: one batch) applies to DPO's pairs as to the other tables."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs(60))
+    full = make_datamodule("preference_json", path=path, tokenizer="bytes", context_length=512)
+    full.setup()
+    dm = make_datamodule("preference_json", path=path, tokenizer="bytes", context_length=512, max_train_samples=4)
+    dm.setup()
+    assert dm.sets["train"].items == full.sets["train"].items[:4]
+    assert len(dm.sets["val"]) == len(full.sets["val"])  # evaluation keeps every pair

@@ -25,3 +25,11 @@ def test_bytes_tokenizer_round_trips_utf8():
 def test_unknown_tokenizer_is_a_user_error():
     with pytest.raises(UserError, match="data.tokenizer='gpt3'"):
         build_tokenizer("gpt3")
+
+
+def test_a_continuation_ends_at_end_of_text_and_drops_ids_past_the_vocabulary():
+    from llmtrain.data.tokenizer import continuation_text
+
+    tok = build_tokenizer("bytes")  # 257 ids, <|endoftext|> = 256
+    assert continuation_text(tok, [104, 300, 105, 256, 33]) == "hi"  # 300: a padded model vocabulary's id
+    assert continuation_text(tok, [104, 105, 999]) == "hi"

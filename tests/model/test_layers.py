@@ -108,3 +108,35 @@ def test_swiglu_is_the_gated_formula(bias):
     gelu = MLP(emb_dim=16, hidden=64, kind="gelu", bias=True, drop_rate=0.0)
     assert not hasattr(gelu, "gate")
     torch.testing.assert_close(gelu(x), gelu.fc2(F.gelu(gelu.fc1(x), approximate="tanh")))
+
+
+def test_attention_dropout_is_off_in_eval_mode():
+    """drop_rate drops attention weights in training only: in eval mode the layer is the one without dropout."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(emb_dim=32, n_heads=4, n_kv_heads=4, qkv_bias=False, bias=False, drop_rate=0.5)
+    x = randn(2, 6, 32)
+    attn.eval()
+    with torch.no_grad():
+        dropped = attn(x)
+        attn.drop_rate = 0.0
+        torch.testing.assert_close(dropped, attn(x), atol=0, rtol=0)
+        attn.drop_rate = 0.5
+        attn.train()
+        assert not torch.allclose(attn(x), dropped)  # and on in training
+
+
+def test_with_a_cache_new_queries_see_the_past_and_themselves_causally():
+    """A chunk of several new positions after cached ones: the same outputs as attention over the whole sequence."""
+    from llmtrain.model.gpt import GPTConfig, KVCache
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(emb_dim=32, n_heads=4, n_kv_heads=2, qkv_bias=False, bias=False, drop_rate=0.0)
+    x = randn(1, 9, 32)
+    cache = KVCache(GPTConfig(vocab_size=8, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1), 1, 9, "cpu",
+                    torch.float32)
+    full = attn(x, rope_angles(8, 10000.0, 0, 9, "cpu"))
+    parts = []
+    for start, end in ((0, 4), (4, 8), (8, 9)):  # a prompt, a chunk after it, one more token
+        parts.append(attn(x[:, start:end], rope_angles(8, 10000.0, start, end - start, "cpu"), cache))
+        cache.pos = end
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-6, rtol=1e-5)

@@ -158,3 +158,39 @@ def test_prefill_sends_only_the_last_prompt_position_through_the_head():
     m.head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape))
     m.generate(torch.randint(0, 97, (2, 9)), 3, temperature=0)
     assert rows == [(2, 32)] * 3  # prompt (9 positions) and each new token: one position per row
+
+
+def test_config_takes_drop_rates_in_zero_to_one_excluded():
+    assert GPTConfig(drop_rate=0.0).drop_rate == 0.0 and GPTConfig(drop_rate=0.99).drop_rate == 0.99
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"model.drop_rate must lie in \[0, 1\), got {bad}"):
+            GPTConfig(drop_rate=bad)
+
+
+def test_rows_that_ended_are_padded_with_eos_while_the_others_go_on():
+    m = tiny()
+    prompt = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2))
+    free = m.generate(prompt, 8, temperature=0, use_cache=False)  # greedy, no end-of-text
+    eos = free[0, 4].item()  # row 0's first new token
+    assert eos not in free[1, 4:].tolist() and set(free[0, 5:].tolist()) != {eos}  # the case this test is about
+    out = m.generate(prompt, 8, temperature=0, eos_id=eos)
+    assert out[0, 4:].tolist() == [eos] * 8
+    assert torch.equal(out[1], free[1])
+
+
+def test_temperature_divides_the_logits():
+    """Two tokens whose logits differ by 2: at temperature 0.5 the likelier is drawn with probability sigmoid(4),
+    at temperature 2 with sigmoid(1)."""
+    logits = torch.tensor([[0.0, 2.0]]).expand(4000, 2)
+    for temperature, p in ((0.5, torch.tensor(4.0).sigmoid()), (2.0, torch.tensor(1.0).sigmoid())):
+        drawn = sample_next(logits, temperature, generator=torch.Generator().manual_seed(0))
+        assert abs(drawn.float().mean().item() - p.item()) < 0.02, temperature
+
+
+def test_crop_context_takes_one_to_the_current_length():
+    m = tiny()
+    m.crop_context(24)  # the length it has: nothing changes
+    assert m.config.context_length == 24 and m.pos_emb.weight.shape == (24, 32)
+    for bad in (0, 25):
+        with pytest.raises(ValueError, match=rf"can only crop to 1..24 positions, got {bad}"):
+            m.crop_context(bad)

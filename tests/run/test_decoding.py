@@ -66,3 +66,14 @@ def test_prepare_for_decoding_in_each_precision():
     assert type(prepare_for_decoding(tiny(), "int8", cpu).head) is Int8Linear
     bf16 = prepare_for_decoding(tiny(), "bf16", cpu)
     assert bf16.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0).shape == (1, 7)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps"])
+def test_a_device_this_machine_lacks_is_one_line(monkeypatch, device):
+    from llmtrain.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError, match=rf"^device={device}: .* available here: use device=cpu \(or device=auto\)$"):
+        decoding.resolve_device(device)
+    assert decoding.resolve_device("auto") == torch.device("cpu") == decoding.resolve_device("cpu")

@@ -1,4 +1,5 @@
-"""Every row of docs/errors.md, run through the real command line: the exact message and exit status."""
+"""Every row of docs/errors.md, run through the real command line: the exact message and exit status; and
+errors.one_line_errors, which turns a UserError into that one line."""
 
 import json
 import re
@@ -9,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
-pytestmark = pytest.mark.slow  # one process per row
+from llmtrain.errors import UserError, one_line_errors
 
 ROW = re.compile(r"^\| (\w+) \| `([^`]*)` \| (\d+) \| `(.*)` \|$")
 ROWS = [m.groups() for line in (ROOT / "docs" / "errors.md").read_text().splitlines() if (m := ROW.match(line))]
@@ -63,6 +64,7 @@ def results(tmp_path_factory) -> list:
         return list(pool.map(run, ROWS))
 
 
+@pytest.mark.slow  # one process per row
 @pytest.mark.parametrize("i", range(len(ROWS)), ids=[r[1] for r in ROWS])
 def test_documented_error(results, i):
     kind, args, status, message = ROWS[i]
@@ -71,3 +73,20 @@ def test_documented_error(results, i):
     assert result.stderr.strip().splitlines()[-1] == message.format(tmp=folder)
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (folder / "outputs").rglob("*")) == ["earlier", "keep.txt"]
+
+
+def test_a_user_error_is_one_line_on_stderr_and_exit_status_2(capsys, monkeypatch):
+    monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info, one_line_errors():
+        raise UserError("data.path='x.txt' matches no file")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr() == ("", "error: data.path='x.txt' matches no file\n")
+
+
+def test_a_bug_keeps_its_traceback_and_llmtrain_debug_keeps_a_user_errors(monkeypatch):
+    monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
+    with pytest.raises(KeyError), one_line_errors():
+        raise KeyError("a bug")
+    monkeypatch.setenv("LLMTRAIN_DEBUG", "1")
+    with pytest.raises(UserError, match="a mistake"), one_line_errors():
+        raise UserError("a mistake")

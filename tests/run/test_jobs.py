@@ -14,6 +14,8 @@ from llmtrain.run.jobs import (
     SweepSummary,
     folder_name,
     job_label,
+    read_jobs,
+    remove_run_dir,
     swept_keys,
     write_metrics,
 )
@@ -65,6 +67,16 @@ def test_the_sweep_summary_ranks_the_jobs_by_val_loss_prints_and_writes_it(tmp_p
     assert all(r in printed for r in rows) and f"tensorboard --logdir {tmp_path}" in printed
 
 
+def test_a_job_whose_val_loss_is_nan_ranks_last(tmp_path):
+    """Best val/loss first, then unfinished jobs, then a diverged one: a NaN compares false with everything, so
+    sorting by the loss alone would leave it wherever it was read."""
+    make_job(tmp_path, "0", ["optimizer.lr=1"], {"val/loss": float("nan")})
+    make_job(tmp_path, "1", ["optimizer.lr=0.1"], {"val/loss": 4.0})
+    make_job(tmp_path, "2", ["optimizer.lr=0.01"], None)
+    make_job(tmp_path, "3", ["optimizer.lr=0.001"], {"val/loss": 3.0})
+    assert [j["job"] for j in read_jobs(tmp_path, {"optimizer.lr"})] == ["3", "1", "2", "0"]
+
+
 def test_a_classifier_sweep_shows_accuracy(tmp_path, capsys):
     make_job(tmp_path, "0", ["optimizer.lr=0.001"], {"val/loss": 0.3, "val/acc": 0.91, "val/f1": 0.88})
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": []}}})
@@ -88,6 +100,20 @@ def test_debug_fast_removes_only_a_run_dir_that_its_job_created(tmp_path, monkey
         discard.on_job_end(config, job_return=None)
     assert not new.exists() and old.is_dir() and (old / "model").is_dir()
     assert f"removed the run dir {new}" in capsys.readouterr().out
+
+
+def test_removing_a_run_dir_removes_the_folders_made_for_it_up_to_the_working_directory(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    run_dir = work / "outputs" / "runs" / "fast"
+    (run_dir / ".hydra").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    remove_run_dir(run_dir)
+    assert work.is_dir() and list(work.iterdir()) == []  # outputs/runs/ went with it; the empty cwd stays
+    kept = work / "outputs" / "runs" / "kept"
+    (kept / ".hydra").mkdir(parents=True)
+    (work / "outputs" / "runs" / "other").mkdir()
+    remove_run_dir(kept)
+    assert sorted(p.name for p in (work / "outputs" / "runs").iterdir()) == ["other"]  # a folder in use stays
 
 
 @pytest.mark.parametrize("level, shown", [(logging.INFO, "hello"), (logging.WARNING, "WARNING: hello")])

@@ -1,11 +1,12 @@
 """Our callbacks and checkpoint IO: safe loading, throughput counted in real tokens, MFU from the FLOPs done."""
 
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from llmtrain.training.callbacks import AtomicCheckpointIO
+from llmtrain.training.callbacks import AtomicCheckpointIO, LastCheckpoint
 
 
 class Payload:
@@ -25,8 +26,6 @@ def test_lightning_loads_every_checkpoint_with_weights_only(tmp_path):
 def test_throughput_counts_tokens_that_are_not_padding_and_the_flops_they_cost(monkeypatch):
     """Two padded batches per optimizer step (real lengths 3 + 5 and 2 + 2 of 6 positions), a log every 2 steps: the
     rate counts 12 tokens a step, not 24; the FLOPs add per-position attention at the padded length 6."""
-    from types import SimpleNamespace
-
     import llmtrain.training.callbacks as callbacks
     from llmtrain.training.flops import TrainingFlops
 
@@ -51,3 +50,64 @@ def test_throughput_counts_tokens_that_are_not_padding_and_the_flops_they_cost(m
     counts.add(windows)
     counts.add(batches[0])
     assert counts.total(torch.device("cpu")).tolist() == [32 + 8, 32 * 8 + 8 * 6]
+
+
+def test_a_save_removes_what_a_killed_save_left_and_leaves_only_the_checkpoint(tmp_path):
+    (tmp_path / ".last.ckpt.tmp4242").write_bytes(b"half a checkpoint")  # a save killed mid-write
+    (tmp_path / ".other.ckpt.tmp4242").write_bytes(b"another file's")
+    AtomicCheckpointIO().save_checkpoint({"global_step": 7}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.ckpt.tmp4242", "last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt")["global_step"] == 7
+
+
+class StubTrainer(SimpleNamespace):
+    """What LastCheckpoint reads of a Trainer, on one of two ranks (the other never receives SIGTERM); it records
+    the saves as (path, step)."""
+
+    def __init__(self, max_steps: int) -> None:
+        super().__init__(global_step=0, max_steps=max_steps, ckpt_path=None, saved=[],
+                         _signal_connector=SimpleNamespace(received_sigterm=False))
+        other_rank = False
+        self.strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: (
+            (decision and other_rank) if all else (decision or other_rank)))
+
+    @property
+    def received_sigterm(self) -> bool:
+        return self._signal_connector.received_sigterm
+
+    def save_checkpoint(self, path, weights_only: bool) -> None:
+        self.saved.append((path, self.global_step))
+
+    def step(self, cb: LastCheckpoint, to: int) -> None:
+        """Batches that end optimizer steps up to step `to`."""
+        while self.global_step < to:
+            self.global_step += 1
+            cb.on_train_batch_end(self, None, None, None, 0)
+
+
+def test_a_sigterm_on_one_rank_saves_and_stops_every_rank(tmp_path):
+    """SIGTERM may reach one rank only (a scheduler signals a node): the decision to stop is any rank's."""
+    trainer, cb = StubTrainer(max_steps=100), LastCheckpoint(str(tmp_path), every_n_steps=50)
+    cb.on_train_start(trainer, None)
+    trainer.step(cb, 3)
+    trainer._signal_connector.received_sigterm = True  # arrives here only
+    trainer.step(cb, 4)
+    assert trainer.saved == [(tmp_path / "last.ckpt", 4)] and trainer.received_sigterm  # Lightning stops now
+
+
+def test_last_ckpt_is_saved_every_n_steps_and_at_the_final_steps_batch_end(tmp_path):
+    """At the end of the final step's batch, as every other save: a checkpoint saved later, at train end, would
+    hold the loops' state after the epoch ended rather than the data position in the form a resume reads."""
+    trainer, cb = StubTrainer(max_steps=7), LastCheckpoint(str(tmp_path), every_n_steps=3)
+    cb.on_train_start(trainer, None)
+    trainer.step(cb, 7)
+    assert [step for _, step in trainer.saved] == [3, 6, 7]
+    cb.on_train_end(trainer, None)  # nothing left to save
+    assert len(trainer.saved) == 3
+
+
+def test_peak_memory_on_a_cpu_is_the_resident_set_linux_gives_in_kib(monkeypatch):
+    import llmtrain.training.callbacks as callbacks
+
+    monkeypatch.setattr(callbacks.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3 * 2**20))
+    assert callbacks.peak_memory_gib(torch.device("cpu")) == 3.0

@@ -27,6 +27,7 @@ def test_everything_training_is_six_per_weight_plus_attention():
         model = gpt(tie)
         weights = numel(model) - numel(model.pos_emb) - (0 if tie else numel(model.tok_emb))  # lookups: no FLOPs
         assert training_flops(model, L_, D).of_batch(1, T) == 6 * weights + 12 * L_ * D * T
+        assert training_flops(model, L_, D).of_batch(5, T) == 5 * (6 * weights + 12 * L_ * D * T)  # both terms
 
 
 def test_frozen_layers_below_the_lowest_trainable_one_do_no_backward():

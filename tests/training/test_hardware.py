@@ -63,6 +63,53 @@ def test_cpu_flags_reads_this_machine():
         assert "sse2" in flags  # every x86-64 CPU has it: the parser found the flags line
 
 
+@pytest.mark.parametrize("line, flag", [
+    ("flags\t\t: fpu sse2 avx512f avx512_bf16", "avx512_bf16"),  # x86
+    ("Features\t: fp asimd sve bf16", "bf16"),  # Arm
+])
+def test_cpu_flags_read_the_x86_and_the_arm_line(monkeypatch, line, flag):
+    from io import StringIO
+
+    monkeypatch.setattr(hw.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(hw, "open", lambda path: StringIO(f"processor\t: 0\nvendor_id\t: Some\n{line}\n"),
+                        raising=False)
+    hw.cpu_flags.cache_clear()
+    try:
+        assert flag in hw.cpu_flags() and hw.cpu_bf16()
+    finally:
+        hw.cpu_flags.cache_clear()  # the real machine's again for the next test
+
+
+def test_native_bf16_is_the_cpus_on_the_cpu_and_never_on_mps(machine):
+    machine(flags={"avx512_bf16"})
+    assert hw.native_bf16(torch.device("cpu"))
+    assert not hw.native_bf16(torch.device("mps"))
+    machine(flags=set())
+    assert not hw.native_bf16(torch.device("cpu"))
+
+
+def test_as_many_devices_as_gpus_is_fine_and_one_more_is_refused(machine, monkeypatch):
+    from omegaconf import OmegaConf
+
+    machine(gpu="NVIDIA A100-SXM4-80GB", gpu_bf16=True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    trainer = lambda devices: OmegaConf.create(  # noqa: E731
+        {"accelerator": "gpu", "devices": devices, "precision": "bf16-mixed"})
+    assert hw.hardware_problems(trainer(2)) == []
+    assert hw.hardware_problems(trainer(3)) == [
+        "trainer.devices=3 but this machine has 2 GPUs: set trainer.devices=2 or fewer"]
+
+
+@pytest.mark.parametrize("precision", [16, "16", "16-mixed", "16-true"])
+def test_fp16_on_a_cpu_is_refused_however_it_is_written(machine, precision):
+    from omegaconf import OmegaConf
+
+    machine(gpu=None)
+    trainer = OmegaConf.create({"accelerator": "cpu", "devices": 1, "precision": precision})
+    [problem] = hw.hardware_problems(trainer)
+    assert problem.startswith(f"trainer.precision={precision} needs a CUDA GPU")
+
+
 def test_the_fused_optimizer_runs_on_cuda_and_cpu_but_not_mps(machine, monkeypatch):
     machine(gpu=None)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

@@ -42,6 +42,8 @@ def test_the_model_summary_states_parameters_and_flops_per_token():
     assert training_flops(gpt, 2, 32).of_batch(1, 16) == flops
     assert f"training FLOPs per token: {human(flops)} (6 x {human(weights)} weights" in text
     assert human(7_241_088) == "7.24 M" and human(5.65e9) == "5.65 G" and human(512) == "512"
+    assert [human(n) for n in (999, 1000, 999_999, 1e6, -2500, 3e15)] == ["999", "1 k", "1 M", "1 M", "-2.5 k",
+                                                                         "3 P"]
 
 
 @pytest.mark.slow

@@ -108,6 +108,24 @@ def test_a_nan_is_reported_at_its_step_when_the_run_next_synchronises():
     guard.check(fake_module(2))  # all finite: nothing to say
 
 
+def test_across_ranks_the_first_bad_step_is_reported_and_at_one_step_the_bad_loss():
+    """Each rank remembers its own first bad step (step, loss, norm; step -1: none); the check reports the earliest
+    over the ranks, and of two at the same step the rank whose loss was not finite (the cause of the others' NaN
+    gradient norm after the all-reduce)."""
+    def reported(other_rank: list[float]) -> str:
+        guard = NonFiniteGuard(max_skipped=0)
+        run_steps(guard, [2.0, 2.0, 2.0, float("nan")], [1.0, 1.0, 1.0, float("nan")])  # this rank: step 3
+        module = fake_module(4, world_size=2)
+        module.trainer.strategy = SimpleNamespace(all_gather=lambda t: torch.stack([torch.tensor(other_rank), t]))
+        with pytest.raises(UserError) as error:
+            guard.check(module)
+        return str(error.value).split(";")[0]
+
+    assert reported([1.0, 2.0, float("inf")]) == "the gradient norm is inf at step 1 (training loss 2)"
+    assert reported([-1.0, 0.0, 0.0]) == "the training loss is nan at step 3"
+    assert reported([3.0, 2.0, float("nan")]) == "the training loss is nan at step 3"
+
+
 def test_up_to_k_bad_steps_are_skipped_then_the_run_stops():
     guard = NonFiniteGuard(max_skipped=2)
     with pytest.warns(UserWarning, match=r"skipped an optimizer step: the training loss is inf at step 1 \(1 of "):

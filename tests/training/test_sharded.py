@@ -16,6 +16,7 @@ from llmtrain.interop.pretrained import load_pretrained
 from llmtrain.model.gpt import GPT, GPTConfig
 from llmtrain.run.outputs import write_outputs
 from llmtrain.training import sharded
+from llmtrain.training.hardware import is_sharded
 from llmtrain.training.module import LanguageModel
 
 CONFIG = GPTConfig(vocab_size=257, context_length=16, emb_dim=16, n_heads=2, n_layers=2, tie_weights=True)
@@ -92,3 +93,30 @@ def test_text_samples_are_written_on_one_device_and_skipped_under_fsdp(caplog, m
             module._log_samples()
         assert texts == expected
     assert "no text samples under FSDP (the weights are sharded across ranks): skipped" in caplog.text
+
+
+def test_both_of_lightnings_fsdp_strategies_shard_and_model_parallels_full_state_is_gathered(tmp_path):
+    """ModelParallelStrategy (FSDP2) shards too; with save_distributed_checkpoint=False its state dict is the full
+    weights on rank zero, which gathered_gpt turns into a GPT; with True (its default) shards, so no GPT."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    assert is_sharded(FSDPStrategy()) and is_sharded(ModelParallelStrategy())
+    assert not is_sharded(SingleDeviceStrategy("cpu"))
+    torch.manual_seed(0)
+    full = GPT(CONFIG)
+    for distributed, gathered in ((True, False), (False, True)):
+        strategy = ModelParallelStrategy(save_distributed_checkpoint=distributed)
+        strategy.lightning_module_state_dict = lambda: {f"model.{k}": v for k, v in full.state_dict().items()}
+        plain = sharded.gathered_gpt(SimpleNamespace(strategy=strategy, is_global_zero=True), CONFIG, None)
+        assert (plain is not None) == gathered
+    assert all(torch.equal(v, full.state_dict()[k]) for k, v in plain.state_dict().items())
+
+
+def test_a_skip_is_logged_once_per_thing(caplog, monkeypatch):
+    monkeypatch.setattr(sharded, "_said", set())
+    with caplog.at_level(logging.INFO):
+        phrases = [sharded.skip_sharded("text samples") for _ in range(3)] + [sharded.skip_sharded("test answers")]
+    assert phrases[0] == phrases[2] == "no text samples under FSDP (the weights are sharded across ranks)"
+    assert [r.getMessage() for r in caplog.records if "under FSDP" in r.getMessage()] == [
+        "no text samples under FSDP (the weights are sharded across ranks): skipped",
+        "no test answers under FSDP (the weights are sharded across ranks): skipped"]
