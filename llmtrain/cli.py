@@ -9,10 +9,9 @@ import hydra
 from omegaconf import DictConfig
 
 from llmtrain.errors import one_line_errors
-from llmtrain.run.distributed import is_launch_rank
-from llmtrain.run.jobs import only_hydra_files, remove_run_dir
 from llmtrain.run.memory import preflight
 from llmtrain.run.resolve import resolve_run
+from llmtrain.run.rundir import discard
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The configs: inside the package when installed from a wheel (pyproject.toml maps conf/ to llmtrain/conf), at the
@@ -24,7 +23,7 @@ CONF_DIR = next((d for d in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf") 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    with one_line_errors(cleanup=lambda: remove_if_unused(Path(cfg.run_dir))):
+    with one_line_errors(cleanup=lambda: discard(Path(cfg.run_dir))):
         run = resolve_run(cfg)
         preflight(cfg, run)  # before any process starts: a run that cannot fit stops here
         # Lightning, datasets and peft take seconds to import: the recipe is imported only once the config is
@@ -33,8 +32,3 @@ def main(cfg: DictConfig) -> float:
 
         return train(cfg, run)
 
-
-def remove_if_unused(run_dir: Path) -> None:
-    """A run that stopped on bad input leaves no run dir behind (unless something else is already in it)."""
-    if is_launch_rank() and run_dir.is_dir() and only_hydra_files(run_dir):
-        remove_run_dir(run_dir)

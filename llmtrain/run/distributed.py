@@ -28,9 +28,35 @@ def world() -> tuple[int, int]:
     return 1, 0
 
 
+def launch_ranks(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(global rank, local rank) of this process as its launcher numbered it, read from the environment in the
+    order Lightning's cluster environments read it; (0, 0) for a process a user started.
+
+    - torchrun (TORCHELASTIC_RUN_ID): RANK and LOCAL_RANK;
+    - srun with more than one task (SLURM_NTASKS > 1, a job not named bash or interactive): SLURM_PROCID and
+      SLURM_LOCALID (srun sets no RANK, LOCAL_RANK or NODE_RANK);
+    - Lightning's own re-launch of the other ranks, and launchers like it: LOCAL_RANK, with NODE_RANK (or
+      GROUP_RANK) on the nodes after the first; RANK where it is set. A global rank other than 0 is reported
+      as -1 when only the node and local ranks are known."""
+    env = os.environ if env is None else env
+
+    def read(*names: str) -> int:
+        return next((int(env[n]) for n in names if env.get(n, "") != ""), 0)
+
+    if "TORCHELASTIC_RUN_ID" in env:
+        return read("RANK"), read("LOCAL_RANK")
+    if read("SLURM_NTASKS") > 1 and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return read("SLURM_PROCID"), read("SLURM_LOCALID")
+    local = read("LOCAL_RANK")
+    if env.get("RANK", "") != "":
+        return read("RANK"), local
+    return (0 if local == 0 and read("NODE_RANK", "GROUP_RANK") == 0 else -1), local
+
+
 def is_launch_rank() -> bool:
-    """True in the process a user started (not in a rank that a DDP launcher re-started)."""
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    """True in the one process that prepares data and owns the run dir: global rank 0 (under srun, torchrun, or
+    the process a user started before Lightning re-launched the other ranks)."""
+    return launch_ranks()[0] == 0
 
 
 def wait_for(ready: Callable[[], bool], what: str, timeout_s: float = 3 * 3600) -> None:

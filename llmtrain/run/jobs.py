@@ -10,7 +10,7 @@ builds the callbacks below before the first job starts.
 - `write_metrics`: `<run_dir>/metrics.json`, the final metrics of a finished run.
 - `SweepSummary` (hydra.callbacks): at the end of a multirun, its jobs best first, printed and written to
   `<sweep dir>/summary.md`.
-- `DiscardRunDir` (debug=fast): removes the run dir the job created once the job is over.
+- `DiscardRunDir` (debug=fast): removes what the job wrote once it is over (run/rundir.py says what that is).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -27,7 +26,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from llmtrain.files import write_atomic
 from llmtrain.run.distributed import in_multirun
+from llmtrain.run.rundir import discard
 
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"
@@ -108,8 +109,7 @@ if not OmegaConf.has_resolver("sweep_job"):  # registered on import: whoever com
 def write_metrics(run_dir: str | Path, metrics: dict[str, float]) -> Path:
     """`<run_dir>/metrics.json`: the final metrics of the run (val/loss, val/ppl or val/acc, ...) and its step."""
     path = Path(run_dir) / METRICS_FILE
-    path.write_text(json.dumps(metrics, indent=1) + "\n")
-    return path
+    return write_atomic(path, json.dumps(metrics, indent=1) + "\n")  # a sweep summary reads it
 
 
 def read_jobs(sweep_dir: Path, keys: set[str]) -> list[dict]:
@@ -161,39 +161,16 @@ class SweepSummary(Callback):
             return
         table = format_table(jobs)
         path = sweep_dir / SUMMARY_FILE
-        path.write_text(f"# Sweep summary: {len(jobs)} jobs, best val/loss first\n\n{table}\n")
+        write_atomic(path, f"# Sweep summary: {len(jobs)} jobs, best val/loss first\n\n{table}\n")
         print(f"sweep summary, best val/loss first (also in {path}):\n{table}\n"
               f"compare the jobs in TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)
 
 
-def only_hydra_files(run_dir: Path) -> bool:
-    """True when a run dir holds nothing but what Hydra writes at a job's start (.hydra/, the log file)."""
-    return all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
-
-
-def remove_run_dir(run_dir: Path) -> None:
-    """Remove a run dir, and the folders made for it while they are empty (up to the working directory)."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    for parent in run_dir.resolve().parents:
-        if parent == Path.cwd() or not parent.is_dir() or any(parent.iterdir()):
-            break
-        parent.rmdir()
-
-
 class DiscardRunDir(Callback):
-    """debug=fast: a run that keeps nothing. The run dir is removed when the job ends, if this job created it
-    (a dir that already held more than Hydra's own files is left as it is)."""
-
-    def __init__(self) -> None:
-        self._new: set[Path] = set()
-
-    def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        run_dir = Path(config.hydra.runtime.output_dir)
-        if only_hydra_files(run_dir):
-            self._new.add(run_dir)
+    """debug=fast: a run that keeps nothing. When the job ends, what it added to its run dir is removed (all of a
+    run dir it created, with the parents it made while empty; in a dir that held files before, only its own)."""
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         run_dir = Path(config.hydra.runtime.output_dir)
-        if run_dir in self._new:
-            remove_run_dir(run_dir)
-            print(f"debug=fast: removed the run dir {run_dir} (nothing is kept)", flush=True)
+        if discard(run_dir):
+            print(f"debug=fast: removed what the run wrote in {run_dir} (nothing is kept)", flush=True)

@@ -10,17 +10,38 @@ from omegaconf import OmegaConf
 from llmtrain.errors import UserError
 from llmtrain.run import distributed
 
+TORCHRUN = {"TORCHELASTIC_RUN_ID": "none", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4"}
+SRUN = {"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "train", "SLURM_NODEID": "1"}
 
-@pytest.mark.parametrize("env, launch", [
-    ({}, True), ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
-    ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # local rank 0 of the second node: a rank the launcher started
+
+@pytest.mark.parametrize("env, ranks", [
+    ({}, (0, 0)),  # the process a user started
+    # Lightning's re-launch of the other ranks (trainer.devices=N), and a two-node run of it
+    ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, (0, 0)), ({"LOCAL_RANK": "1"}, (-1, 1)),
+    ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, (-1, 0)),  # local rank 0 of the second node: not the launch rank
+    ({"LOCAL_RANK": "0", "GROUP_RANK": "1"}, (-1, 0)),
+    # torchrun on one node and on the second of two: RANK is the global rank, GROUP_RANK the node
+    (TORCHRUN | {"RANK": "1", "LOCAL_RANK": "1", "GROUP_RANK": "0"}, (1, 1)),
+    (TORCHRUN | {"RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1"}, (2, 0)),
+    (TORCHRUN | {"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}, (0, 0)),
+    # srun sets no RANK/LOCAL_RANK/NODE_RANK: every task read 0 before, and so believed it was rank 0
+    (SRUN | {"SLURM_PROCID": "2", "SLURM_LOCALID": "0"}, (2, 0)),
+    (SRUN | {"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, (0, 0)),
+    # one SLURM task (sbatch running python, or an interactive job) whose ranks Lightning re-launches: theirs
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "LOCAL_RANK": "1"}, (-1, 1)),
+    (SRUN | {"SLURM_JOB_NAME": "interactive", "SLURM_PROCID": "0", "LOCAL_RANK": "1"}, (-1, 1)),
 ])
-def test_the_launch_rank_is_local_rank_0_of_node_0(monkeypatch, env, launch):
-    for key in ("LOCAL_RANK", "NODE_RANK"):
+def test_ranks_are_read_as_lightnings_cluster_environments_read_them(env, ranks):
+    assert distributed.launch_ranks(env) == ranks
+
+
+def test_only_global_rank_0_is_the_launch_rank(monkeypatch):
+    for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    assert distributed.is_launch_rank() is launch
+    assert distributed.is_launch_rank()
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert not distributed.is_launch_rank()
 
 
 def test_waiting_polls_until_ready_and_gives_up_after_the_timeout_with_one_line(monkeypatch):

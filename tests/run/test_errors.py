@@ -48,6 +48,10 @@ def make_files(tmp_path: Path) -> Path:
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "outputs" / "earlier").mkdir(parents=True)
     (tmp_path / "outputs" / "earlier" / "keep.txt").write_text("mine")
+    (tmp_path / "job").mkdir()  # a SLURM job's folder, its log beside the run it asks for
+    (tmp_path / "job" / "slurm-9.log").write_text("the log that holds the error")
+    (tmp_path / "done" / ".hydra").mkdir(parents=True)  # another run, finished
+    (tmp_path / "done" / ".hydra" / "config.yaml").write_text("seed: 1\n")
     return tmp_path
 
 
@@ -73,6 +77,9 @@ def test_documented_error(results, i):
     assert result.stderr.strip().splitlines()[-1] == message.format(tmp=folder)
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (folder / "outputs").rglob("*")) == ["earlier", "keep.txt"]
+    assert [p.name for p in (folder / "job").rglob("*")] == ["slurm-9.log"]  # the folder as it was
+    assert [p.name for p in (folder / "done").rglob("*")] == [".hydra", "config.yaml"]
+    assert (folder / "done" / ".hydra" / "config.yaml").read_text() == "seed: 1\n"
 
 
 def test_a_user_error_is_one_line_on_stderr_and_exit_status_2(capsys, monkeypatch):

@@ -10,12 +10,10 @@ from omegaconf import OmegaConf
 
 from llmtrain.run.jobs import (
     ConsoleFormatter,
-    DiscardRunDir,
     SweepSummary,
     folder_name,
     job_label,
     read_jobs,
-    remove_run_dir,
     swept_keys,
     write_metrics,
 )
@@ -83,37 +81,6 @@ def test_a_classifier_sweep_shows_accuracy(tmp_path, capsys):
     SweepSummary().on_multirun_end(config)
     table = (tmp_path / "summary.md").read_text()
     assert "val/acc" in table and "0.9100" in table and "val/ppl" not in table
-
-
-def test_debug_fast_removes_only_a_run_dir_that_its_job_created(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    new, old = tmp_path / "outputs" / "runs" / "new", tmp_path / "outputs" / "runs" / "old"
-    for run_dir in (new, old):
-        (run_dir / ".hydra").mkdir(parents=True)
-        (run_dir / "train.log").write_text("")
-    (old / "checkpoints").mkdir()  # an earlier run's files: never removed
-    for run_dir in (new, old):
-        config = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run_dir)}}})
-        discard = DiscardRunDir()
-        discard.on_job_start(config)
-        (run_dir / "model").mkdir(exist_ok=True)  # what the run writes
-        discard.on_job_end(config, job_return=None)
-    assert not new.exists() and old.is_dir() and (old / "model").is_dir()
-    assert f"removed the run dir {new}" in capsys.readouterr().out
-
-
-def test_removing_a_run_dir_removes_the_folders_made_for_it_up_to_the_working_directory(tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    run_dir = work / "outputs" / "runs" / "fast"
-    (run_dir / ".hydra").mkdir(parents=True)
-    monkeypatch.chdir(work)
-    remove_run_dir(run_dir)
-    assert work.is_dir() and list(work.iterdir()) == []  # outputs/runs/ went with it; the empty cwd stays
-    kept = work / "outputs" / "runs" / "kept"
-    (kept / ".hydra").mkdir(parents=True)
-    (work / "outputs" / "runs" / "other").mkdir()
-    remove_run_dir(kept)
-    assert sorted(p.name for p in (work / "outputs" / "runs").iterdir()) == ["other"]  # a folder in use stays
 
 
 @pytest.mark.parametrize("level, shown", [(logging.INFO, "hello"), (logging.WARNING, "WARNING: hello")])

@@ -115,11 +115,12 @@ def test_resume_continues_steps_optimizer_and_schedule_past_a_truncated_checkpoi
 @pytest.mark.slow
 def test_existing_checkpoints_are_not_overwritten_by_a_new_run(tmp_path, short_run):
     run_dir, _ = short_run
-    stamp = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    stamps = [p.stat().st_mtime_ns for p in (run_dir / "checkpoints" / "last.ckpt", run_dir / ".hydra" / "config.yaml")]
     result = run_cli([*TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 2
-    assert "already holds checkpoints" in result.stderr and "ckpt_path=last" in result.stderr
-    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+    assert "already holds another run's outputs" in result.stderr and "ckpt_path=auto" in result.stderr
+    assert [p.stat().st_mtime_ns for p in (run_dir / "checkpoints" / "last.ckpt", run_dir / ".hydra" / "config.yaml")
+            ] == stamps  # refused before Hydra wrote its config
 
 
 @pytest.mark.slow
