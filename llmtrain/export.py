@@ -5,8 +5,9 @@ family (GPT-2's layout, or Llama's for a model with Llama's options).
 
 source is anything `init_from=` takes: a run dir (its checkpoints/last.ckpt, else its export), an llmtrain `.ckpt`,
 an export folder (`<run>/hf`), a Hugging Face GPT-2 or Llama folder or Hub name. It is what a checkpoint of the
-middle of a run (e.g. `checkpoints/best-step200.ckpt`) needs to leave llmtrain. out_dir is written whole or not at
-all, and an existing folder is replaced only when it is an export (or empty); transformers loads it offline, and
+middle of a run (e.g. `checkpoints/best-step200.ckpt`) needs to leave llmtrain. Into an existing out_dir only the
+export's files are written, each whole or not at all, and the rest is left as it is (a Hub repository's .git);
+an earlier export of another architecture or stage needs overwrite=true. transformers loads it offline, and
 init_from= reads it back exactly. A mistake ends in one line on stderr and exit status 2.
 """
 
@@ -30,7 +31,9 @@ class ExportArgs:
 
     source: str = MISSING  # a run dir, an llmtrain .ckpt or export folder, a Hugging Face GPT-2 folder or Hub name
     # (what init_from= takes)
-    out_dir: str = MISSING  # the folder to write (config.json, model.safetensors, tokenizer files, llmtrain.json)
+    out_dir: str = MISSING  # the folder to write (config.json, model.safetensors, tokenizer files, llmtrain.json);
+    # other files in it (a cloned Hub repository's .git, README.md) are left as they are
+    overwrite: bool = False  # replace an export of another architecture or stage, or files llmtrain did not write
 
 
 def meta_of(info: ModelInfo) -> dict:
@@ -41,10 +44,10 @@ def meta_of(info: ModelInfo) -> dict:
             "exported_from": info.path}
 
 
-def run(source: str, out_dir: str) -> str:
+def run(source: str, out_dir: str, overwrite: bool = False) -> str:
     """Export source to out_dir; returns the line the command prints."""
     model, info = load_pretrained(source, key="source")
-    out = export_hf(model, out_dir, meta_of(info))
+    out = export_hf(model, out_dir, meta_of(info), overwrite)
     if info.num_classes is not None:
         what, auto = f"a classifier of {', '.join(info.label_names or [])}", "AutoModelForSequenceClassification"
     else:
@@ -56,7 +59,7 @@ def run(source: str, out_dir: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         args = parse(ExportArgs, sys.argv[1:] if argv is None else argv)
-        print(run(args.source, args.out_dir))
+        print(run(args.source, args.out_dir, args.overwrite))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(tmp_path, capsys, monk
     ckpt = save_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt", tiny())
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
+    (tmp_path / "notes" / "config.json").write_text("{}")
     (tmp_path / "broken.ckpt").write_text("not a checkpoint")
     cases = [
         ([ckpt], "error: out_dir is not set: give out_dir=..., the folder to write"),
@@ -84,9 +85,9 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(tmp_path, capsys, monk
                                                 "a known Hub name; source accepts"),
         ([tmp_path / "broken.ckpt", tmp_path / "out"], f"error: source={tmp_path / 'broken.ckpt'} cannot be read: "
                                                        "it is truncated, corrupt or not"),
-        ([ckpt, tmp_path / "notes"], f"error: {tmp_path / 'notes'} exists and is not an llmtrain export: export into "
-                                     "a new folder, or move this one away"),
-        ([ckpt, tmp_path / "run"], f"error: {tmp_path / 'run'} exists and is not an llmtrain export"),
+        ([ckpt, tmp_path / "notes"], f"error: {tmp_path / 'notes'} holds config.json that llmtrain did not write: "
+                                     "write into another folder, or pass overwrite=true"),
+        ([ckpt, tmp_path / "broken.ckpt"], f"error: {tmp_path / 'broken.ckpt'} exists and is not a folder"),
     ]
     for paths, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -94,6 +95,7 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(tmp_path, capsys, monk
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "notes" / "config.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.ckpt", "notes", "run"]
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["checkpoints", "last.ckpt"]
 

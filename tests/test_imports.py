@@ -72,10 +72,11 @@ def test_the_cycle_finder_finds_a_circle():
 
 
 # The layers, lowest first: a module may import modules of its own layer and of the layers below it (and errors,
-# which every layer raises). Data flows one way: config -> data -> model and stage -> LightningModule -> Trainer ->
-# outputs. The entry points (python -m llmtrain, llmtrain.generate, ...) sit on top; nothing imports the command line.
+# which every layer raises, and files, which writes files whole). Data flows one way: config -> data -> model and
+# stage -> LightningModule -> Trainer -> outputs. The entry points (python -m llmtrain, llmtrain.generate, ...) sit
+# on top; nothing imports the command line.
 LAYERS = ("model", "data", "interop", "stages", "training", "run", "entry")
-SHARED = {"llmtrain", "llmtrain.errors"}
+SHARED = {"llmtrain", "llmtrain.errors", "llmtrain.files"}
 
 
 def layer_of(module: str) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from llmtrain.data.loaders import ResumableLoader, eval_loader, trainer_batches_
 from llmtrain.data.sources import embedded_path, load_documents, resolve_files, weyl
 from llmtrain.data.tokenizer import build_tokenizer, tokenizer_key
 from llmtrain.errors import UserError
+from llmtrain.files import umask
 
 CACHE_VERSION = 1
 _WRITE_BATCH = 1000  # documents per tokenization batch
@@ -69,7 +71,8 @@ class TokenCache:
             ids = documents.map(encode, batched=True, remove_columns=remove)
 
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=self.dir.parent))
+        remove_stale_builds(self.dir.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_BUILDING}{socket.gethostname()}-{os.getpid()}-", dir=self.dir.parent))
         counts = {"train": 0, "val": 0}
         docs = {"train": 0, "val": 0}
         try:
@@ -85,6 +88,7 @@ class TokenCache:
                         index += 1
             meta = {"dtype": np.dtype(dtype).name, "tokens": counts, "documents": docs, "key": self.key}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep the other users of a shared cache out
             try:
                 os.replace(tmp, self.dir)
             except OSError:  # another process finished the same cache first
@@ -92,6 +96,32 @@ class TokenCache:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_BUILDING = ".building-"  # a cache being written: .building-<host>-<pid>-<random>
+
+
+def remove_stale_builds(root: Path) -> list[Path]:
+    """Remove the folders that killed tokenizations of this machine left under root (their process is gone), so
+    that a kill costs the time it wasted and not the disk too. A build of another machine (a shared cache) is
+    left to that machine."""
+    host, removed = socket.gethostname(), []
+    for folder in root.glob(f"{_BUILDING}*"):
+        name_host, _, rest = folder.name.removeprefix(_BUILDING).rpartition("-")[0].rpartition("-")
+        if name_host == host and rest.isdigit() and not _alive(int(rest)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _batches(ds) -> Iterator[list[list[int]]]:

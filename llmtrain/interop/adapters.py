@@ -51,7 +51,7 @@ def export_hf_adapter(peft_model: nn.Module, out_dir: str | Path, base: str | No
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card names our class: not this adapter's base
 
-    return write_folder(Path(out_dir), write, lambda p: (p / ADAPTER_CONFIG).is_file(), "a LoRA adapter")
+    return write_folder(Path(out_dir), write, lambda p: (p / ADAPTER_CONFIG).is_file(), "llmtrain's LoRA export")
 
 
 def is_hf_adapter(path: str | Path) -> bool:

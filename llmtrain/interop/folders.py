@@ -6,8 +6,9 @@ at all (an export, an adapter), and an export's `llmtrain.json`: what only llmtr
 the run's record (tokenizer, stage, classes, prompt template, init_from, step), so that reading the folder back
 gives the very model that was exported.
 
-A folder is written beside its destination and renamed into place: a reader never sees a half-written folder, and
-a kill or a full disk in the middle of a write leaves the previous folder as it was. No Lightning or Hydra, and no
+A new folder is written beside its destination and renamed into place; into an existing one, llmtrain writes its
+own files and leaves the rest (a `.git/`, a README). Either way a kill or a full disk in the middle of a write
+leaves the previous files as they were, and a reader never sees a half-written file. No Lightning or Hydra, and no
 transformers: safetensors and JSON.
 """
 
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
+from llmtrain.files import umask
 from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.model.gpt import GPT
 
@@ -123,51 +125,83 @@ def record_text(gpt: GPT, meta: dict, tokenizer: str, num_classes: int | None) -
     return json.dumps(record, indent=1) + "\n"
 
 
-def write_export(out: Path, tensors: dict[str, torch.Tensor], texts: dict[str, str],
-                 replaceable: Callable[[Path], bool], what: str) -> Path:
-    """Write model.safetensors (tensors, on the CPU) and the text files (file name -> text) as the folder out,
-    whole or not at all (write_folder). Returns out."""
+def write_export(out: Path, tensors: dict[str, torch.Tensor], texts: dict[str, str], overwrite: bool = False) -> Path:
+    """Write model.safetensors (tensors, on the CPU) and the text files (file name -> text) into the folder out
+    (write_folder). An earlier llmtrain export there is updated when it is of the same architecture and stage;
+    another one, or files of the same names that llmtrain did not write, only with overwrite. Returns out."""
 
     def write(tmp: Path) -> None:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})  # transformers requires the "format" entry
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
 
-    return write_folder(out, write, replaceable, what)
+    return write_folder(out, write, is_hf_export, "llmtrain", overwrite, identity=export_identity)
 
 
-def write_folder(out: Path, write: Callable[[Path], None], replaceable: Callable[[Path], bool], what: str) -> Path:
-    """Call write(tmp) on a new folder beside out, sync its files, and rename it to out (replacing an older out
-    only if replaceable(out) or it is empty); a folder left by a killed writer is cleaned up. Returns out."""
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or replaceable(out))):
-        raise UserError(f"{out} exists and is not {what}: export into a new folder, or move this one away")
+def export_identity(folder: Path) -> str:
+    """What an export is, as a refusal names it: its class (config.json's architectures) and its stage."""
+    def value(name: str, key: str):
+        try:
+            return json.loads((folder / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    architectures = value(CONFIG, "architectures") or ["?"]
+    return f"{', '.join(architectures)}, stage {value(LLMTRAIN_JSON, 'stage')}"
+
+
+def write_folder(out: Path, write: Callable[[Path], None], owned: Callable[[Path], bool], writer: str,
+                 overwrite: bool = False, identity: Callable[[Path], object] | None = None) -> Path:
+    """Write the files that write(tmp) makes into the folder out, and leave everything else in out as it was (a
+    cloned Hub repository's .git/ and README.md stay, as with transformers' save_pretrained). Returns out.
+
+    A new folder is written beside out and renamed into place: whole or not at all. Into an existing folder the
+    files are written to a hidden folder inside it first, synced, and then each renamed over its namesake (the
+    record llmtrain.json last), so a kill or a full disk while writing leaves the previous files as they were.
+    Refused in one line unless overwrite: files of the same names in a folder that `owned` (an earlier write by
+    `writer`, e.g. llmtrain) does not recognise, or an earlier write whose `identity` (architecture, stage) differs.
+    Files of an earlier write that this one does not have (shards of a sharded export) are removed."""
+    mask = umask()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder: give out_dir a folder")
+    fresh = not out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for stale in [*out.parent.glob(f".{out.name}{_TMP}*"), *(out.glob(f"{_TMP}*") if not fresh else [])]:
+        shutil.rmtree(stale, ignore_errors=True)  # left behind by a writer that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP}" if fresh else _TMP, dir=out.parent if fresh else out))
     try:
         write(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
+        names = sorted((p.name for p in tmp.iterdir()), key=lambda n: (n == LLMTRAIN_JSON, n))
+        for name in names:
+            with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        _swap_into_place(tmp, out)
-    except BaseException:
+            os.chmod(tmp / name, 0o666 & ~mask)  # safetensors writes 0600: files as the user's umask says
+        if fresh:
+            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would keep a teammate out of the export
+            os.replace(tmp, out)
+            return out
+        earlier = owned(out)
+        taken = sorted(n for n in names if (out / n).exists())
+        if taken and not earlier and not overwrite:
+            raise UserError(f"{out} holds {', '.join(taken[:4])} that {writer} did not write: write into another "
+                            f"folder, or pass overwrite=true to replace them (other files are always left as they are)")
+        if earlier and identity is not None and identity(out) != identity(tmp) and not overwrite:
+            raise UserError(f"{out} holds an export of {identity(out)}; this one is {identity(tmp)}: write into "
+                            f"another folder, or pass overwrite=true to replace it")
+        previous = {p.name for p in out.iterdir() if _of_a_write(p.name)} if earlier else set()
+        for name in names:
+            os.replace(tmp / name, out / name)
+        for name in previous - set(names):
+            (out / name).unlink(missing_ok=True)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for stale in out.parent.iterdir():  # left behind by a writer that was killed
-        if stale.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")):
-            shutil.rmtree(stale, ignore_errors=True)
     return out
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an older out is moved aside first and deleted after (a directory cannot be renamed over)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)  # put the previous folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+_TMP = ".llmtrain-tmp-"  # a write in progress
+
+
+def _of_a_write(name: str) -> bool:
+    """Files that an earlier export or adapter wrote and a new one replaces (and removes when it has none)."""
+    return name in (CONFIG, WEIGHTS, INDEX, GENERATION, LLMTRAIN_JSON) or (
+        name.startswith("model-") and name.endswith(".safetensors"))

@@ -32,7 +32,6 @@ from llmtrain.interop.folders import (
     CONFIG,
     GENERATION,
     LLMTRAIN_JSON,
-    is_hf_export,
     read_config_json,
     read_record,
     read_safetensors,
@@ -151,13 +150,13 @@ def gpt2_mismatches(gpt: GPT) -> list[str]:
     return differ
 
 
-def export_gpt2(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
+def export_gpt2(model: nn.Module, out_dir: str | Path, meta: dict, overwrite: bool = False) -> Path:
     """Write model (a GPT with GPT-2's options, or a peft model around one, merged into a copy) to out_dir in
     GPT-2's layout (see the top of this file).
 
     meta is the run's record (tokenizer, stage, num_classes, label_names, prompt_template, init_from, step): it goes
-    to llmtrain.json, and decides the tokenizer files and, with num_classes, the classifier layout. An existing
-    out_dir is replaced only when it is an llmtrain export (or empty). Returns out_dir."""
+    to llmtrain.json, and decides the tokenizer files and, with num_classes, the classifier layout. In an existing
+    out_dir only the export's files are written (folders.write_folder). Returns out_dir."""
     gpt = plain_gpt(model)
     differ = gpt2_mismatches(gpt)
     if differ:
@@ -173,7 +172,7 @@ def export_gpt2(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
     texts[LLMTRAIN_JSON] = record_text(gpt, meta, tokenizer, len(labels) if labels else None)
     texts |= tokenizer_files(tokenizer, gpt.config.context_length, pad=classifier)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in gpt2_state_dict(gpt, classifier).items()}
-    return write_export(Path(out_dir), tensors, texts, is_hf_export, "an llmtrain export")
+    return write_export(Path(out_dir), tensors, texts, overwrite)
 
 
 def gpt2_config(gpt: GPT, eot: int, label_names: list[str] | None = None) -> dict:

@@ -33,22 +33,24 @@ FAMILIES = {"gpt2": (read_gpt2_info, load_gpt2), "llama": (read_llama_info, load
 HUB_NAMES = [*GPT2_NAMES, *LLAMA_NAMES]  # the Hub names llmtrain downloads
 
 
-def export_hf(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
+def export_hf(model: nn.Module, out_dir: str | Path, meta: dict, overwrite: bool = False) -> Path:
     """Write model (a GPT, or a peft model around one, merged into a copy: the model is not modified) to out_dir
     in its family's Hugging Face layout, with llmtrain.json beside.
 
+    overwrite: replace an earlier export of another architecture or stage, or files llmtrain did not write, in
+    out_dir (other files there are always left as they are).
     meta is the run's record (tokenizer, stage, num_classes, label_names, prompt_template, init_from, step): it goes
     to llmtrain.json, and decides the tokenizer files and, with num_classes, the classifier layout (GPT-2's only).
     Returns out_dir."""
     gpt = plain_gpt(model)
     if meta.get("num_classes") is None and not llama_mismatches(gpt):
-        return export_llama(gpt, meta.get("tokenizer") or "gpt2", out_dir, meta)
+        return export_llama(gpt, meta.get("tokenizer") or "gpt2", out_dir, meta, overwrite)
     differ = gpt2_mismatches(gpt)
     if differ:
         raise UserError(f"the model has no Hugging Face layout: {', '.join(differ)} is neither GPT-2's nor (with "
                         f"{', '.join(f'{k}={v}' for k, v in LLAMA_OPTIONS.items())}) Llama's; llmtrain reads its "
                         f"checkpoints (init_from=, generate's ckpt_path=)")
-    return export_gpt2(gpt, out_dir, meta)
+    return export_gpt2(gpt, out_dir, meta, overwrite)
 
 
 def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:

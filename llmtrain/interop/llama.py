@@ -34,7 +34,6 @@ from llmtrain.interop.folders import (
     CONFIG,
     GENERATION,
     LLMTRAIN_JSON,
-    WEIGHTS,
     read_config_json,
     read_record,
     read_safetensors,
@@ -170,12 +169,13 @@ def llama_mismatches(gpt: GPT) -> list[str]:
     return differ
 
 
-def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path, meta: dict | None = None) -> Path:
+def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path, meta: dict | None = None,
+                 overwrite: bool = False) -> Path:
     """Write model (a GPT with Llama's options, or a peft model around one, merged into a copy) as a Hugging Face
     LlamaForCausalLM folder: config.json, model.safetensors, generation_config.json, tokenizer.json and
     tokenizer_config.json (`tokenizer` is a name build_tokenizer takes), and with a run's `meta` llmtrain.json
-    (what only llmtrain reads: the exact GPTConfig and the run's record). Written atomically; an existing out_dir
-    is replaced only if it holds nothing but such files. Returns out_dir."""
+    (what only llmtrain reads: the exact GPTConfig and the run's record). Written as folders.write_folder writes:
+    the export's own files, the rest of an existing out_dir left as it is. Returns out_dir."""
     gpt = plain_gpt(model)
     c = gpt.config
     differ = llama_mismatches(gpt)
@@ -204,6 +204,4 @@ def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path, meta: di
     if meta is not None:
         texts[LLMTRAIN_JSON] = record_text(gpt, meta, tokenizer, None)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in llama_state_dict(gpt).items()}
-    ours = {WEIGHTS, *texts, LLMTRAIN_JSON}
-    return write_export(Path(out_dir), tensors, texts, lambda p: {f.name for f in p.iterdir()} <= ours,
-                        "a Llama export (it holds other files)")
+    return write_export(Path(out_dir), tensors, texts, overwrite)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch.nn as nn
 
 from llmtrain.errors import UserError
+from llmtrain.interop.folders import write_folder
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -136,12 +137,11 @@ def format_trainable(model: nn.Module) -> str:
 def save_adapter(peft_model: PeftModel, out_dir: str | Path) -> Path:
     """Write only the adapter (and modules_to_save) in peft's layout: adapter_config.json + adapter_model.safetensors.
 
-    The base weights are not included: loading needs the same base model, bit for bit.
+    The base weights are not included: loading needs the same base model, bit for bit. Written as
+    folders.write_folder writes: whole or not at all, other files in out_dir left as they are.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(out))
-    return out
+    return write_folder(Path(out_dir), lambda tmp: peft_model.save_pretrained(str(tmp)),
+                        lambda p: (p / "adapter_config.json").is_file(), "llmtrain's LoRA adapter")
 
 
 def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool = False,

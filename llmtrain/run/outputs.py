@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
+from llmtrain.files import write_atomic
 from llmtrain.interop.adapters import export_hf_adapter
 from llmtrain.interop.gpt2 import gpt2_mismatches
 from llmtrain.interop.hf import export_hf
@@ -67,7 +68,7 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
         written.append(f"no export: {e}")
     if stage.lora:
         save_adapter(module.model, run_dir / "adapter")
-        (run_dir / "adapter" / ADAPTER_META).write_text(json.dumps({"base": cfg.init_from, **meta}, indent=1))
+        write_atomic(run_dir / "adapter" / ADAPTER_META, json.dumps({"base": cfg.init_from, **meta}, indent=1))
         written.append(f"adapter in {run_dir / 'adapter'}")
         if not gpt2_mismatches(module.gpt):  # peft's names for transformers' GPT-2
             base = hf_folder(cfg.init_from)

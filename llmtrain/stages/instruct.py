@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from llmtrain.data.prompts import record_prompt
+from llmtrain.files import write_atomic
 from llmtrain.model.gpt import GPT
 from llmtrain.stages.pretrain import Pretrain
 from llmtrain.stages.text import generate_text
@@ -42,11 +43,11 @@ class Instruct(Pretrain):
         """Answer the test split's instructions greedily; instruction, input, reference and answer as JSONL."""
         records = datamodule.records["test"]
         records = records[: self.test_generations] if self.test_generations is not None else records
-        path = run_dir / TEST_GENERATIONS
-        with open(path, "w") as f:
-            for r in records:
-                answer = generate_text(model, datamodule.tokenizer, record_prompt(r, self.prompt_template),
-                                       self.max_new_tokens, temperature=0)
-                f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input") or "",
-                                    "reference": r["output"], "generated": answer.strip()}) + "\n")
+        path, lines = run_dir / TEST_GENERATIONS, []
+        for r in records:
+            answer = generate_text(model, datamodule.tokenizer, record_prompt(r, self.prompt_template),
+                                   self.max_new_tokens, temperature=0)
+            lines.append(json.dumps({"instruction": r["instruction"], "input": r.get("input") or "",
+                                     "reference": r["output"], "generated": answer.strip()}) + "\n")
+        write_atomic(path, "".join(lines))
         return [f"{len(records)} test answers in {path}"]

@@ -2,6 +2,8 @@
 
 import json
 import os
+import socket
+import stat
 
 import numpy as np
 import pytest
@@ -54,6 +56,29 @@ def test_second_run_reuses_the_cache_and_a_changed_file_does_not(tmp_path):
     write_paragraphs(f, n=70)
     assert make_dm(tmp_path, path=str(f)).cache.dir != dm.cache.dir
     assert make_dm(tmp_path, path=str(f), tokenizer="gpt2").cache.dir != dm.cache.dir
+
+
+def test_a_build_removes_what_killed_builds_of_this_machine_left_and_its_cache_is_readable_by_all(tmp_path):
+    """A tokenization killed half-way leaves a .building-<host>-<pid>-* folder: the next build removes it (its
+    process is gone); a live one, or one of another machine sharing the cache, stays. The cache folder has the
+    user's umask, not mkdtemp's 0700 (a second user of a shared cache could not read it)."""
+    f = write_paragraphs(tmp_path / "a.txt")
+    dm = make_dm(tmp_path, path=str(f))
+    root = dm.cache.dir.parent
+    root.mkdir(parents=True)
+    host = socket.gethostname()
+    dead = 2**22 + 7  # beyond the largest pid_max: no such process
+    for name in (f"{host}-{dead}-abc", f"{host}-{os.getpid()}-def", f"elsewhere-{dead}-ghi"):
+        (root / f".building-{name}").mkdir()
+        (root / f".building-{name}" / "train.bin").write_bytes(b"\0" * 64)
+    old = os.umask(0o022)
+    try:
+        dm.prepare_data()
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".building-")) == [
+        f".building-elsewhere-{dead}-ghi", f".building-{host}-{os.getpid()}-def"]
+    assert stat.S_IMODE(dm.cache.dir.stat().st_mode) == 0o755
 
 
 def test_globs_and_json_and_parquet_sources(tmp_path):

@@ -99,13 +99,20 @@ def test_names_in_gpt2s_terms():
     assert (gpt2_module_name("head"), gpt2_module_name("head", classifier=True)) == ("lm_head", "score")
 
 
-def test_an_adapter_never_replaces_another_folder(tmp_path):
+def test_an_adapter_is_written_beside_the_files_of_its_folder_and_never_over_anothers(tmp_path):
     ours = adapted(base_model(tied=True), ["attn.qkv"])
     (tmp_path / "hf_adapter").mkdir()
     (tmp_path / "hf_adapter" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="hf_adapter exists and is not a LoRA adapter"):
-        export_hf_adapter(ours, tmp_path / "hf_adapter", None, False)
+    export_hf_adapter(ours, tmp_path / "hf_adapter", None, False)
+    assert sorted(p.name for p in (tmp_path / "hf_adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "notes.txt"]
     assert (tmp_path / "hf_adapter" / "notes.txt").read_text() == "mine"
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "adapter_model.safetensors").write_text("someone else's weights")
+    with pytest.raises(UserError, match="theirs holds adapter_model.safetensors that llmtrain's LoRA export did not "
+                                        "write: write into another folder, or pass overwrite=true"):
+        export_hf_adapter(ours, tmp_path / "theirs", None, False)
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["adapter_model.safetensors"]
 
 
 def test_generate_tells_an_adapter_for_transformers_from_ours(tmp_path):

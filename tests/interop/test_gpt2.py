@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
 from dataclasses import asdict
 from pathlib import Path
 
@@ -282,14 +284,15 @@ def test_a_lora_model_exports_merged_and_stays_wrapped(tmp_path, task):
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_a_second_export_replaces_the_first_whole_and_a_crash_keeps_it(tmp_path, monkeypatch):
+def test_a_second_export_replaces_the_first_and_a_crash_keeps_it(tmp_path, monkeypatch):
     first, second = tiny(seed=0), tiny(seed=1, n_layers=1)
     out = export_hf(first, tmp_path / "hf", META | {"step": 10})
-    (out / "notes.txt").write_text("from the first export")
-    (tmp_path / ".hf.tmp-killed").mkdir()  # what a killed export leaves behind
+    (out / "notes.txt").write_text("the user's")
+    (tmp_path / ".hf.llmtrain-tmp-killed").mkdir()  # what killed exports leave behind: of a new folder,
+    (out / ".llmtrain-tmp-killed").mkdir()  # and of an existing one
     export_hf(second, out, META | {"step": 20})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
-    assert sorted(p.name for p in out.iterdir()) == FILES
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES, "notes.txt"])
     loaded, info = load_pretrained(str(out))
     assert_same(second, loaded)
     assert info.step == 20
@@ -305,19 +308,55 @@ def test_a_second_export_replaces_the_first_whole_and_a_crash_keeps_it(tmp_path,
     assert_same(second, load_pretrained(str(out))[0])
 
 
-def test_an_export_never_replaces_a_folder_that_is_not_an_export(tmp_path):
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_text("precious")
-    with pytest.raises(UserError, match=r"run exists and is not an llmtrain export: export into a new folder"):
-        export_hf(tiny(), tmp_path / "run", META)
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_text() == "precious"
+def test_an_export_writes_its_own_files_and_leaves_the_rest_of_its_folder(tmp_path):
+    """A cloned Hub repository a user pushes to: .git/ and README.md stay through the first export and the next."""
+    repo = tmp_path / "repo"
+    (repo / ".git" / "objects").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / "README.md").write_text("my model card")
+    (repo / "checkpoints").mkdir()
+    (repo / "checkpoints" / "last.ckpt").write_text("precious")
+    export_hf(tiny(), repo, META)
+    second = tiny()
+    with torch.no_grad():
+        second.head.weight.add_(1.0)
+    export_hf(second, repo, META)
+    assert (repo / "README.md").read_text() == "my model card" and (repo / ".git" / "HEAD").is_file()
+    assert (repo / "checkpoints" / "last.ckpt").read_text() == "precious"
+    assert not [p for p in repo.iterdir() if p.name.startswith(".llmtrain-tmp-")]
+    assert_same(second, load_pretrained(str(repo))[0])
+
+
+def test_an_export_never_replaces_files_it_did_not_write_or_another_kind_of_export_unless_told(tmp_path):
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2)).save_pretrained(
         tmp_path / "theirs")  # someone else's Hugging Face folder
-    with pytest.raises(UserError, match="theirs exists and is not an llmtrain export"):
+    before = {p.name: p.read_bytes() for p in (tmp_path / "theirs").iterdir()}
+    with pytest.raises(UserError, match=r"theirs holds config.json, generation_config.json, model.safetensors that "
+                                        r"llmtrain did not write: write into another folder, or pass overwrite=true"):
         export_hf(tiny(), tmp_path / "theirs", META)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "theirs"]
-    (tmp_path / "empty").mkdir()
-    assert_same(tiny(), load_pretrained(str(export_hf(tiny(), tmp_path / "empty", META)))[0])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "theirs").iterdir()} == before
+    assert_same(tiny(), load_pretrained(str(export_hf(tiny(), tmp_path / "theirs", META, overwrite=True)))[0])
+    out = export_hf(tiny(), tmp_path / "hf", META)
+    with pytest.raises(UserError, match=r"hf holds an export of GPT2LMHeadModel, stage pretrain; this one is "
+                                        r"GPT2LMHeadModel, stage instruct: write into another folder, or pass "
+                                        r"overwrite=true"):
+        export_hf(tiny(), out, META | {"stage": "instruct"})
+    assert json.loads((out / "llmtrain.json").read_text())["stage"] == "pretrain"
+    export_hf(tiny(), out, META | {"stage": "instruct"}, overwrite=True)
+    assert json.loads((out / "llmtrain.json").read_text())["stage"] == "instruct"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file exists and is not a folder"):
+        export_hf(tiny(), tmp_path / "file", META)
+
+
+def test_an_export_is_readable_by_everyone_the_umask_lets_read(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = export_hf(tiny(), tmp_path / "hf", META)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
 
 
 def _other_shape(out: Path) -> None:

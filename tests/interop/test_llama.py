@@ -208,9 +208,10 @@ def test_export_refuses_models_llama_cannot_express_and_folders_it_did_not_write
         export_llama(classifier, "bytes", tmp_path / "hf")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.ckpt").write_text("precious")
-    with pytest.raises(UserError, match="exists and is not a Llama export"):
+    (tmp_path / "run" / "config.json").write_text("{}")  # not written by llmtrain: refused, as for GPT-2
+    with pytest.raises(UserError, match="run holds config.json that llmtrain did not write"):
         export_llama(llama_gpt(), "bytes", tmp_path / "run")
-    assert (tmp_path / "run" / "last.ckpt").read_text() == "precious"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "last.ckpt"]
     assert not (tmp_path / "hf").exists()
 
 

@@ -1,0 +1,34 @@
+"""Files written whole (llmtrain/files.py): the previous file stays until the new one is complete."""
+
+import os
+import stat
+
+import pytest
+
+from llmtrain import files
+
+
+def test_a_write_replaces_the_file_whole_with_the_users_umask(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"val/loss": 3.0}\n')
+    old = os.umask(0o027)
+    try:
+        files.write_atomic(path, '{"val/loss": 2.5}\n')
+    finally:
+        os.umask(old)
+    assert path.read_text() == '{"val/loss": 2.5}\n'
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # not mkstemp's 0600
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_a_write_cut_off_leaves_the_previous_file_and_no_temporary_one(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    path.write_text("previous")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        files.write_atomic(path, "x" * 10_000)
+    assert path.read_text() == "previous" and os.listdir(tmp_path) == ["metrics.json"]
