@@ -13,6 +13,7 @@ composition so that the command starts in about a second.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,6 +60,9 @@ class GenerateArgs:
 # --- command line -------------------------------------------------------------------------------------------
 
 
+MAX_NEW_TOKENS = 1_000_000  # one call's output buffer: 8 MB per row; beyond it a typo (10**12: 8 TB) allocates
+
+
 def parse_args(argv: list[str]) -> GenerateArgs:
     """['key=value', ...] -> GenerateArgs, its values checked together (`--help` prints the keys and exits)."""
     args = parse(GenerateArgs, argv)
@@ -73,10 +77,11 @@ def validate(args: GenerateArgs) -> None:
         problems.append('prompt is not set: give prompt="..." (or instruction="..." for an instruction-tuned model)')
     if args.prompt is not None and args.instruction is not None:
         problems.append("prompt and instruction are both set: give one (instruction= wraps it in the Alpaca template)")
-    if args.max_new_tokens < 1:
-        problems.append(f"max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        problems.append(f"temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        problems.append(f"max_new_tokens must lie in [1, {MAX_NEW_TOKENS:,}] (the tokens of one call, held in memory "
+                        f"with the prompt), got {args.max_new_tokens:,}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        problems.append(f"temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 0:
         problems.append(f"top_k must be >= 0 (0 or null = off), got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:

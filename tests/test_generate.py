@@ -136,7 +136,11 @@ def test_classifier_checkpoint_is_refused(tmp_path):
     (["CKPT"], "prompt is not set"),
     (["CKPT", "prompt=hi", "tempreature=0"], "unknown key 'tempreature' (did you mean temperature?); the keys are "
                                              "ckpt_path, base, prompt"),
-    (["CKPT", "prompt=hi", "temperature=-1", "top_p=1.5"], "temperature must be >= 0"),
+    (["CKPT", "prompt=hi", "temperature=-1", "top_p=1.5"], "temperature must be a number >= 0"),
+    (["CKPT", "prompt=hi", "temperature=nan"], "temperature must be a number >= 0 (0 = greedy), got nan"),
+    (["CKPT", "prompt=hi", "max_new_tokens=1000000000000"], "max_new_tokens must lie in [1, 1,000,000] (the tokens "
+                                                           "of one call, held in memory with the prompt), got "
+                                                           "1,000,000,000,000"),
     (["CKPT", "prompt=hi", "max_new_tokens=many"], "max_new_tokens=many: expected an integer"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(ckpt, args, words, capsys, monkeypatch):
@@ -158,7 +162,7 @@ def test_missing_prompt_through_the_real_command(ckpt):
 
 
 def test_bad_values_are_reported_together():
-    with pytest.raises(Exception, match=r"temperature must be >= 0.*top_p must lie in \(0, 1\]"):
+    with pytest.raises(Exception, match=r"temperature must be a number >= 0.*top_p must lie in \(0, 1\]"):
         parse_args(["ckpt_path=x", "prompt=hi", "temperature=-0.5", "top_p=0"])
     assert parse_args(["ckpt_path=x", "prompt=", "top_p=null"]).prompt == ""  # an empty prompt is a prompt
 

@@ -59,16 +59,21 @@ class TokenCache:
         eot = tok.eot_token
         dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
 
-        def encode(batch: dict) -> dict:
-            return {"ids": [ids + [eot] for ids in tok.encode_ordinary_batch(batch[text_column], num_threads=1)]}
+        def encode(batch: dict, indices: list[int]) -> dict:
+            texts = batch[text_column]
+            for i, text in zip(indices, texts):
+                if not isinstance(text, str):  # tiktoken's TypeError, possibly hours into tokenizing
+                    raise UserError(f"data: document {i} (counting from 0) has {text_column}={text!r}, not text: "
+                                    f"fix or drop that row (data.text_column names the column read)")
+            return {"ids": [ids + [eot] for ids in tok.encode_ordinary_batch(texts, num_threads=1)]}
 
         if max_documents is not None:
             documents = documents.take(max_documents) if hasattr(documents, "take") else documents
         remove = documents.column_names
         if hasattr(documents, "num_rows") and num_proc > 1 and documents.num_rows >= 4 * _WRITE_BATCH:
-            ids = documents.map(encode, batched=True, num_proc=num_proc, remove_columns=remove)
+            ids = documents.map(encode, batched=True, with_indices=True, num_proc=num_proc, remove_columns=remove)
         else:
-            ids = documents.map(encode, batched=True, remove_columns=remove)
+            ids = documents.map(encode, batched=True, with_indices=True, remove_columns=remove)
 
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_builds(self.dir.parent)

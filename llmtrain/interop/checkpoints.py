@@ -40,6 +40,7 @@ class ModelInfo:
     init_from: str | None = None  # what its own run started from
     step: int | None = None
     extra: dict = field(default_factory=dict)  # e.g. hub_name, model_name for a Hub download
+    config: dict | None = None  # the effective config of the run that wrote it (what a resume compares)
 
     @classmethod
     def from_meta(cls, kind: str, path: str | Path, meta: dict, what: str) -> ModelInfo:
@@ -55,7 +56,7 @@ class ModelInfo:
                    stage=meta.get("stage"), label_names=labels,
                    prompt_template=meta.get("prompt_template"),
                    num_classes=meta.get("num_classes") or (len(labels) if labels else None),
-                   init_from=meta.get("init_from"), step=meta.get("step"))
+                   init_from=meta.get("init_from"), step=meta.get("step"), config=meta.get("config"))
 
 
 def safe_load(path: str | Path, what: str, hint: str = "", mmap: bool = False) -> dict:

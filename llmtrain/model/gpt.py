@@ -43,8 +43,11 @@ class GPTConfig:
     def __post_init__(self) -> None:
         problems = []
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_kv_heads", "mlp_hidden"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                problems.append(f"model.{name} must be a positive integer, got {value}")
+        if any(not isinstance(getattr(self, n), int | None) for n in ("emb_dim", "n_heads", "n_kv_heads")):
+            raise ValueError("; ".join(problems))  # the checks below compute with them
         for name in ("rope_theta", "norm_eps"):
             if getattr(self, name) <= 0:
                 problems.append(f"model.{name} must be positive, got {getattr(self, name)}")

@@ -20,6 +20,13 @@ from llmtrain.training.hardware import hardware_problems
 # model keys a checkpoint's weights do not fix: the run's value replaces the checkpoint's. rope_theta and norm_eps
 # change no weight's shape either, but the function the weights were trained for: like shapes, they are refused.
 FREE_KEYS = ("drop_rate",)
+UNCOMPARED = ("run_dir", "ckpt_path", "resume", "logger", "callbacks")  # where a run is, how it started and is watched
+# What a resume compares with the checkpoint's run: changing these makes it another run (refused, with the keys) ...
+OTHER_RUN = ("model.", "data.tokenizer", "data.path", "data.source", "data.name", "data.config", "data.split",
+             "data.text_column", "data.label_column", "data.context_length", "data.val_fraction", "init_from",
+             "optimizer._target_", "lora.", "finetune._target_", "tokens_per_step", "seed")
+# ... and these change how it goes on: refused unless resume.apply names them (then the new value applies)
+APPLIABLE = ("optimizer.", "scheduler.", "finetune.", "trainer.max_steps", "trainer.accumulate_grad_batches")
 TRAIN_BLOCKS_CHOICES = "all, last, head, none, or N (the last N blocks)"
 
 
@@ -111,6 +118,39 @@ def _vocabulary_size(tokenizer: str, problems: list[str]) -> int | None:
     except UserError as e:  # a tokenizer.json that is not one, or has no end-of-text token
         problems.append(str(e))
         return None
+
+
+def effective(cfg: DictConfig) -> dict:
+    """The run's values, resolved, as a checkpoint records them (without UNCOMPARED)."""
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k not in UNCOMPARED}
+
+
+def flat(tree, prefix: str = "") -> dict:
+    """{"optimizer": {"lr": 1e-3}} -> {"optimizer.lr": 1e-3}; a list stays one value."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+
+def resume_changes(saved: dict, cfg: DictConfig) -> tuple[list[str], str | None]:
+    """What this run changes against the checkpoint's run (saved: the effective config it recorded): one line per
+    changed key for the warning, and the refusal (None: the resume may go on)."""
+    ours = flat(effective(cfg))
+    before = flat(saved)
+    changed = sorted(k for k in before.keys() | ours.keys() if before.get(k, "<unset>") != ours.get(k, "<unset>"))
+    lines = [f"{k}: {before.get(k, '<unset>')} -> {ours.get(k, '<unset>')}" for k in changed]
+    apply = [str(k) for k in cfg.resume.apply]
+    other = [k for k in changed if k.startswith(OTHER_RUN)]
+    unasked = [k for k in changed if k.startswith(APPLIABLE) and not k.startswith(OTHER_RUN)
+               and not any(k == a or k.startswith(f"{a}.") for a in apply)]
+    if other:
+        return lines, (f"this run changes {', '.join(other)} against the checkpoint's run: resuming would mix two "
+                       f"runs; resume with the checkpoint's values, or start a new run with init_from=<the checkpoint>")
+    if unasked:
+        return lines, (f"this run changes {', '.join(unasked)} against the checkpoint's run: resume with the "
+                       f"checkpoint's values, or apply the new ones with resume.apply=[{','.join(unasked)}]")
+    return lines, None
 
 
 def check_resume(info: ModelInfo, model_config: GPTConfig, stage: Stage, ckpt_path: str,

@@ -25,14 +25,16 @@ from llmtrain.interop.gpt2 import gpt2_mismatches
 from llmtrain.interop.hf import export_hf
 from llmtrain.interop.lora import ADAPTER_META, save_adapter
 from llmtrain.interop.pretrained import hf_folder
+from llmtrain.run.checks import effective
 from llmtrain.stages.base import Stage
 from llmtrain.training.hardware import is_sharded
 from llmtrain.training.sharded import gathered_gpt, skip_sharded
 
 
 def run_meta(cfg: DictConfig, tokenizer: str, stage: Stage) -> dict:
-    """What checkpoints, exports and adapters of this run record about it (JSON-serialisable)."""
-    return {"tokenizer": tokenizer, **stage.record(), "init_from": cfg.init_from}
+    """What checkpoints, exports and adapters of this run record about it (JSON-serialisable), its effective config
+    among it (what a resume compares with its own)."""
+    return {"tokenizer": tokenizer, **stage.record(), "init_from": cfg.init_from, "config": effective(cfg)}
 
 
 def keep_tokenizer(tokenizer: str, run_dir: Path, write: bool = True) -> str:

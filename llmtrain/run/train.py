@@ -25,7 +25,7 @@ from llmtrain.interop.lora import format_trainable
 from llmtrain.interop.pretrained import load_pretrained
 from llmtrain.model.gpt import GPT
 from llmtrain.run.board import log_hparams, run_hparams
-from llmtrain.run.checks import check_resume
+from llmtrain.run.checks import check_resume, resume_changes
 from llmtrain.run.distributed import ddp_job_of_a_sweep, is_launch_rank, wait_for
 from llmtrain.run.jobs import write_metrics
 from llmtrain.run.memory import preflight
@@ -53,6 +53,13 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
         info = read_info(ckpt_path, f"ckpt_path={ckpt_path}", hint="; pass another one (ckpt_path=auto "
                          "hydra.run.dir=<its run dir> takes the newest one that loads)")
         check_resume(info, run.model_config, stage, ckpt_path, cfg.init_from)
+        if info.config is not None:  # checkpoints of this version record their run's config
+            changes, refusal = resume_changes(info.config, cfg)
+            if refusal:
+                raise UserError(f"ckpt_path={ckpt_path}: {refusal}")
+            if changes and is_launch_rank():
+                print(f"warning: resuming {ckpt_path} with {len(changes)} changed values: {'; '.join(changes)}",
+                      file=sys.stderr, flush=True)
     elif is_launch_rank() and any(run_dir.glob("checkpoints/*.ckpt")):
         raise UserError(f"{run_dir} already holds checkpoints of an earlier run: resume it with ckpt_path=last, "
                         f"or leave hydra.run.dir unset for a new run dir")
@@ -75,6 +82,7 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
         warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.trainer.max_steps,
         min_lr_ratio=cfg.scheduler.min_lr_ratio, tokenizer=run.tokenizer, checkpoint_info=meta,
         max_nonfinite_steps=cfg.max_nonfinite_steps,
+        new_optimizer_settings=any(str(k).startswith("optimizer.") for k in cfg.resume.apply),
     )
     module.gpt.gradient_checkpointing = cfg.perf.activation_checkpointing
     if on_cuda(cfg.trainer.accelerator):

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import nn
 
 from llmtrain.data.tokenizer import build_tokenizer
+from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT
 from llmtrain.stages.base import Stage, inner_gpt
 from llmtrain.stages.text import generate_text
@@ -46,6 +47,7 @@ class LanguageModel(L.LightningModule):
         tokenizer: str = "gpt2",
         checkpoint_info: dict | None = None,
         max_nonfinite_steps: int = 0,
+        new_optimizer_settings: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.stage = model, stage
@@ -54,6 +56,7 @@ class LanguageModel(L.LightningModule):
         self.tokenizer_name = tokenizer
         self.checkpoint_info = checkpoint_info or {}
         self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.new_optimizer_settings = new_optimizer_settings  # a resume takes this run's lr, betas, weight decay...
         self._step_units = torch.zeros(())
         self._eval: dict[str, torch.Tensor] = {}
         self.validated_at_step = -1  # global step of the last finished validation
@@ -192,10 +195,28 @@ class LanguageModel(L.LightningModule):
         for key in [k for k in state if k.startswith("stage.")]:
             del state[key]  # what the stage holds (DPO's frozen reference) is init_from's weights: loaded, not saved
 
+    def _take_new_optimizer_settings(self, checkpoint: dict) -> None:
+        """resume.apply named optimizer settings: the resumed optimizer keeps its moments and step counts, and takes
+        this run's hyperparameters; the schedule goes on from its step with the new peak lr."""
+        fresh = self.optimizer_factory(param_groups(self.model)).state_dict()["param_groups"]  # allocates no state
+        saved = checkpoint["optimizer_states"][0]["param_groups"]
+        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in fresh]:
+            raise UserError("resume.apply: the checkpoint's optimizer groups its parameters otherwise than this "
+                            "run's: resume with the checkpoint's optimizer settings")
+        for old, new in zip(saved, fresh):
+            peak = old.get("initial_lr", old["lr"])
+            old.update({k: v for k, v in new.items() if k not in ("params", "lr", "initial_lr")})
+            old["lr"] = old["lr"] * new["lr"] / peak  # the schedule's factor at this step, on the new peak
+            old["initial_lr"] = new["lr"]
+        for schedule in checkpoint.get("lr_schedulers", []):
+            schedule["base_lrs"] = [g["initial_lr"] for g in saved]
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stage_state = self.stage.state_dict()  # the stage's own weights as the recipe built them, for the strict load
         if stage_state:
             checkpoint["state_dict"] |= {f"stage.{k}": v for k, v in stage_state.items()}
+        if self.new_optimizer_settings and checkpoint.get("optimizer_states"):
+            self._take_new_optimizer_settings(checkpoint)
         resume = checkpoint.get("llmtrain_resume")
         if resume:
             self.guard.skipped = resume["nonfinite_steps"]

@@ -112,6 +112,14 @@ def test_hub_loader_reads_a_folder_in_hub_layout(tmp_path):
         assert sum(dm.cache.meta["documents"].values()) == 70
 
 
+def test_a_document_that_is_not_text_is_one_line_naming_its_row(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"text": "Some words here."}\n{"text": "More."}\n{"text": null}\n')
+    with pytest.raises(UserError, match=r"^data: document 2 \(counting from 0\) has text=None, not text: fix or "
+                                        r"drop that row \(data.text_column names the column read\)$"):
+        make_dm(tmp_path, source="json", path=str(f)).prepare_data()
+
+
 def test_missing_path_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"data.path='.*nope/\*.txt' matches no file"):
         make_dm(tmp_path, path=str(tmp_path / "nope" / "*.txt"))

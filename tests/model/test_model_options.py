@@ -127,6 +127,10 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_rope():
                                          r"model.mlp='relu' is not known: choose gelu or swiglu"),
     (dict(rope_theta=0.0, norm_eps=-1.0), r"model.rope_theta must be positive, got 0.0; model.norm_eps must be"),
     (dict(n_kv_heads=0, mlp_hidden=0), r"model.n_kv_heads must be a positive integer, got 0; model.mlp_hidden"),
+    # a size that is not a whole number passed every check and failed inside the model with a TypeError
+    (dict(emb_dim=128.5), r"^model.emb_dim must be a positive integer, got 128.5$"),
+    (dict(n_heads=2.0, n_layers=True), r"^model.n_heads must be a positive integer, got 2.0; model.n_layers must be "
+                                       r"a positive integer, got True$"),
 ])
 def test_config_refuses_what_cannot_be_built(overrides, message):
     with pytest.raises(ValueError, match=message):

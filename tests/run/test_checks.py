@@ -162,3 +162,33 @@ def test_rope_theta_and_norm_eps_that_differ_from_the_checkpoints_are_refused(tm
     with pytest.raises(UserError, match=rf"holds another architecture: model.{key}={getattr(saved, key)} \(this "
                                         rf"run: {value}\)"):
         check_resume(info, replace(saved, **{key: value}), stage, "x.ckpt")
+
+
+def test_a_resume_lists_what_it_changes_and_refuses_what_would_mix_two_runs(tmp_path):
+    """The checkpoint records its run's effective config; a resume compares its own with it, key by key."""
+    from llmtrain.run.checks import resume_changes
+    from llmtrain.run.outputs import run_meta
+    from llmtrain.stages.pretrain import Pretrain
+
+    saved = run_meta(compose([], tmp_path), "gpt2", Pretrain("all", None, None, None, 0))["config"]
+    assert "run_dir" not in saved and "ckpt_path" not in saved and "logger" not in saved
+    lr, steps = saved["optimizer"]["lr"], saved["trainer"]["max_steps"]
+
+    def changes(*overrides):
+        return resume_changes(saved, compose(["ckpt_path=last", *overrides], tmp_path))
+
+    assert changes() == ([], None)  # the same command line: an exact resume, nothing to say
+    lines, refusal = changes("checkpoint_every=7", "trainer.devices=1")
+    assert lines == ["checkpoint_every: 100 -> 7"] and refusal is None  # listed, harmless
+    lines, refusal = changes("optimizer.lr=0.002", "trainer.max_steps=9000")
+    assert lines == [f"optimizer.lr: {lr} -> 0.002", f"trainer.max_steps: {steps} -> 9000"]
+    assert refusal == ("this run changes optimizer.lr, trainer.max_steps against the checkpoint's run: resume with "
+                       "the checkpoint's values, or apply the new ones with "
+                       "resume.apply=[optimizer.lr,trainer.max_steps]")
+    assert changes("optimizer.lr=0.002", "resume.apply=[optimizer]")[1] is None  # a prefix applies its keys
+    assert changes("optimizer.lr=0.002", "resume.apply=[optimizer.lr]")[1] is None
+    assert changes("optimizer.lr=0.002", "resume.apply=[optimizer.l]")[1] is not None  # a key, not a string prefix
+    for overrides, keys in ((["data.tokenizer=bytes"], "data.tokenizer"), (["optimizer=adamw"], "optimizer._target_"),
+                            (["data.path=other.txt", "resume.apply=[data.path]"], "data.path")):
+        refusal = changes(*overrides)[1]
+        assert refusal.startswith(f"this run changes {keys}") and "resuming would mix two runs" in refusal, refusal

@@ -27,6 +27,7 @@ def make_files(tmp_path: Path) -> Path:
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n\nd\xe9j\xe0 vu\n")
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps({"body": f"text {i}"}) for i in range(20)))
     (tmp_path / "broken.jsonl").write_text('{"body": 1\n')
+    (tmp_path / "nulls.jsonl").write_text('{"text": "A few words."}\n{"text": null}\n')
     other = {"vocab_size": 50257, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 2,
              "drop_rate": 0.0, "qkv_bias": False, "tie_weights": False}
     torch.save({"state_dict": {"model.tok_emb.weight": torch.zeros(2, 2)}, "llmtrain": {"model_config": other}},

@@ -93,3 +93,36 @@ def test_evaluation_metrics_pool_the_sums_of_uneven_ranks():
     other = {"loss": d(9.0), "count": d(9.0), "confusion": d([[0.0, 0.0], [9.0, 0.0]])}  # 0 of 9 right
     logged = logged_eval_end(cls, mine, other, prefix="test")
     assert logged["test/acc"] == pytest.approx(0.1) and logged["test/loss"] == pytest.approx(1.0)
+
+
+def test_resume_apply_gives_the_optimizer_the_new_settings_and_keeps_its_moments():
+    """resume.apply=[optimizer...]: a checkpoint's saved groups would otherwise win over the new lr silently."""
+    from functools import partial
+
+    from llmtrain.training.optim import lr_factor
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    old = LanguageModel(model, lm_stage(), partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1),
+                        8, 10, 0.1)
+    setup = old.configure_optimizers()
+    optimizer, schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    for _ in range(3):
+        model(torch.randint(0, 50, (2, 8))).sum().backward()
+        optimizer.step(), schedule.step()
+    assert lr_factor(3, 8, 10, 0.1) == 0.5  # in the warmup: the lr is not the peak
+    checkpoint = {"state_dict": {}, "optimizer_states": [optimizer.state_dict()],
+                  "lr_schedulers": [schedule.state_dict()]}
+    moments = {k: v["exp_avg"].clone() for k, v in checkpoint["optimizer_states"][0]["state"].items()}
+    new = partial(torch.optim.AdamW, lr=4e-3, betas=(0.8, 0.9), weight_decay=0.2)
+    LanguageModel(model, lm_stage(), new, 8, 10, 0.1).on_load_checkpoint(copy := {**checkpoint})  # not asked: as saved
+    assert copy["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-3 * lr_factor(3, 8, 10, 0.1))
+    LanguageModel(model, lm_stage(), new, 8, 10, 0.1, new_optimizer_settings=True).on_load_checkpoint(checkpoint)
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    decayed = [g for g in groups if g["weight_decay"] > 0]
+    assert decayed and all(g["weight_decay"] == 0.2 for g in decayed)  # the no-decay group stays at 0
+    assert all(g["betas"] == (0.8, 0.9) and g["initial_lr"] == 4e-3 for g in groups)
+    assert all(g["lr"] == pytest.approx(4e-3 * lr_factor(3, 8, 10, 0.1)) for g in groups)  # same point, new peak
+    assert checkpoint["lr_schedulers"][0]["base_lrs"] == [4e-3] * len(groups)
+    state = checkpoint["optimizer_states"][0]["state"]
+    assert all(torch.equal(state[k]["exp_avg"], m) for k, m in moments.items())  # the moments go on
