@@ -32,3 +32,11 @@ def test_a_write_cut_off_leaves_the_previous_file_and_no_temporary_one(tmp_path,
     with pytest.raises(OSError, match="No space left"):
         files.write_atomic(path, "x" * 10_000)
     assert path.read_text() == "previous" and os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_reading_the_umask_leaves_it_as_it_was():
+    old = os.umask(0o027)
+    try:
+        assert files.umask() == 0o027 and files.umask() == 0o027
+    finally:
+        os.umask(old)
