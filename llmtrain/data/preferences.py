@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 
 from llmtrain.data.sources import SPLITS
-from llmtrain.data.tables import ListDataset, TableDataModule, encode_instruction, pad_batch, require_columns
+from llmtrain.data.tables import (
+    ListDataset,
+    TableDataModule,
+    encode_instruction,
+    keep_answered,
+    pad_batch,
+    require_columns,
+)
 from llmtrain.errors import UserError
 from llmtrain.model.losses import IGNORE_INDEX
 
@@ -47,11 +54,8 @@ class PreferenceDataModule(TableDataModule):
                         f"messages) into text first")
         tok = self.tokenizer
         for s in SPLITS:
-            pairs = [self.encode(tok, r) for r in self.records[s]]
-            self.sets[s] = ListDataset([p for p in pairs if p is not None])
-            if not self.sets[s].items:
-                raise UserError(f"no {s} pair keeps a response token on both sides after truncation to "
-                                f"data.max_length={self.max_length}: raise data.max_length")
+            self.sets[s] = ListDataset(keep_answered([self.encode(tok, r) for r in self.records[s]], s,
+                                                     "pair", self.max_length))
         self.limit_train()
 
     def encode(self, tok, record: dict) -> Pair | None:

@@ -25,6 +25,20 @@ from llmtrain.errors import UserError
 from llmtrain.model.losses import IGNORE_INDEX
 
 
+def keep_answered(items: list, split: str, what: str, max_length: int) -> list:
+    """The items that truncation left with a response (None: lost it), saying how many were left out: a split that
+    shrinks unseen makes its metrics about other data. None left is one line."""
+    kept = [item for item in items if item is not None]
+    if not kept:
+        raise UserError(f"no {split} {what} keeps a response token after truncation to data.max_length={max_length}: "
+                        f"raise data.max_length")
+    if len(kept) < len(items):
+        print(f"data: {len(items) - len(kept)} of {len(items)} {split} {what}s lose their whole response to "
+              f"truncation at data.max_length={max_length} and are left out (raise data.max_length to keep them)",
+              flush=True)
+    return kept
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence; labels are padded with IGNORE_INDEX."""
     longest = max(len(s) for s in seqs)
@@ -204,10 +218,8 @@ class InstructDataModule(TableDataModule):
         tok = self.tokenizer
         for s in SPLITS:
             pairs = [encode_instruction(tok, r, self.max_length, self.mask_prompt) for r in self.records[s]]
-            self.sets[s] = ListDataset([p for p in pairs if any(t != IGNORE_INDEX for t in p[1])])
-            if not self.sets[s].items:
-                raise UserError(f"no {s} record keeps a response token after truncation to "
-                                f"data.max_length={self.max_length}: raise data.max_length")
+            self.sets[s] = ListDataset(keep_answered(
+                [p if any(t != IGNORE_INDEX for t in p[1]) else None for p in pairs], s, "record", self.max_length))
         self.limit_train()
 
     def collate(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:

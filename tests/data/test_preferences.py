@@ -77,7 +77,7 @@ def test_pairs_left_without_a_response_token_are_dropped_or_refused(tmp_path):
     rows["prompt"] = ["a long question " * 40] * 60
     dm = make_datamodule("preference_json", path=write_jsonl(tmp_path / "all.jsonl", rows), tokenizer="bytes",
                          context_length=512)
-    with pytest.raises(UserError, match="no train pair keeps a response token on both sides after truncation to "
+    with pytest.raises(UserError, match="no train pair keeps a response token after truncation to "
                                         "data.max_length=256: raise data.max_length"):
         dm.setup()
 

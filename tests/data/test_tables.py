@@ -22,9 +22,15 @@ def make_instruct(path: str, **keys):
     return make_datamodule("instruct_embedded", source="json", path=path, tokenizer="bytes", **keys)
 
 
-def test_records_left_without_a_response_token_are_dropped(tmp_path):
+def test_records_left_without_a_response_token_are_dropped_and_counted(tmp_path, capsys):
     dm = make_instruct(write_records(tmp_path / "some.jsonl", 60, long_every=3), context_length=512)
     dm.setup()
+    out = capsys.readouterr().out
+    for s in SPLITS:
+        lost = sum(len(r["instruction"]) >= 100 for r in dm.records[s])
+        line = (f"data: {lost} of {len(dm.records[s])} {s} records lose their whole response to truncation at "
+                f"data.max_length=256 and are left out (raise data.max_length to keep them)")
+        assert (line in out) == (lost > 0), out  # the validation and test sets do not shrink unseen
     assert dm.max_length == 256  # the preset's
     for s in SPLITS:
         kept = [r for r in dm.records[s] if len(r["instruction"]) < 100]
