@@ -135,6 +135,21 @@ def test_at_the_start_the_policy_is_its_reference():
     assert stats["rewards/accuracy"].sum() == 0
 
 
+def test_evaluation_averages_over_the_pairs_of_every_batch():
+    """Batches of 1 and 3 pairs: each metric is the mean over the 4 pairs, not the mean of the two batch means."""
+    start = tiny_gpt()
+    policy, stage = nudged(start), dpo(frozen_copy(start))
+    batches = [pair_batch(1, seed=1), pair_batch(3, seed=2)]
+    with torch.no_grad():
+        sums = [stage.eval_sums(policy, batch) for batch in batches]
+        metrics = stage.eval_metrics({name: sums[0][name] + sums[1][name] for name in sums[0]})
+        stats = [stage.pair_stats(policy, batch) for batch in batches]
+    assert sums[0]["count"] == 1 and sums[1]["count"] == 3
+    for name in PAIR_STATS:
+        expected = torch.cat([s[name] for s in stats]).double().mean().item()
+        assert metrics[name].item() == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+
+
 def test_the_reference_of_a_plain_model_is_a_frozen_copy_of_its_starting_weights():
     policy = tiny_gpt(tie_weights=True)
     reference = reference_for(policy)
