@@ -186,3 +186,40 @@ def test_newest_loadable_prefers_last_over_a_newer_best_file(tmp_path):
         fake_checkpoint(tmp_path / name, model)
         os.utime(tmp_path / name, (1e9 + age, 1e9 + age))  # best-step30 is one second newer
     assert newest_loadable_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
+
+
+def test_a_checkpoint_without_llmtrains_record_is_refused_in_one_line(tmp_path):
+    """Another project's Lightning checkpoint has a state_dict but no `llmtrain` entry to build a model from."""
+    torch.manual_seed(0)
+    state = {"model." + k: v for k, v in GPT(GPTConfig(**TINY)).state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 3}, tmp_path / "other.ckpt")
+    for read in (load_pretrained, describe):
+        with pytest.raises(UserError, match=r"other\.ckpt is a PyTorch file but not an llmtrain checkpoint \(no "
+                                            r"'llmtrain' and 'state_dict' entries\)"):
+            read(str(tmp_path / "other.ckpt"))
+
+
+def test_label_names_without_num_classes_make_a_classifier(tmp_path):
+    """A record that lists the classes but not their number (an older run's) still rebuilds the classifier head."""
+    torch.manual_seed(0)
+    original = GPT(GPTConfig(**TINY))
+    original.replace_head(2)
+    fake_checkpoint(tmp_path / "c.ckpt", original.eval(), label_names=["neg", "pos"])
+    model, info = load_checkpoint(tmp_path / "c.ckpt", "init_from=c.ckpt")
+    assert (info.num_classes, info.label_names) == (2, ["neg", "pos"])
+    assert read_info(tmp_path / "c.ckpt", "init_from=c.ckpt").num_classes == 2
+    assert model.head.out_features == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids(97)), original(ids(97)), atol=0, rtol=0)
+
+
+def test_auto_and_a_checkpoints_folder_find_the_runs_last_ckpt(tmp_path):
+    """ckpt_path=auto (a restarted job) looks in the run's checkpoints/; a checkpoints/ folder itself names its
+    last.ckpt, as the run dir does."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    fake_checkpoint(run / "checkpoints" / "last.ckpt", GPT(GPTConfig(**TINY)))
+    last = str(run / "checkpoints" / "last.ckpt")
+    assert resolve_ckpt_path("auto", run) == last
+    assert resolve_ckpt_path(str(run / "checkpoints"), tmp_path) == last

@@ -19,7 +19,7 @@ from safetensors import safe_open
 import llmtrain.interop.folders as folders
 from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.errors import UserError
-from llmtrain.interop.gpt2 import GPT2_NAMES
+from llmtrain.interop.gpt2 import GPT2_NAMES, hub_name
 from llmtrain.interop.hf import export_hf
 from llmtrain.interop.pretrained import describe, load_pretrained
 from llmtrain.model.gpt import GPT, GPTConfig
@@ -101,6 +101,55 @@ def test_hf_missing_weights_file(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(UserError, match=r"init_from=.*no model\.safetensors"):
         load_pretrained(str(tmp_path))
+
+
+def test_what_older_transformers_saved_beside_the_weights_is_passed_over(tmp_path):
+    """Older transformers saved the causal-mask buffers (attn.bias, attn.masked_bias) and a tied lm_head.weight
+    (the same values as wte): the folder loads, and computes what transformers does."""
+    from safetensors.torch import load_file, save_file
+
+    hf = save_hf(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
+    for i in range(TINY_HF["n_layer"]):
+        tensors[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
+        tensors[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_pretrained(str(tmp_path))
+    assert model.tied
+    x = ids(100)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=true"),
+    (dict(add_cross_attention=True), "add_cross_attention=true"),
+    (dict(scale_attn_weights=False), "scale_attn_weights=false"),
+    (dict(activation_function="relu"), "activation_function='relu' (ours is GELU, tanh approximation)"),
+    (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon=1e-06 (ours is 1e-5)"),
+    (dict(n_inner=100), "n_inner=100 (ours is 4 * n_embd)"),
+], ids=["inverse-layer-idx", "cross-attention", "unscaled", "relu", "eps", "n-inner"])
+def test_gpt2_options_our_gpt_does_not_compute_are_refused(tmp_path, change, words):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **TINY_HF, **change}))
+    with pytest.raises(UserError) as e:
+        describe(str(tmp_path))
+    assert str(e.value) == (f"init_from={tmp_path}: config.json sets {words}, which llmtrain's GPT does not "
+                            "implement")
+
+
+def test_the_gpt2_options_that_compute_the_same_are_accepted(tmp_path):
+    same = dict(activation_function="gelu_pytorch_tanh", n_inner=4 * TINY_HF["n_embd"], layer_norm_epsilon=1e-5)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **TINY_HF, **same}))
+    assert describe(str(tmp_path)).model_config.emb_dim == TINY_HF["n_embd"]
+
+
+def test_hub_names_with_and_without_the_organisation():
+    """The Hub moved GPT-2 under openai-community/; both spellings name the same release, nothing else does."""
+    assert [hub_name(n) for n in ("gpt2", "openai-community/gpt2", "openai-community/gpt2-xl")] == [
+        "gpt2", "gpt2", "gpt2-xl"]
+    assert [hub_name(n) for n in ("gpt2-tiny", "someone/gpt2", "openai-community/gpt3")] == [None, None, None]
 
 
 def test_hub_name_offline_is_a_user_error(monkeypatch, tmp_path):

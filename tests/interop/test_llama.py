@@ -124,6 +124,20 @@ def test_llama_options_our_gpt_does_not_compute_are_refused(tmp_path, change, wo
     assert "which llmtrain's GPT does not implement" in str(e.value)
 
 
+def test_a_config_json_of_sizes_alone_takes_transformers_defaults(tmp_path):
+    """The keys a config.json may leave out mean what LlamaConfig's defaults say: one kv head per head, rms_norm_eps
+    1e-6, RoPE theta 10000, 2048 positions, an untied head, no biases."""
+    sizes = {k: TINY_LLAMA[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads")}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **sizes}))
+    c = describe(str(tmp_path)).model_config
+    assert (c.n_heads, c.n_kv_heads, c.norm_eps, c.rope_theta, c.context_length, c.tie_weights, c.bias) == (
+        4, 4, 1e-6, 10000.0, 2048, False, False)
+    theirs = transformers.LlamaConfig(**sizes)
+    assert (theirs.num_key_value_heads, theirs.rms_norm_eps, theirs.max_position_embeddings,
+            theirs.tie_word_embeddings) == (c.n_kv_heads, c.norm_eps, c.context_length, c.tie_weights)
+
+
 def test_weights_that_disagree_with_config_json_are_named_as_transformers_names_them(tmp_path):
     save_llama(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -219,3 +219,19 @@ def test_missing_adapter_is_a_user_error(base, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no adapter_config.json"):
         load_adapter(base, tmp_path / "empty")
+
+
+def test_a_target_matches_a_whole_name_or_a_suffix_after_a_dot(base):
+    """peft's rule: "proj" is no suffix of blocks.0.attn.out_proj after a dot, so it must fail here, in one line."""
+    with pytest.raises(UserError, match=r"^finetune\.lora\.target_modules: 'proj' matches no linear layer"):
+        apply_lora(copy.deepcopy(base), target_modules=["proj"])
+    pm = apply_lora(copy.deepcopy(base), r=R, target_modules=["out_proj", "blocks.1.mlp.fc1"])
+    adapted = sorted(n.removesuffix(".lora_A.default") for n, _ in pm.named_modules() if n.endswith(".lora_A.default"))
+    assert adapted == ["base_model.model.blocks.0.attn.out_proj", "base_model.model.blocks.1.attn.out_proj",
+                       "base_model.model.blocks.1.mlp.fc1"]
+
+
+@pytest.mark.parametrize("r", [0, -1])
+def test_a_rank_below_one_is_a_user_error(base, r):
+    with pytest.raises(UserError, match=rf"^finetune\.lora\.r must be a positive integer, got {r}"):
+        apply_lora(copy.deepcopy(base), r=r)
