@@ -81,7 +81,11 @@ def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     for shard in shards:
         if not (path / shard).is_file():
             raise UserError(f"{what}: the shard {shard} named in {INDEX} is missing")
-        tensors |= load_file(path / shard, device="cpu")
+        try:
+            tensors |= load_file(path / shard, device="cpu")
+        except Exception as e:  # safetensors' SafetensorError: truncated, or not safetensors at all
+            raise UserError(f"{what}: {path / shard} cannot be read: it is truncated or not safetensors "
+                            f"({type(e).__name__}: {e}); write it again (save_pretrained, or llmtrain's export)") from e
     return tensors
 
 

@@ -77,3 +77,12 @@ def test_what_killed_writers_left_is_removed(tmp_path):
     (out / ".llmtrain-tmp-2").mkdir()
     write_folder(out, lambda tmp: (tmp / "a.txt").write_text("newer"), lambda p: True, "llmtrain")
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"] and (out / "a.txt").read_text() == "newer"
+
+
+def test_a_truncated_safetensors_file_is_one_line_naming_it(tmp_path):
+    save_file({"w": torch.zeros(100)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])  # a copy or a download cut short
+    with pytest.raises(UserError, match=rf"^init_from=x: {tmp_path / 'model.safetensors'} cannot be read: it is "
+                                        r"truncated or not safetensors \(SafetensorError: .*\); write it again"):
+        read_safetensors(tmp_path, "init_from=x")
