@@ -62,7 +62,7 @@ def test_sigterm_saves_and_a_restart_with_ckpt_path_auto_resumes_in_place(tmp_pa
     assert "ckpt_path=auto" in out
 
     again = run_cli([*args[:-2], f"trainer.max_steps={stopped_at + 10}", "trainer.val_check_interval=5",
-                     "ckpt_path=auto", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+                     "resume.apply=[trainer.max_steps]", "ckpt_path=auto", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert f"done: {stopped_at + 10} steps" in again.stdout, again.stdout[-2000:]
