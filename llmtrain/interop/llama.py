@@ -165,6 +165,9 @@ def llama_mismatches(gpt: GPT) -> list[str]:
     differ = [f"model.{k}={getattr(c, k)}" for k, v in LLAMA_OPTIONS.items() if getattr(c, k) != v]
     if c.qkv_bias != c.bias:
         differ.append(f"model.qkv_bias={c.qkv_bias} with model.bias={c.bias}")
+    differ += [f"model.{k}={getattr(c, k)}" for k in ("qk_norm", "rope_scaling") if getattr(c, k)]
+    if c.head_dim * c.n_heads != c.emb_dim:
+        differ.append(f"model.head_dim={c.head_dim}")
     if gpt.head.bias is not None or gpt.head.out_features != c.vocab_size:
         differ.append("a classification head")
     return differ
