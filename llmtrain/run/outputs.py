@@ -1,7 +1,7 @@
 """What a finished run leaves beside its checkpoints (written by rank zero): the final model as a Hugging Face
-folder (`hf/`: GPT-2's or Llama's layout, whichever computes the model; llmtrain reads it back exactly), a LoRA
-run's adapter (`adapter/` for llmtrain's GPT, `hf_adapter/` for transformers' GPT-2), and the stage's own files
-(an instruct stage's answers to the test split). See sharded.py for what changes under FSDP.
+folder (`hf/`: GPT-2's, Llama's, Qwen2's or Qwen3's layout, whichever computes the model; llmtrain reads it back
+exactly), a LoRA run's adapter (`adapter/` for llmtrain's GPT, `hf_adapter/` for transformers' GPT-2), and the
+stage's own files (an instruct stage's answers to the test split). See sharded.py for what changes under FSDP.
 
 Every file describes itself with the same record (`run_meta`): tokenizer, stage, classes, prompt template, the
 weights the run started from. Checkpoints carry it too (the LightningModule stores it).
@@ -21,7 +21,7 @@ from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.interop.adapters import export_hf_adapter
 from llmtrain.interop.gpt2 import gpt2_mismatches
-from llmtrain.interop.hf import export_hf
+from llmtrain.interop.hf import export_hf, layout_name
 from llmtrain.interop.lora import ADAPTER_META, save_adapter
 from llmtrain.interop.pretrained import hf_folder
 from llmtrain.stages.base import Stage
@@ -61,7 +61,7 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
         return []
     try:  # LoRA merged: what transformers, init_from= and generate.py read, without pickle
         export_hf(module.model, run_dir / "hf", {**meta, "step": trainer.global_step})
-        layout = "GPT-2" if not gpt2_mismatches(module.gpt) else "Llama"
+        layout = layout_name(module.gpt, meta["num_classes"] is not None)
         written.append(f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout)")
     except UserError as e:  # an architecture that no Hugging Face class computes
         written.append(f"no export: {e}")
@@ -89,6 +89,6 @@ def _write_sharded(module, trainer, cfg: DictConfig, meta: dict) -> list[str]:
         written = [f"{skip_sharded(what)}; the final state is in {run_dir / 'checkpoints' / 'last.ckpt'}"]
     else:
         export_hf(gpt, run_dir / "hf", {**meta, "step": trainer.global_step})
-        layout = "GPT-2" if not gpt2_mismatches(gpt) else "Llama"
+        layout = layout_name(gpt, meta["num_classes"] is not None)
         written = [f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout, gathered from the FSDP ranks)"]
     return written + [skip_sharded(what) for what in stage.outputs]

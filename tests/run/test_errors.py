@@ -39,6 +39,11 @@ def make_files(tmp_path: Path) -> Path:
     (tmp_path / "llama" / "config.json").write_text(json.dumps(
         {"model_type": "llama", "vocab_size": 257, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}))
+    llama = json.loads((tmp_path / "llama" / "config.json").read_text())
+    for name, change in (("mistral", {"model_type": "mistral"}), ("phi3", {"model_type": "phi3"}),
+                         ("yarn", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(llama | change))
     dpo = {"model_config": pretrain, "stage": "dpo", "tokenizer": "gpt2", "init_from": "runs/instruct"}
     torch.save({"state_dict": {}, "llmtrain": dpo}, tmp_path / "dpo.ckpt")
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(
