@@ -20,7 +20,6 @@ from llmtrain.interop.folders import read_config_json
 from llmtrain.interop.gpt2 import GPT2_NAMES, export_gpt2, gpt2_mismatches, hub_name, load_gpt2, read_gpt2_info
 from llmtrain.interop.llama import (
     FAMILIES,
-    LLAMA_NAMES,
     LLAMA_OPTIONS,
     export_family,
     export_llama,
@@ -33,6 +32,16 @@ from llmtrain.model.gpt import GPT
 
 # config.json's model_type -> (read its ModelInfo, load its model)
 READERS = {"gpt2": (read_gpt2_info, load_gpt2)} | {t: (read_llama_info, load_llama) for t in FAMILIES}
+# Hub names of Llama-shaped models accepted by name (downloaded), base and instruction-tuned, with the conf/model
+# preset of the same shapes (GPT-2's: gpt2.GPT2_NAMES)
+LLAMA_NAMES = {name: preset for preset, names in {
+    "smollm_135m": ("HuggingFaceTB/SmolLM-135M", "HuggingFaceTB/SmolLM-135M-Instruct"),
+    "smollm2_135m": ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2_360m": ("HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-360M-Instruct"),
+    "llama3_2_1b": ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct"),
+    "qwen2_5_0_5b": ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "qwen3_0_6b": ("Qwen/Qwen3-0.6B-Base", "Qwen/Qwen3-0.6B"),
+}.items() for name in names}
 HUB_NAMES = [*GPT2_NAMES, *LLAMA_NAMES]  # the Hub names llmtrain downloads
 
 

@@ -10,8 +10,8 @@ and the family's own (RoPE scaling, q/k/v biases, QK-norm, a head width of its o
 
 The families share one layout and differ in what their config.json fixes (FAMILIES): biases, QK-norm, sliding
 windows (refused: our attention sees every earlier position), defaults of absent keys. In: a `save_pretrained` folder
-(shards too; its `tokenizer.json` becomes the model's tokenizer), read with safetensors alone; the Hub names of
-LLAMA_NAMES are downloaded. Out: `export_llama` writes the family that computes the model (Qwen3 for QK-norm, Qwen2
+(shards too; its `tokenizer.json` becomes the model's tokenizer), read with safetensors alone (hf.py downloads
+the Hub names it knows). Out: `export_llama` writes the family that computes the model (Qwen3 for QK-norm, Qwen2
 for q/k/v biases alone, else Llama), which `transformers.AutoModelForCausalLM.from_pretrained(out)` loads.
 
 Names: q_proj, k_proj and v_proj are the row blocks of our one `attn.qkv`; o_proj is `attn.out_proj`; q_norm and
@@ -70,8 +70,6 @@ FAMILIES = {
     "qwen3": Family("Qwen3ForCausalLM", "none", qk_norm=True, sliding="use_sliding_window",
                     defaults={"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128}),
 }
-# Hub names accepted by name (downloaded), with the conf/model preset of the same shapes
-LLAMA_NAMES = {"HuggingFaceTB/SmolLM-135M": "smollm_135m", "HuggingFaceTB/SmolLM-135M-Instruct": "smollm_135m"}
 # per-layer tensors: ours -> Hugging Face's (weights and, where the config has them, biases)
 LAYER_NAMES = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm", "attn.out_proj": "self_attn.o_proj",
                "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm", "mlp.gate": "mlp.gate_proj",

@@ -227,7 +227,8 @@ def test_a_model_type_of_another_architecture_is_refused_naming_those_read(tmp_p
         describe(str(tmp_path))
 
 
-HUB = {"HuggingFaceTB/SmolLM-135M": "smollm_135m"}
+HUB = {"HuggingFaceTB/SmolLM-135M": "smollm_135m", "HuggingFaceTB/SmolLM2-360M-Instruct": "smollm2_360m",
+       "meta-llama/Llama-3.2-1B": "llama3_2_1b", "Qwen/Qwen2.5-0.5B": "qwen2_5_0_5b", "Qwen/Qwen3-0.6B": "qwen3_0_6b"}
 
 
 @pytest.mark.parametrize("name", HUB)
@@ -370,3 +371,50 @@ def test_a_config_without_tie_word_embeddings_is_untied_and_keeps_its_head(tmp_p
     assert not model.tied and torch.equal(model.head.weight, hf.lm_head.weight)
     with torch.no_grad():
         torch.testing.assert_close(model(ids()), hf(ids()).logits, atol=1e-4, rtol=0)
+
+
+# the published config.json of each preset's model (architecture keys; Hugging Face Hub, 2024-2025)
+SMOLLM2 = {"model_type": "llama", "vocab_size": 49152, "num_attention_heads": 9, "num_key_value_heads": 3,
+           "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "max_position_embeddings": 8192,
+           "rms_norm_eps": 1e-5, "rope_theta": 100000, "rope_scaling": None, "tie_word_embeddings": True}
+PUBLISHED = {
+    "llama3_2_1b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True},
+    "qwen2_5_0_5b": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                     "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                     "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 24,
+                     "tie_word_embeddings": True},
+    "qwen3_0_6b": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+                   "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+                   "rope_scaling": None, "attention_bias": False, "sliding_window": None,
+                   "use_sliding_window": False, "max_window_layers": 28, "tie_word_embeddings": True},
+    "smollm2_135m": SMOLLM2,
+    "smollm2_360m": SMOLLM2 | {"num_attention_heads": 15, "num_key_value_heads": 5, "hidden_size": 960,
+                               "intermediate_size": 2560, "num_hidden_layers": 32},
+    "smollm_135m": SMOLLM2 | {"max_position_embeddings": 2048, "rope_theta": 10000.0},
+}
+
+
+@pytest.mark.parametrize("preset", PUBLISHED)
+def test_each_preset_is_its_published_config_and_has_transformers_parameter_count(preset):
+    """conf/model/<preset>.yaml is what init_from reads from the published config.json, and on the meta device it
+    has as many parameters as transformers' own class of that config (tied embeddings counted once)."""
+    import yaml
+    from conftest import ROOT
+
+    from llmtrain.interop.llama import config_from_llama
+
+    ours = GPTConfig(**yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text()))
+    published = PUBLISHED[preset]
+    assert ours == config_from_llama(published, preset)
+    config = transformers.AutoConfig.for_model(**published)
+    with torch.device("meta"):
+        theirs = transformers.AutoModelForCausalLM.from_config(config)
+        model = GPT(ours)
+    assert model.num_params() == sum(p.numel() for p in theirs.parameters()) > 100e6
