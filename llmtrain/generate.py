@@ -120,8 +120,8 @@ def _refuse_classifier(ckpt_path: str, num_classes: int | None, label_names: lis
 def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT, ModelInfo]:
     """A LoRA adapter dir: load its base, put the adapter on, merge it into plain weights."""
     if is_hf_adapter(path):
-        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter for transformers' GPT-2 (its layers have GPT-2's "
-                        "names): give the run's adapter/ (llmtrain's names) or its merged model hf/ instead")
+        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter for a transformers class (its layers have that "
+                        "class's names): give the run's adapter/ (llmtrain's names) or its merged model hf/ instead")
     meta: dict = {}
     if (path / ADAPTER_META).is_file():
         try:
