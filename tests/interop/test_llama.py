@@ -315,21 +315,25 @@ def test_export_refuses_models_llama_cannot_express_and_folders_it_did_not_write
 
 
 @pytest.mark.slow
-def test_instruct_from_a_llama_folder_through_the_command_line(tmp_path):
-    """init_from=<HF Llama folder>: its architecture and tokenizer.json carry through training, the run's export
-    (with the tokenizer copied in), generation from that export, and export back to transformers."""
-    save_llama(tmp_path / "smol", max_position_embeddings=256)  # byte tokens: an Alpaca prompt is ~150 of them
+def test_instruct_from_a_llama3_folder_through_the_command_line(tmp_path):
+    """init_from=<HF Llama folder> of Llama 3's kind (RoPE scaling, GQA): its architecture and tokenizer.json carry
+    through training, the run's export (with the tokenizer copied in), generation from that export, and export back
+    to transformers, which computes the trained model's logits."""
+    save_llama(tmp_path / "smol", max_position_embeddings=256,  # byte tokens: an Alpaca prompt is ~150 of them
+               rope_parameters=LLAMA3_ROPE)
     run_dir = tmp_path / "run"
     shrink = [a for a in TINY if not a.startswith(("model.", "data.tokenizer", "data.max_documents"))]
     result = run_cli(["finetune=instruct", f"init_from={tmp_path / 'smol'}", *shrink, "data.max_length=200",
-                      "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
+                      "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
                       "finetune.test_generations=1", "finetune.max_new_tokens=4", f"hydra.run.dir={run_dir}"],
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     export = run_dir / "hf"  # the run's export: the Llama layout, with its tokenizer and llmtrain.json
-    assert json.loads((export / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    config = json.loads((export / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_parameters"] == LLAMA3_ROPE
     record = json.loads((export / "llmtrain.json").read_text())
     assert record["tokenizer"] == "tokenizer.json" and record["model_config"]["n_kv_heads"] == 2
+    assert record["model_config"]["rope_scaling"]["type"] == "llama3"
     for copy in (run_dir / "tokenizer.json", export / "tokenizer.json"):
         assert copy.read_text() == (tmp_path / "smol" / "tokenizer.json").read_text()
     out = run_cli(["ckpt_path=" + str(export), "instruction=Define tree.", "max_new_tokens=3", "temperature=0"],
@@ -338,6 +342,8 @@ def test_instruct_from_a_llama_folder_through_the_command_line(tmp_path):
     model, info = load_pretrained(str(export))
     assert info.prompt_template == "alpaca" and info.stage == "instruct"
     assert info.tokenizer == str((export / "tokenizer.json").resolve())
+    start, _ = load_pretrained(str(tmp_path / "smol"))
+    assert model.config == start.config and not torch.equal(model.head.weight, start.head.weight)  # trained
     hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(ids()), hf(ids()).logits, atol=1e-4, rtol=0)
