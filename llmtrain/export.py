@@ -1,14 +1,14 @@
 """python -m llmtrain.export source=... out_dir=...: any model llmtrain reads, as a Hugging Face folder of its
-family (GPT-2's layout, or Llama's for a model with Llama's options).
+family (GPT-2's layout, or for a model with Llama's options Llama's, Qwen2's or Qwen3's).
 
     python -m llmtrain.export source=outputs/runs/<run> out_dir=exported/my-gpt
 
 source is anything `init_from=` takes: a run dir (its checkpoints/last.ckpt, else its export), an llmtrain `.ckpt`,
-an export folder (`<run>/hf`), a Hugging Face GPT-2 or Llama folder or Hub name. It is what a checkpoint of the
-middle of a run (e.g. `checkpoints/best-step200.ckpt`) needs to leave llmtrain. Into an existing out_dir only the
-export's files are written, each whole or not at all, and the rest is left as it is (a Hub repository's .git);
-an earlier export of another architecture or stage needs overwrite=true. transformers loads it offline, and
-init_from= reads it back exactly. A mistake ends in one line on stderr and exit status 2.
+an export folder (`<run>/hf`), a Hugging Face folder (GPT-2, Llama, Mistral, Qwen2, Qwen3) or Hub name. It is what
+a checkpoint of the middle of a run (e.g. `checkpoints/best-step200.ckpt`) needs to leave llmtrain. Into an existing
+out_dir only the export's files are written, each whole or not at all, and the rest is left as it is (a Hub
+repository's .git); an earlier export of another architecture or stage needs overwrite=true. transformers loads it
+offline, and init_from= reads it back exactly. A mistake ends in one line on stderr and exit status 2.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Generate text from a trained model: python -m llmtrain.generate ckpt_path=... prompt="Once upon a time"
 
 ckpt_path takes an llmtrain checkpoint (`.ckpt`) or run directory, an llmtrain export directory (config.json +
-model.safetensors), a Hugging Face GPT-2 or Llama directory or Hub name (anything `pretrained.load_pretrained`
-reads; a Llama folder brings its tokenizer.json), or a LoRA adapter directory (adapter_config.json; its base comes
-from llmtrain_adapter.json or `base=`), which is merged into the base before generating.
+model.safetensors), a Hugging Face GPT-2, Llama, Mistral, Qwen2 or Qwen3 directory or Hub name (anything
+`pretrained.load_pretrained` reads; a Llama-shaped folder brings its tokenizer.json), or a LoRA adapter directory
+(adapter_config.json; its base comes from llmtrain_adapter.json or `base=`), which is merged into the base before
+generating.
 
 Arguments are `key=value` pairs, read as training's overrides are (`--help` lists them), without Hydra's
 composition so that the command starts in about a second.
@@ -38,8 +39,8 @@ from llmtrain.stages.text import encode_prompt, generate_text
 class GenerateArgs:
     """The command line's keys (llmtrain.arguments reads them by their types; `--help` shows these comments)."""
 
-    ckpt_path: str = MISSING  # an llmtrain .ckpt, run dir or export dir, a Hugging Face GPT-2 or Llama dir or Hub
-    # name, or a LoRA adapter dir, e.g. ckpt_path=outputs/runs/<run>
+    ckpt_path: str = MISSING  # an llmtrain .ckpt, run dir or export dir, a Hugging Face dir (GPT-2, Llama, Qwen, ...)
+    # or Hub name, or a LoRA adapter dir, e.g. ckpt_path=outputs/runs/<run>
     base: str | None = None  # base model of a LoRA adapter dir, when llmtrain_adapter.json does not name it
     prompt: str | None = None  # the text to continue; required unless instruction is given
     instruction: str | None = None  # wrapped in the Alpaca template, with input
@@ -124,8 +125,8 @@ def _refuse_classifier(ckpt_path: str, num_classes: int | None, label_names: lis
 def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT, ModelInfo]:
     """A LoRA adapter dir: load its base, put the adapter on, merge it into plain weights."""
     if is_hf_adapter(path):
-        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter for transformers' GPT-2 (its layers have GPT-2's "
-                        "names): give the run's adapter/ (llmtrain's names) or its merged model hf/ instead")
+        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter for a transformers class (its layers have that "
+                        "class's names): give the run's adapter/ (llmtrain's names) or its merged model hf/ instead")
     meta: dict = {}
     if (path / ADAPTER_META).is_file():
         try:

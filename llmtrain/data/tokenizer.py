@@ -1,5 +1,6 @@
 """Tokenizers, built offline, all with the methods of a tiktoken Encoding that the code calls (`encode_ordinary`,
-`encode_ordinary_batch`, `encode`, `decode`, `decode_single_token_bytes`, `eot_token`, `n_vocab`).
+`encode_ordinary_batch`, `encode`, `decode`, `decode_single_token_bytes`, `eot_token`, `n_vocab`); a tokenizer.json's
+also has `bos_token`, the begin-of-text id its configs name (None where they name none), for exports.
 
 A tokenizer is named by a string, which checkpoints, exports and the token cache record:
 - "gpt2": GPT-2's BPE (50,257 ids, <|endoftext|> = 50256) from the ranks shipped in llmtrain/assets
@@ -145,15 +146,15 @@ class JSONTokenizer:
         self._plain.encode_special_tokens = True
         self.n_vocab = max(self._special.get_vocab(with_added_tokens=True).values()) + 1
         self.eot_token = self._end_of_text()
+        self.bos_token = self._configured_id("bos_token", "bos_token_id")  # None: no config beside it names one
         self._byte_level = isinstance(self._special.decoder, decoders.ByteLevel)
 
     def __reduce__(self):  # pickles by path and content digest (datasets hashes the map function this way)
         return _open_json_tokenizer, (self.name, tokenizer_key(self.name))
 
-    def _end_of_text(self) -> int:
-        """The id that ends a document: eos_token of tokenizer_config.json, else eos_token_id of config.json (next
-        to the file), else a well-known end-of-text token in the vocabulary."""
-        for config_name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id")):
+    def _configured_id(self, token_key: str, id_key: str) -> int | None:
+        """The id that tokenizer_config.json (next to the file) gives as token_key, else config.json as id_key."""
+        for config_name, key in (("tokenizer_config.json", token_key), ("config.json", id_key)):
             try:
                 value = json.loads((self.path.parent / config_name).read_text()).get(key)
             except (OSError, ValueError, AttributeError):
@@ -163,6 +164,13 @@ class JSONTokenizer:
             value = self._special.token_to_id(value) if isinstance(value, str) else value
             if isinstance(value, int) and 0 <= value < self.n_vocab:
                 return value
+        return None
+
+    def _end_of_text(self) -> int:
+        """The id that ends a document: eos_token of tokenizer_config.json, else eos_token_id of config.json (next
+        to the file), else a well-known end-of-text token in the vocabulary."""
+        if (configured := self._configured_id("eos_token", "eos_token_id")) is not None:
+            return configured
         for token in END_OF_TEXT:
             if (i := self._special.token_to_id(token)) is not None:
                 return i

@@ -29,7 +29,7 @@ WRAPPER_PREFIXES = ("model.", "_orig_mod.", "base_model.model.")
 class ModelInfo:
     """What a checkpoint, an export or a Hugging Face folder says about the model it holds (read once)."""
 
-    kind: str  # "llmtrain" (a .ckpt) or "hf" (a Hugging Face GPT-2 or Llama folder, llmtrain's exports among them)
+    kind: str  # "llmtrain" (a .ckpt) or "hf" (a Hugging Face folder of a family hf.py reads: exports too)
     path: str  # the file or folder read
     model_config: GPTConfig
     tokenizer: str | None = "gpt2"  # gpt2, bytes or a tokenizer.json's path; None: a Hugging Face folder without one

@@ -147,6 +147,10 @@ def gpt2_mismatches(gpt: GPT) -> list[str]:
         differ.append(f"model.n_kv_heads={c.n_kv_heads}")
     if c.mlp_hidden != 4 * c.emb_dim:
         differ.append(f"model.mlp_hidden={c.mlp_hidden}")
+    if c.head_dim * c.n_heads != c.emb_dim:
+        differ.append(f"model.head_dim={c.head_dim}")
+    if c.qk_norm:
+        differ.append("model.qk_norm=True")
     return differ
 
 

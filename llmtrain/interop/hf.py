@@ -1,9 +1,10 @@
 """Hugging Face in and out, by architecture family: which family's layout a model is written in, which family's
-reader a folder (or a Hub name) goes to. The families themselves are gpt2.py and llama.py, each both ways; what
-their folders share is folders.py.
+reader a folder (or a Hub name) goes to. The families themselves are gpt2.py (GPT-2) and llama.py (the Llama-shaped
+ones: Llama, Mistral, Qwen2, Qwen3), each both ways; what their folders share is folders.py.
 
-Out: `export_hf` writes a language model with Llama's options (rope, rmsnorm, swiglu) as LlamaForCausalLM, any
-other model of GPT-2's options (and every classifier) as GPT2LMHeadModel or GPT2ForSequenceClassification.
+Out: `export_hf` writes a language model with Llama's options (rope, rmsnorm, swiglu) as the Llama-shaped family
+that computes it (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM), any other model of GPT-2's options (and
+every classifier) as GPT2LMHeadModel or GPT2ForSequenceClassification.
 In: `read_hf_info` and `load_hf` read a folder by its config.json's model_type. No Lightning or Hydra.
 """
 
@@ -18,8 +19,9 @@ from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.interop.folders import read_config_json
 from llmtrain.interop.gpt2 import GPT2_NAMES, export_gpt2, gpt2_mismatches, hub_name, load_gpt2, read_gpt2_info
 from llmtrain.interop.llama import (
-    LLAMA_NAMES,
+    FAMILIES,
     LLAMA_OPTIONS,
+    export_family,
     export_llama,
     llama_mismatches,
     load_llama,
@@ -29,7 +31,17 @@ from llmtrain.interop.lora import plain_gpt
 from llmtrain.model.gpt import GPT
 
 # config.json's model_type -> (read its ModelInfo, load its model)
-FAMILIES = {"gpt2": (read_gpt2_info, load_gpt2), "llama": (read_llama_info, load_llama)}
+READERS = {"gpt2": (read_gpt2_info, load_gpt2)} | {t: (read_llama_info, load_llama) for t in FAMILIES}
+# Hub names of Llama-shaped models accepted by name (downloaded), base and instruction-tuned, with the conf/model
+# preset of the same shapes (GPT-2's: gpt2.GPT2_NAMES)
+LLAMA_NAMES = {name: preset for preset, names in {
+    "smollm_135m": ("HuggingFaceTB/SmolLM-135M", "HuggingFaceTB/SmolLM-135M-Instruct"),
+    "smollm2_135m": ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2_360m": ("HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-360M-Instruct"),
+    "llama3_2_1b": ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct"),
+    "qwen2_5_0_5b": ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "qwen3_0_6b": ("Qwen/Qwen3-0.6B-Base", "Qwen/Qwen3-0.6B"),
+}.items() for name in names}
 HUB_NAMES = [*GPT2_NAMES, *LLAMA_NAMES]  # the Hub names llmtrain downloads
 
 
@@ -53,6 +65,13 @@ def export_hf(model: nn.Module, out_dir: str | Path, meta: dict, overwrite: bool
     return export_gpt2(gpt, out_dir, meta, overwrite)
 
 
+def layout_name(gpt: GPT, classifier: bool = False) -> str:
+    """The family export_hf writes the GPT as: GPT-2, Llama, Qwen2 or Qwen3."""
+    if classifier or llama_mismatches(gpt):
+        return "GPT-2"
+    return FAMILIES[export_family(gpt.config)].architecture.removesuffix("ForCausalLM")
+
+
 def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
     """What a Hugging Face folder says about its model (config.json, llmtrain.json), without its weights."""
     return _family(path, what, hint)[0](path, what)
@@ -71,7 +90,7 @@ def hub_preset(name: str) -> str | None:
 def _family(path: Path, what: str, hint: str) -> tuple:
     """The reader and loader of a Hugging Face folder, by its config.json's model_type."""
     model_type = read_config_json(path, what).get("model_type")
-    if model_type not in FAMILIES:
-        raise UserError(f"{what}: config.json has model_type={model_type!r}, but only GPT-2 ('gpt2') and Llama "
-                        f"('llama') map onto llmtrain's GPT{hint}")
-    return FAMILIES[model_type]
+    if model_type not in READERS:
+        raise UserError(f"{what}: config.json has model_type={model_type!r}, but only {', '.join(READERS)} map "
+                        f"onto llmtrain's GPT{hint}")
+    return READERS[model_type]

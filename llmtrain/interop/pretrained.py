@@ -5,7 +5,8 @@ Accepted, in this order:
     them (its llmtrain.json makes the round trip exact);
   - a run directory: its `checkpoints/last.ckpt`, else its export `hf/`;
   - an llmtrain `.ckpt` file (checkpoints.py);
-  - a Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `HuggingFaceTB/SmolLM-135M`, ...), downloaded.
+  - a Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `HuggingFaceTB/SmolLM2-135M`,
+    `Qwen/Qwen2.5-0.5B`, ...: hf.HUB_NAMES), downloaded.
 `describe` reads only what a source says about its model (config, tokenizer, classes), so that the run's config can
 be checked against it before any weights are read; `load_pretrained` reads the weights too.
 """
@@ -21,8 +22,9 @@ from llmtrain.interop.folders import CONFIG, download
 from llmtrain.interop.hf import HUB_NAMES, hub_preset, load_hf, read_hf_info
 from llmtrain.model.gpt import GPT
 
-ACCEPTS = ("an llmtrain .ckpt file, a run directory, an llmtrain export directory, a local Hugging Face GPT-2 or "
-           f"Llama directory (config.json + model.safetensors) or a Hub name ({', '.join(HUB_NAMES)})")
+ACCEPTS = ("an llmtrain .ckpt file, a run directory, an llmtrain export directory, a local Hugging Face GPT-2, "
+           f"Llama, Mistral, Qwen2 or Qwen3 directory (config.json + model.safetensors) or a Hub name "
+           f"({', '.join(HUB_NAMES)})")
 
 
 def describe(init_from: str, key: str = "init_from") -> ModelInfo:

@@ -1,5 +1,6 @@
 """A GPT in plain PyTorch, written to be read: GPT-2 (Radford et al., 2019) by default, the Llama family's choices
-as options (GPTConfig): rotary positions, grouped-query attention, RMSNorm, a SwiGLU MLP, no biases.
+as options (GPTConfig): rotary positions (scaled as Llama 3's), grouped-query attention, RMSNorm, a SwiGLU MLP, no
+biases; Qwen2's q/k/v biases, Qwen3's QK-norm and heads of their own width.
 
 token embedding (+ learned positions) -> n_layers x [pre-norm attention, pre-norm MLP] -> final norm -> linear head.
 
@@ -16,9 +17,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from llmtrain.model.layers import MLP, CausalSelfAttention, make_norm, rope_angles
+from llmtrain.model.layers import MLP, CausalSelfAttention, check_rope_scaling, make_norm, rope_angles
 
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+SIZES = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_kv_heads", "head_dim", "mlp_hidden")
 
 
 @dataclass
@@ -29,24 +31,25 @@ class GPTConfig:
     n_heads: int = 12
     n_layers: int = 12
     drop_rate: float = 0.0  # embedding, attention-weight and residual dropout
-    qkv_bias: bool = False  # a bias on q, k, v: GPT-2's released weights (and Qwen2's) have one, Llama's not
+    qkv_bias: bool = False  # a bias on q, k, v: GPT-2's released weights and Qwen2's (without `bias`) have one
     tie_weights: bool = False  # share the token embedding with the output head (GPT-2 does)
     pos_emb: str = "learned"  # learned (a table of context_length rows) | rope (no weights: rotations of q and k)
     rope_theta: float = 10000.0  # RoPE's base: pair i of a head turns by position * rope_theta^(-2i / head_dim)
+    rope_scaling: dict | None = None  # None | {type: linear, factor} | {type: llama3, factor, low_freq_factor,
+    #                                   high_freq_factor, original_max_position_embeddings}: rope_frequencies
     n_kv_heads: int | None = None  # key/value heads: n_heads is multi-head, 1 multi-query, between: GQA; None: n_heads
+    head_dim: int | None = None  # the width of a head; None: emb_dim / n_heads (Qwen3 sets its own, e.g. 128)
     norm: str = "layernorm"  # layernorm | rmsnorm (no centring, no bias: Llama's)
+    qk_norm: bool = False  # an RMSNorm (norm_eps) over each head's queries and keys, before RoPE (Qwen3)
     norm_eps: float = 1e-5  # added to the variance in every norm (GPT-2, SmolLM: 1e-5; LlamaConfig's default: 1e-6)
     mlp: str = "gelu"  # gelu: fc2(gelu(fc1 x)) | swiglu: fc2(silu(gate x) * fc1 x)
     mlp_hidden: int | None = None  # None: 4 * emb_dim (gelu), 8/3 * emb_dim up to a multiple of 64 (swiglu: as costly)
     bias: bool = True  # biases of the attention output, the MLP and LayerNorm (GPT-2 has them, Llama not)
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_kv_heads", "mlp_hidden"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                problems.append(f"model.{name} must be a positive integer, got {value}")
-        if any(not isinstance(getattr(self, n), int | None) for n in ("emb_dim", "n_heads", "n_kv_heads")):
+        wrong = [(n, v) for n in SIZES if (v := getattr(self, n)) is not None and (type(v) is not int or v < 1)]
+        problems = [f"model.{n} must be a positive integer, got {v}" for n, v in wrong]
+        if any(type(v) is not int for _, v in wrong):
             raise ValueError("; ".join(problems))  # the checks below compute with them
         for name in ("rope_theta", "norm_eps"):
             if getattr(self, name) <= 0:
@@ -58,15 +61,23 @@ class GPTConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 problems.append(f"model.{name}={getattr(self, name)!r} is not known: choose {' or '.join(choices)}")
-        if self.n_heads >= 1 and self.emb_dim % self.n_heads:
+        if self.head_dim is None and self.n_heads >= 1 and self.emb_dim % self.n_heads:
             near = _nearest_divisor(self.emb_dim, self.n_heads)
             problems.append(
                 f"model.emb_dim={self.emb_dim} is not divisible by model.n_heads={self.n_heads}: "
-                f"choose n_heads among the divisors of emb_dim (e.g. model.n_heads={near})"
+                f"choose n_heads among the divisors of emb_dim (e.g. model.n_heads={near}), or set model.head_dim"
             )
-        elif self.pos_emb == "rope" and self.n_heads >= 1 and self.head_dim % 2:
-            problems.append(f"model.pos_emb=rope turns pairs of dimensions, but a head has emb_dim / n_heads = "
-                            f"{self.head_dim}, an odd number: change model.emb_dim or model.n_heads")
+        elif self.head_dim is None and self.n_heads >= 1:
+            self.head_dim = self.emb_dim // self.n_heads
+        if self.pos_emb == "rope" and (self.head_dim or 0) >= 1 and self.head_dim % 2:
+            problems.append(f"model.pos_emb=rope turns pairs of dimensions, but a head has head_dim={self.head_dim} "
+                            f"dimensions, an odd number: change model.head_dim (or model.emb_dim / model.n_heads)")
+        if self.rope_scaling is not None and self.pos_emb != "rope":
+            problems.append(f"model.rope_scaling rescales rotary positions, but model.pos_emb={self.pos_emb}: set "
+                            "model.pos_emb=rope, or model.rope_scaling=null")
+        elif self.rope_scaling is not None:
+            self.rope_scaling, scaling_problems = check_rope_scaling(self.rope_scaling)
+            problems += [f"model.{p}" for p in scaling_problems]
         if self.n_kv_heads >= 1 and self.n_heads >= 1 and self.n_heads % self.n_kv_heads:
             near = _nearest_divisor(self.n_heads, self.n_kv_heads)
             problems.append(
@@ -77,10 +88,6 @@ class GPTConfig:
             problems.append(f"model.drop_rate must lie in [0, 1), got {self.drop_rate}")
         if problems:
             raise ValueError("; ".join(problems))
-
-    @property
-    def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
 
 
 def _nearest_divisor(n: int, near: int) -> int:
@@ -116,7 +123,8 @@ class Block(nn.Module):
         super().__init__()
         c = config
         self.ln1 = make_norm(c.norm, c.emb_dim, c.norm_eps, c.bias)
-        self.attn = CausalSelfAttention(c.emb_dim, c.n_heads, c.n_kv_heads, c.qkv_bias, c.bias, c.drop_rate)
+        self.attn = CausalSelfAttention(c.emb_dim, c.n_heads, c.n_kv_heads, c.qkv_bias, c.bias, c.drop_rate,
+                                        c.head_dim, c.norm_eps if c.qk_norm else None)
         self.ln2 = make_norm(c.norm, c.emb_dim, c.norm_eps, c.bias)
         self.mlp = MLP(c.emb_dim, c.mlp_hidden, c.mlp, c.bias, c.drop_rate)
 
@@ -214,7 +222,8 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
         c = self.config
-        rope = rope_angles(c.head_dim, c.rope_theta, start, T, idx.device) if c.pos_emb == "rope" else None
+        rope = rope_angles(c.head_dim, c.rope_theta, start, T, idx.device, c.rope_scaling) if c.pos_emb == "rope" \
+            else None
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, rope, use_reentrant=False)

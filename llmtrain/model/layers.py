@@ -6,6 +6,9 @@ Torch only, and no config object: each layer takes the numbers it needs.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,14 +35,68 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps, bias=bias)
 
 
-def rope_angles(head_dim: int, theta: float, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim), float32, of rotary position embeddings (RoPE, Su et al., 2021) for positions
-    start .. start+T-1.
+# rope_scaling's types and the numbers each reads
+ROPE_SCALING = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
-    Dimension i of a head is paired with i + head_dim/2 (the half-split layout of Hugging Face's Llama, so that
-    its q and k weights load unpermuted); the pair turns by position * theta^(-2i / head_dim).
+
+def check_rope_scaling(scaling) -> tuple[dict, list[str]]:
+    """(scaling as rope_frequencies reads it: float factors, an int context; what keeps it from being one, a phrase
+    each naming rope_scaling.<key>)."""
+    types = " or ".join(ROPE_SCALING)
+    if not isinstance(scaling, Mapping) or scaling.get("type") not in ROPE_SCALING:
+        found = f"type={scaling.get('type')!r}" if isinstance(scaling, Mapping) else repr(scaling)
+        return scaling, [f"rope_scaling has {found}: give null or a mapping with type {types} (and its numbers, "
+                         f"e.g. model.rope_scaling={{type:linear,factor:2}})"]
+    kind, reads = scaling["type"], ROPE_SCALING[scaling["type"]]
+    problems = [f"rope_scaling.{k} is not read by {kind} scaling: drop it (it reads {', '.join(reads)})"
+                for k in scaling if k not in ("type", *reads)]
+    problems += [f"rope_scaling.{k} is missing: {kind} scaling reads {', '.join(reads)}" for k in reads
+                 if k not in scaling]
+    problems += [f"rope_scaling.{k} must be a positive number, got {scaling[k]!r}" for k in reads if k in scaling
+                 and (isinstance(scaling[k], bool) or not isinstance(scaling[k], (int, float)) or scaling[k] <= 0)]
+    if not problems and kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+        problems.append(f"rope_scaling.low_freq_factor={scaling['low_freq_factor']} must be below "
+                        f"high_freq_factor={scaling['high_freq_factor']} (Llama 3.1: 1 and 4)")
+    if problems:
+        return scaling, problems
+    return {"type": kind, **{k: int(scaling[k]) if k == "original_max_position_embeddings" else float(scaling[k])
+                             for k in reads}}, []
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """The angle per position of each pair of a head (head_dim/2,), float32: theta^(-2i / head_dim), then rescaled.
+
+    scaling None: plain RoPE. {"type": "linear", "factor": f}: every frequency / f (positions interpolated: a
+    context f times longer; Chen et al., 2023). {"type": "llama3", ...}: Llama 3.1's rule, by wavelength
+    (2 pi / frequency) against the pretraining context L = original_max_position_embeddings: pairs that turn more
+    than high_freq_factor times over L keep their frequency, pairs that turn fewer than low_freq_factor times are
+    divided by factor, and those between blend the two linearly in L / wavelength.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # (hs/2,)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    context, low, high = (scaling["original_max_position_embeddings"], scaling["low_freq_factor"],
+                          scaling["high_freq_factor"])
+    wavelength = 2 * math.pi / inv_freq
+    blend = (context / wavelength - low) / (high - low)  # 0 at the slow end of the band, 1 at the fast end
+    between = (1 - blend) * inv_freq / factor + blend * inv_freq
+    slowed = torch.where(wavelength > context / low, inv_freq / factor, between)
+    return torch.where(wavelength < context / high, inv_freq, slowed)
+
+
+def rope_angles(head_dim: int, theta: float, start: int, T: int, device,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim), float32, of rotary position embeddings (RoPE, Su et al., 2021) for positions
+    start .. start+T-1; `scaling` as rope_frequencies takes it.
+
+    Dimension i of a head is paired with i + head_dim/2 (the half-split layout of Hugging Face's Llama, so that
+    its q and k weights load unpermuted); the pair turns by position * rope_frequencies(...)[i].
+    """
+    inv_freq = rope_frequencies(head_dim, theta, scaling, device)  # (hs/2,)
     angles = torch.outer(torch.arange(start, start + T, device=device).float(), inv_freq)  # (T, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
     return angles.cos(), angles.sin()
@@ -54,15 +111,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class CausalSelfAttention(nn.Module):
     """Causal attention with n_heads query heads and n_kv_heads key/value heads (GQA, Ainslie et al., 2023): each
     key/value head serves n_heads / n_kv_heads query heads, so that the KV cache shrinks by that factor. One linear
-    layer makes q, k and v; `rope` (cos, sin) rotates q and k by their positions (None: positions came with x)."""
+    layer makes q, k and v; `rope` (cos, sin) rotates q and k by their positions (None: positions came with x).
+
+    Heads are head_dim wide (None: emb_dim / n_heads); with another width, q, k and v project to heads x head_dim
+    and out_proj back to emb_dim (Qwen3). qk_norm_eps: an RMSNorm with this epsilon over each head's query and key,
+    before RoPE (QK-norm, Qwen3); None: none."""
 
     def __init__(self, emb_dim: int, n_heads: int, n_kv_heads: int, qkv_bias: bool, bias: bool,
-                 drop_rate: float) -> None:
+                 drop_rate: float, head_dim: int | None = None, qk_norm_eps: float | None = None) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, emb_dim // n_heads
-        kv_dim = n_kv_heads * self.head_dim
-        self.qkv = nn.Linear(emb_dim, emb_dim + 2 * kv_dim, bias=qkv_bias)  # rows: q, then k, then v
-        self.out_proj = nn.Linear(emb_dim, emb_dim, bias=bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or emb_dim // n_heads
+        q_dim, kv_dim = n_heads * self.head_dim, n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(emb_dim, q_dim + 2 * kv_dim, bias=qkv_bias)  # rows: q, then k, then v
+        self.out_proj = nn.Linear(q_dim, emb_dim, bias=bias)
+        if qk_norm_eps is not None:  # one gain per dimension of a head, shared by the heads
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, qk_norm_eps), RMSNorm(self.head_dim, qk_norm_eps)
         self.drop_rate = drop_rate
         self.resid_drop = nn.Dropout(drop_rate)
 
@@ -70,11 +133,13 @@ class CausalSelfAttention(nn.Module):
                 layer: int = 0) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); with a cache (model.KVCache), keys and values of earlier positions come from
         it and this call's are added to it."""
-        B, T, C = x.shape
-        kv_dim = self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=2)
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k, v = (t.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # the cache then keeps rotated keys
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, is_causal = None, True
@@ -90,7 +155,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.drop_rate if self.training else 0.0, is_causal=is_causal,
             enable_gqa=self.n_kv_heads != self.n_heads,  # query head h reads key/value head h // (nh / nkv)
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, q_dim)
         return self.resid_drop(self.out_proj(y))
 
 

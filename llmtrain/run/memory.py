@@ -9,9 +9,10 @@ the stage holds (DPO's frozen reference).
   which adds a 16-bit copy of the trainable ones); FSDP divides all three by the number of ranks (plus one
   unsharded block at a time);
 - activations kept for the backward pass, per token of the micro-batch and per block that a gradient passes
-  through: 17 values of width emb_dim in fp32 (attention through fused SDPA kernels, which keep no T x T
-  scores), 38 bytes x emb_dim under mixed precision, or one block's input with activation checkpointing; plus
-  one block's worth for the gradients of the block being differentiated;
+  through: for GPT-2's shape 17 values of width emb_dim in fp32 (attention through fused SDPA kernels, which keep
+  no T x T scores), 38 bytes x emb_dim under mixed precision; other shapes in proportion to what their blocks keep
+  (block_values: heads of their own width, fewer key/value heads, RoPE, QK-norm, a gated MLP); one block's input
+  with activation checkpointing; plus one block's worth for the gradients of the block being differentiated;
 - the LM head's logits: 12 bytes (fp32) or 14 bytes (16-bit) per token and vocabulary entry at the peak of the
   loss (logits, log-softmax, their gradients), or with `perf.loss_chunk` one chunk's worth and the gradients
   that the chunked loss keeps;
@@ -34,7 +35,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmtrain.errors import UserError
-from llmtrain.model.gpt import GPT
+from llmtrain.model.gpt import GPT, GPTConfig
 from llmtrain.run.distributed import is_launch_rank
 from llmtrain.run.resolve import ResolvedRun
 from llmtrain.stages.base import Stage, inner_gpt
@@ -44,8 +45,10 @@ from llmtrain.training.optim import param_groups
 
 GIB = 2**30
 # per precision kind: (bytes per weight, gradient or optimizer value; activation bytes per token, block and unit of
-# emb_dim; bytes per token and vocabulary entry at the loss's peak)
+# emb_dim of a block of GPT-2's shape, which keeps GPT2_BLOCK_VALUES; bytes per token and vocabulary entry at the
+# loss's peak)
 BYTES = {"mixed": (4, 38, 14), "16": (2, 34, 16), "32": (4, 68, 12), "64": (8, 136, 24)}
+GPT2_BLOCK_VALUES = 17  # block_values of GPT-2's shape, per unit of emb_dim
 RUNTIME = {"cpu": 0.5 * GIB, "cuda": 1.0 * GIB}
 OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Muon": 1, "Adagrad": 1,
                     "RMSprop": 1}  # values kept per trainable parameter; SGD: 1 with momentum, else 0
@@ -91,7 +94,8 @@ def estimate(cfg: DictConfig, run: ResolvedRun) -> Estimate:
     gradients = n_train * width / shards
     optimizer = optimizer_values(cfg, model) * width / shards
     tokens = cfg.data.batch_size * sequence_length(cfg, run) * stage.sequences_per_item
-    per_block = act_bytes * config.emb_dim + (2 * config.emb_dim if config.drop_rate > 0 else 0)  # + dropout masks
+    per_block = act_bytes * block_values(config) / GPT2_BLOCK_VALUES  # GPT-2's: act_bytes * emb_dim
+    per_block += 2 * config.emb_dim if config.drop_rate > 0 else 0  # dropout masks
     blocks = layers_with_backward(model, config.n_layers)
     strategy = cfg.trainer.strategy
     if cfg.perf.activation_checkpointing or (is_sharded(strategy) and "activation_checkpointing_policy" in strategy):
@@ -103,6 +107,17 @@ def estimate(cfg: DictConfig, run: ResolvedRun) -> Estimate:
     logits = logits_bytes(stage, inner_gpt(model), tokens, logit_bytes, width)
     device = "cuda" if on_cuda(cfg.trainer.accelerator) else "cpu"
     return Estimate(weights, gradients, optimizer, activations, logits, RUNTIME[device])
+
+
+def block_values(c: GPTConfig) -> int:
+    """Values one block keeps per token for its backward pass: its two norms' inputs and outputs (4 x emb_dim); q, k
+    and v (one tensor: heads x head_dim + 2 x kv heads x head_dim), the attention's output and the copy of it that
+    the output projection reads (2 x heads x head_dim), and q and k again once rotated (RoPE) and once normalised
+    (QK-norm); the MLP's hidden values: GELU's input and output (2 x mlp_hidden), or SwiGLU's gate, up, SiLU(gate)
+    and product (4 x mlp_hidden). GPT-2's shape: 17 x emb_dim."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    attention = 3 * q + 2 * kv + (q + kv) * ((c.pos_emb == "rope") + c.qk_norm)
+    return 4 * c.emb_dim + attention + (4 if c.mlp == "swiglu" else 2) * c.mlp_hidden
 
 
 def logits_bytes(stage: Stage, gpt: GPT, tokens: int, per_value: int, width: int) -> float:

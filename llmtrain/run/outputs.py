@@ -1,7 +1,8 @@
 """What a finished run leaves beside its checkpoints (written by rank zero): the final model as a Hugging Face
-folder (`hf/`: GPT-2's or Llama's layout, whichever computes the model; llmtrain reads it back exactly), a LoRA
-run's adapter (`adapter/` for llmtrain's GPT, `hf_adapter/` for transformers' GPT-2), and the stage's own files
-(an instruct stage's answers to the test split). See sharded.py for what changes under FSDP.
+folder (`hf/`: GPT-2's, Llama's, Qwen2's or Qwen3's layout, whichever computes the model; llmtrain reads it back
+exactly), a LoRA run's adapter (`adapter/` for llmtrain's GPT, `hf_adapter/` for transformers' class of the
+model), and the stage's own files (an instruct stage's answers to the test split). See sharded.py for what changes
+under FSDP.
 
 Every file describes itself with the same record (`run_meta`): tokenizer, stage, classes, prompt template, the
 weights the run started from. Checkpoints carry it too (the LightningModule stores it).
@@ -20,9 +21,8 @@ from omegaconf import DictConfig
 from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.files import write_atomic
-from llmtrain.interop.adapters import export_hf_adapter
-from llmtrain.interop.gpt2 import gpt2_mismatches
-from llmtrain.interop.hf import export_hf
+from llmtrain.interop.adapters import export_hf_adapter, hf_adapter_layout
+from llmtrain.interop.hf import export_hf, layout_name
 from llmtrain.interop.lora import ADAPTER_META, save_adapter
 from llmtrain.interop.pretrained import hf_folder
 from llmtrain.run.checks import effective
@@ -64,7 +64,7 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
         return []
     try:  # LoRA merged: what transformers, init_from= and generate.py read, without pickle
         export_hf(module.model, run_dir / "hf", {**meta, "step": trainer.global_step})
-        layout = "GPT-2" if not gpt2_mismatches(module.gpt) else "Llama"
+        layout = layout_name(module.gpt, meta["num_classes"] is not None)
         written.append(f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout)")
     except UserError as e:  # an architecture that no Hugging Face class computes
         written.append(f"no export: {e}")
@@ -72,11 +72,13 @@ def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> l
         save_adapter(module.model, run_dir / "adapter")
         write_atomic(run_dir / "adapter" / ADAPTER_META, json.dumps({"base": cfg.init_from, **meta}, indent=1))
         written.append(f"adapter in {run_dir / 'adapter'}")
-        if not gpt2_mismatches(module.gpt):  # peft's names for transformers' GPT-2
+        classifier = meta["num_classes"] is not None
+        if hf_adapter_layout(module.gpt, classifier):  # peft's names for transformers' class of the model
             base = hf_folder(cfg.init_from)
-            export_hf_adapter(module.model, run_dir / "hf_adapter", base, meta["num_classes"] is not None)
+            export_hf_adapter(module.model, run_dir / "hf_adapter", base, classifier)
             on = base or f"{cfg.init_from} once exported (python -m llmtrain.export source={cfg.init_from} out_dir=DIR)"
-            written[-1] += f", and in {run_dir / 'hf_adapter'} for peft on transformers' GPT-2 of {on}"
+            written[-1] += (f", and in {run_dir / 'hf_adapter'} for peft on transformers' "
+                            f"{layout_name(module.gpt, classifier)} of {on}")
     return written + stage.write_files(module.gpt, datamodule, run_dir)
 
 
@@ -92,6 +94,6 @@ def _write_sharded(module, trainer, cfg: DictConfig, meta: dict) -> list[str]:
         written = [f"{skip_sharded(what)}; the final state is in {run_dir / 'checkpoints' / 'last.ckpt'}"]
     else:
         export_hf(gpt, run_dir / "hf", {**meta, "step": trainer.global_step})
-        layout = "GPT-2" if not gpt2_mismatches(gpt) else "Llama"
+        layout = layout_name(gpt, meta["num_classes"] is not None)
         written = [f"model exported to {run_dir / 'hf'} (Hugging Face {layout} layout, gathered from the FSDP ranks)"]
     return written + [skip_sharded(what) for what in stage.outputs]

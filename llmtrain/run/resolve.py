@@ -27,8 +27,9 @@ from llmtrain.run.checks import FREE_KEYS, check_run
 from llmtrain.stages.base import Stage
 from llmtrain.training.hardware import choose_precision
 
-# model keys whose null means a value derived from the others (when there is no init_from to take it from)
-DERIVED_KEYS = ("n_kv_heads", "mlp_hidden")
+# model keys whose null means something when there is no init_from to take the value from: a value derived from the
+# others (n_kv_heads, head_dim, mlp_hidden), or none (rope_scaling: plain RoPE)
+NULL_MEANS = ("n_kv_heads", "head_dim", "mlp_hidden", "rope_scaling")
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def effective_model_config(node: dict, start: ModelInfo | None, init_from: str |
         problems.append(f"model.{unknown[0]} is not a model setting: drop it (the settings are {', '.join(settings)})")
         return None
     if start is None:
-        unset = [k for k, v in node.items() if v is None and k not in DERIVED_KEYS]
+        unset = [k for k, v in node.items() if v is None and k not in NULL_MEANS]
         if unset:
             problems.append(f"model.{unset[0]} is null: model=checkpoint takes the architecture of init_from, "
                             f"which is not set: give init_from=<run dir, checkpoint, Hugging Face dir or Hub name>, "

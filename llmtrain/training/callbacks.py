@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from llmtrain.training.flops import TrainingFlops, peak_flops, training_flops
+from llmtrain.training.flops import TrainingFlops, attention_width, peak_flops, training_flops
 
 
 class TokenCounts:
@@ -69,7 +69,7 @@ class Throughput(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         config = pl_module.gpt.config
         if self.flops is None:
-            self.flops = training_flops(pl_module.model, config.n_layers, config.emb_dim)
+            self.flops = training_flops(pl_module.model, config.n_layers, attention_width(config))
         if self.peak_flops is None:
             self.peak_flops = device_peak(trainer.strategy.root_device, trainer.precision, self.tf32)
 

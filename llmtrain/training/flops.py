@@ -5,8 +5,9 @@ MLP, are counted right without a formula per architecture): a weight that multip
 pass; in the backward pass 4 if it trains (the gradient of its input and of itself) and 2 if it is frozen but a
 gradient still passes through it (its input's only), 0 if no gradient reaches it (frozen layers below the
 lowest trainable parameter: the classify stage's default). Lookups (position embeddings, an untied token
-embedding) do none. Attention adds 2 x 2 x d x T per layer forward (QK^T and AV over T positions) and twice that
-backward where a gradient passes (PaLM, Chowdhery et al. 2022, appendix B: 12 x layers x d x T in all).
+embedding) do none. Attention adds 2 x 2 x d x T per layer forward (QK^T and AV over T positions; d the heads x
+head size, emb_dim unless head_dim is set apart) and twice that backward where a gradient passes (PaLM, Chowdhery
+et al. 2022, appendix B: 12 x layers x d x T in all).
 """
 
 from __future__ import annotations
@@ -80,9 +81,15 @@ class TrainingFlops:
         return tokens * (self.per_token + self.per_position * seq_len)
 
 
+def attention_width(config) -> int:
+    """A GPTConfig's heads x head size: the width of q, and of each position's attention output (emb_dim unless
+    head_dim is set apart, as Qwen3's is)."""
+    return config.n_heads * config.head_dim
+
+
 def training_flops(model: nn.Module, n_layers: int, width: int) -> TrainingFlops:
     """Forward + backward FLOPs per token of `model` (a GPT, or a wrapper such as peft's around one) as it trains:
-    which parameters train decides the backward pass. `width`: the attention width (heads x head size); the
+    which parameters train decides the backward pass. `width`: the attention width (attention_width); the
     attention term assumes its layers are the model's n_layers blocks of equal width, each after its parameters."""
     owners: dict[int, list[nn.Module]] = {}
     for module in model.modules():

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmtrain.model.gpt import GPT
-from llmtrain.training.flops import training_flops
+from llmtrain.training.flops import attention_width, training_flops
 
 ADVERTS = ("💡 Tip:",)  # Lightning's suggestions to install its cloud services
 NOISE = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # lightning/pytorch/utilities/_pytree.py
@@ -64,15 +64,16 @@ def describe_model(gpt: GPT, context_length: int) -> str:
     weights = gpt.num_params(exclude_embeddings=True)
     if not gpt.tied:
         weights -= gpt.tok_emb.weight.numel()
-    flops = training_flops(gpt, c.n_layers, c.emb_dim).of_batch(1, context_length)
+    flops = training_flops(gpt, c.n_layers, attention_width(c)).of_batch(1, context_length)
     if all(p.requires_grad for p in gpt.parameters()):
-        how = (f"6 x {human(weights)} weights + attention 12 x {c.n_layers} layers x {c.emb_dim} x {context_length} "
-               f"tokens")
+        how = (f"6 x {human(weights)} weights + attention 12 x {c.n_layers} layers x {attention_width(c)} x "
+               f"{context_length} tokens")
     else:
         how = "2 per weight forward, backward 4 per trained and 2 per frozen weight that a gradient passes, attention"
     head = "tied to the token embedding" if gpt.tied else f"untied, {gpt.head.out_features:,} outputs"
     return "\n".join([
-        f"model: GPT, {c.n_layers} layers, width {c.emb_dim}, {c.n_heads} heads, context {c.context_length}, "
+        f"model: GPT, {c.n_layers} layers, width {c.emb_dim}, {c.n_heads} heads of {c.head_dim}, context "
+        f"{c.context_length}, "
         f"vocab {c.vocab_size:,}, head {head}",
         f"  parameters: {gpt.num_params():,} ({human(gpt.num_params())}), {human(weights)} outside lookup tables",
         f"  training FLOPs per token: {human(flops)} ({how}), {human(flops * context_length)} per sequence",

@@ -138,8 +138,8 @@ def test_bad_inputs_name_init_from(tmp_path):
         str(tmp_path / "notes.txt"): "cannot be read: it is truncated, corrupt or not a checkpoint",
         str(tmp_path / "cut.ckpt"): "cannot be read: it is truncated, corrupt or not a checkpoint",
         str(tmp_path / "empty"): "neither config.json nor checkpoints/last.ckpt",
-        str(tmp_path / "bert"): "model_type='bert', but only GPT-2 ('gpt2') and Llama ('llama') map onto",
-        str(tmp_path / "llama"): "config.json lacks or mis-sets a Llama size (KeyError('vocab_size'))",
+        str(tmp_path / "bert"): "model_type='bert', but only gpt2, llama, mistral, qwen2, qwen3 map onto",
+        str(tmp_path / "llama"): "config.json lacks or mis-sets a size (KeyError('vocab_size'))",
         str(tmp_path / "plain.pt"): "not an llmtrain checkpoint",
     }
     for init_from, what in cases.items():

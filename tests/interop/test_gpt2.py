@@ -456,3 +456,13 @@ def test_generate_reads_the_export_refuses_a_classifier_and_wraps_instruct_promp
     monkeypatch.setattr(gen, "generate_text", lambda model, tok, prompt, *a, **k: seen.append(prompt) or "ok")
     assert gen.run(gen.parse_args([f"ckpt_path={out}", "prompt=Name a colour", "device=cpu"])) == "ok"
     assert seen == [format_prompt("Name a colour")]
+
+
+@pytest.mark.parametrize("option, words", [(dict(head_dim=8), "model.head_dim=8"),
+                                           (dict(qk_norm=True), "model.qk_norm=True")])
+def test_gpt2_options_with_a_head_width_or_qk_norm_have_no_hugging_face_layout(tmp_path, option, words):
+    """GPT2LMHeadModel computes neither a head width of its own nor QK-norm: such a model is not written as one."""
+    model = GPT(GPTConfig(vocab_size=100, context_length=32, emb_dim=32, n_heads=2, n_layers=1, **option))
+    with pytest.raises(UserError, match=rf"^the model has no Hugging Face layout: {words} is neither GPT-2's"):
+        export_hf(model, tmp_path / "hf", META)
+    assert not (tmp_path / "hf").exists()

@@ -5,7 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmtrain.model.layers import MLP, CausalSelfAttention, RMSNorm, apply_rope, make_norm, rope_angles
+from llmtrain.model.layers import (
+    MLP,
+    CausalSelfAttention,
+    RMSNorm,
+    apply_rope,
+    make_norm,
+    rope_angles,
+    rope_frequencies,
+)
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -140,3 +148,87 @@ def test_with_a_cache_new_queries_see_the_past_and_themselves_causally():
         parts.append(attn(x[:, start:end], rope_angles(8, 10000.0, start, end - start, "cpu"), cache))
         cache.pos = end
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-6, rtol=1e-5)
+
+
+def test_heads_of_their_own_width_project_q_k_v_to_heads_times_head_dim_and_back():
+    """head_dim apart from emb_dim / n_heads (Qwen3): q, k, v are n_heads (n_kv_heads) x head_dim wide and out_proj
+    maps n_heads x head_dim back to emb_dim; attention is then softmax(q k^T / sqrt(head_dim)) v per head."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(emb_dim=24, n_heads=4, n_kv_heads=2, qkv_bias=True, bias=False, drop_rate=0.0,
+                               head_dim=10)
+    assert attn.qkv.weight.shape == (4 * 10 + 2 * 2 * 10, 24) and attn.out_proj.weight.shape == (24, 40)
+    x = randn(2, 5, 24, seed=4)
+    q, k, v = attn.qkv(x).split([40, 20, 20], dim=-1)
+    q = q.view(2, 5, 4, 10).transpose(1, 2)
+    k, v = (t.view(2, 5, 2, 10).transpose(1, 2).repeat_interleave(2, dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-1, -2) / 10**0.5).masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
+    expected = attn.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 40))
+    torch.testing.assert_close(attn(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_qk_norm_normalises_each_heads_query_and_key():
+    """With QK-norm, scaling the q and k rows of the projection changes nothing (each head's query and key are
+    RMS-normalised first); without, it sharpens the attention. The gains are one per dimension of a head."""
+    torch.manual_seed(0)
+    x = randn(1, 6, 32, seed=5)
+    rope = rope_angles(8, 10000.0, 0, 6, "cpu")
+    for eps, unchanged in ((1e-6, True), (None, False)):
+        attn = CausalSelfAttention(emb_dim=32, n_heads=4, n_kv_heads=2, qkv_bias=False, bias=False, drop_rate=0.0,
+                                   qk_norm_eps=eps)
+        before = attn(x, rope)
+        with torch.no_grad():
+            attn.qkv.weight[:48] *= 5.0  # the q and k rows
+        assert torch.allclose(attn(x, rope), before, atol=1e-5) == unchanged
+    assert attn.qkv.weight.shape == (64, 32) and not hasattr(attn, "q_norm")
+    normed = CausalSelfAttention(emb_dim=32, n_heads=4, n_kv_heads=2, qkv_bias=False, bias=False, drop_rate=0.0,
+                                 qk_norm_eps=1e-6)
+    assert normed.q_norm.weight.shape == normed.k_norm.weight.shape == (8,) and normed.k_norm.eps == 1e-6
+
+
+def test_linear_rope_scaling_divides_every_frequency():
+    plain = rope_frequencies(16, 500.0)
+    torch.testing.assert_close(plain, 500.0 ** (-torch.arange(0, 16, 2) / 16))
+    torch.testing.assert_close(rope_frequencies(16, 500.0, {"type": "linear", "factor": 4.0}), plain / 4)
+    # positions interpolated: position 4p with the scaling turns as position p without it
+    torch.testing.assert_close(rope_angles(16, 500.0, 8, 1, "cpu", {"type": "linear", "factor": 4.0})[0],
+                               rope_angles(16, 500.0, 2, 1, "cpu")[0])
+
+
+def test_llama3_rope_scaling_keeps_fast_pairs_slows_slow_ones_and_blends_between():
+    """Against the pretraining context L = 32 (low 1, high 4): a pair whose wavelength 2 pi / f is under L / 4
+    keeps f, one over L / 1 turns factor times slower, and one between blends the two by (L / wavelength - 1) / 3."""
+    scaling = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    plain, scaled = rope_frequencies(16, 500.0), rope_frequencies(16, 500.0, scaling)
+    wavelength = 2 * torch.pi / plain
+    regions = [(wavelength < 8).tolist(), ((wavelength >= 8) & (wavelength <= 32)).tolist(), (wavelength > 32).tolist()]
+    assert regions[0][:1] == [True] and any(regions[1]) and any(regions[2])  # the test covers all three
+    for i in range(8):
+        if regions[0][i]:
+            expected = plain[i]
+        elif regions[2][i]:
+            expected = plain[i] / 8
+        else:
+            blend = (32 / wavelength[i] - 1) / 3
+            expected = (1 - blend) * plain[i] / 8 + blend * plain[i]
+        torch.testing.assert_close(scaled[i], expected)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"type": "linear", "factor": 2.5},
+    {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+    {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},  # Llama 3.2's
+], ids=["linear", "llama3-tiny", "llama3.2"])
+def test_rope_frequencies_equal_transformers(scaling):
+    """The frequencies of transformers' own RoPE initialisation for the same configuration, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim, theta = (64, 500000.0) if scaling.get("original_max_position_embeddings") == 8192 else (16, 500.0)
+    params = {"rope_type": scaling["type"], "rope_theta": theta} | {k: v for k, v in scaling.items() if k != "type"}
+    config = transformers.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                                      max_position_embeddings=64, rope_parameters=params)
+    theirs, _ = ROPE_INIT_FUNCTIONS[scaling["type"]](config, "cpu")
+    torch.testing.assert_close(rope_frequencies(head_dim, theta, scaling), theirs, atol=0, rtol=0)

@@ -62,9 +62,35 @@ def test_kv_cache_holds_only_the_kv_heads():
     assert size(mha) == 2 * size(gqa) == 4 * size(mqa) == 2 * 2 * 2 * 4 * 24 * 8 * 4  # k+v, layers, B, nh, T, hs, fp32
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-def test_cached_generation_equals_uncached(n_kv_heads):
-    m = tiny(n_kv_heads=n_kv_heads)
+LLAMA3_SCALING = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8}
+QWEN3 = dict(head_dim=12, qk_norm=True, n_kv_heads=2)  # heads wider than emb_dim / n_heads = 8
+
+
+def test_kv_cache_holds_kv_heads_of_head_dim():
+    cache = KVCache(GPTConfig(**(LLAMA | QWEN3)), 2, 24, "cpu", torch.float32)
+    assert cache.k[0].shape == cache.v[0].shape == (2, 2, 24, 12)  # B, n_kv_heads, T, head_dim
+    assert sum(t.numel() * t.element_size() for t in cache.k + cache.v) == 2 * 2 * 2 * 2 * 24 * 12 * 4
+
+
+def test_head_dim_qk_norm_and_rope_scaling_add_only_their_own_weights():
+    """head_dim resizes q, k, v and o only; QK-norm adds two gains of head_dim per layer; rope_scaling and the
+    derived head_dim add nothing (and a preset's count is unchanged by the new settings)."""
+    d, L, kv, hd = 32, 2, 2, 12
+    base = tiny().num_params()
+    assert tiny(head_dim=8).num_params() == tiny(rope_scaling=LLAMA3_SCALING).num_params() == base
+    wide = tiny(head_dim=hd).num_params()
+    assert wide - base == L * ((4 * hd + 2 * kv * hd) * d + 4 * hd * d - (2 * d * d + 2 * d * 16))
+    assert tiny(head_dim=hd, qk_norm=True).num_params() - wide == L * 2 * hd
+    assert GPTConfig(**LLAMA).head_dim == 8  # derived, and stored
+
+
+@pytest.mark.parametrize("options", [{"n_kv_heads": 4}, {"n_kv_heads": 2}, {"n_kv_heads": 1}, QWEN3,
+                                     {"rope_scaling": LLAMA3_SCALING},
+                                     {"qkv_bias": True, "rope_scaling": {"type": "linear", "factor": 2.0}}],
+                         ids=["mha", "gqa", "mqa", "qwen3", "llama3-scaling", "qwen2-linear"])
+def test_cached_generation_equals_uncached(options):
+    m = tiny(**options)
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     assert torch.equal(m.generate(prompt, 15, temperature=0, use_cache=True),
                        m.generate(prompt, 15, temperature=0, use_cache=False))
@@ -121,8 +147,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_rope():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(n_heads=4, n_kv_heads=3), r"model.n_heads=4 is not divisible by model.n_kv_heads=3: .*model.n_kv_heads=2"),
-    (dict(emb_dim=36, n_heads=4), r"model.pos_emb=rope turns pairs of dimensions, but a head has emb_dim / n_heads = "
-                                  r"9"),
+    (dict(emb_dim=36, n_heads=4), r"model.pos_emb=rope turns pairs of dimensions, but a head has head_dim=9 "),
     (dict(norm="batchnorm", mlp="relu"), r"model.norm='batchnorm' is not known: choose layernorm or rmsnorm; "
                                          r"model.mlp='relu' is not known: choose gelu or swiglu"),
     (dict(rope_theta=0.0, norm_eps=-1.0), r"model.rope_theta must be positive, got 0.0; model.norm_eps must be"),
@@ -131,6 +156,26 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_rope():
     (dict(emb_dim=128.5), r"^model.emb_dim must be a positive integer, got 128.5$"),
     (dict(n_heads=2.0, n_layers=True), r"^model.n_heads must be a positive integer, got 2.0; model.n_layers must be "
                                        r"a positive integer, got True$"),
+    (dict(emb_dim=30, n_heads=4), r"model.emb_dim=30 is not divisible by model.n_heads=4: .*\(e.g. model.n_heads=3\), "
+                                  r"or set model.head_dim$"),
+    (dict(head_dim=7), r"^model.pos_emb=rope turns pairs of dimensions, but a head has head_dim=7 dimensions, an odd "
+                       r"number: change model.head_dim"),
+    (dict(head_dim=0), r"^model.head_dim must be a positive integer, got 0$"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), r"^model.rope_scaling has type='yarn': give null or a "
+                                                         r"mapping with type linear or llama3 \(and its numbers"),
+    (dict(rope_scaling=4.0), r"^model.rope_scaling has 4.0: give null or a mapping"),
+    (dict(rope_scaling={"type": "linear", "factor": 2, "low_freq_factor": 1}),
+     r"^model.rope_scaling.low_freq_factor is not read by linear scaling: drop it \(it reads factor\)$"),
+    (dict(rope_scaling={"type": "llama3", "factor": 8}),
+     r"^model.rope_scaling.low_freq_factor is missing: llama3 scaling reads factor, low_freq_factor, "
+     r"high_freq_factor, original_max_position_embeddings; model.rope_scaling.high_freq_factor is missing"),
+    (dict(rope_scaling={"type": "linear", "factor": 0}), r"^model.rope_scaling.factor must be a positive number, "
+                                                         r"got 0$"),
+    (dict(rope_scaling=LLAMA3_SCALING | {"low_freq_factor": 4.0}),
+     r"^model.rope_scaling.low_freq_factor=4.0 must be below high_freq_factor=4.0 \(Llama 3.1: 1 and 4\)$"),
+    (dict(pos_emb="learned", rope_scaling={"type": "linear", "factor": 2}),
+     r"^model.rope_scaling rescales rotary positions, but model.pos_emb=learned: set model.pos_emb=rope, or "
+     r"model.rope_scaling=null$"),
 ])
 def test_config_refuses_what_cannot_be_built(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -192,3 +192,41 @@ def test_a_resume_lists_what_it_changes_and_refuses_what_would_mix_two_runs(tmp_
                             (["data.path=other.txt", "resume.apply=[data.path]"], "data.path")):
         refusal = changes(*overrides)[1]
         assert refusal.startswith(f"this run changes {keys}") and "resuming would mix two runs" in refusal, refusal
+
+
+ROPE = BASE | dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=1, bias=False,
+                   rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 32})
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("model.rope_scaling={type:linear,factor:8}", "rope_scaling", {"type": "linear", "factor": 8.0}),
+    ("model.qk_norm=true", "qk_norm", True),
+    ("model.head_dim=32", "head_dim", 32),
+    ("model.qkv_bias=true", "qkv_bias", True),
+], ids=["rope_scaling", "qk_norm", "head_dim", "qkv_bias"])
+def test_the_new_options_must_match_the_checkpoints_under_init_from_and_on_resume(tmp_path, override, key, value):
+    """rope_scaling and QK-norm change what the weights compute, head_dim and a q/k/v bias their shapes: a value
+    other than the checkpoint's is refused by the config check (init_from) and by the resume check; the same values
+    (a mapping written with ints, as on a command line) resume."""
+    from dataclasses import replace
+
+    from llmtrain.interop.checkpoints import ModelInfo
+    from llmtrain.run.checks import check_resume
+    from llmtrain.stages.pretrain import Pretrain
+
+    saved = GPTConfig(**ROPE)
+    torch.manual_seed(0)
+    path = tmp_path / "rope.ckpt"
+    torch.save({"state_dict": {"model." + k: v for k, v in GPT(saved).state_dict().items()},
+                "llmtrain": {"model_config": asdict(saved), "tokenizer": "bytes", "stage": "pretrain"}}, path)
+    same = "model.rope_scaling={type:llama3,factor:8,low_freq_factor:1,high_freq_factor:4," \
+           "original_max_position_embeddings:32}"
+    assert resolve_run(compose(["finetune=instruct", f"init_from={path}", same], tmp_path)).model_config == saved
+    with pytest.raises(UserError, match=rf"^model.{key}=.* but init_from={path} has {getattr(saved, key)}"):
+        resolve_run(compose(["finetune=instruct", f"init_from={path}", override], tmp_path))
+    info = ModelInfo(kind="llmtrain", path=str(path), model_config=saved, stage="pretrain")
+    stage = Pretrain(train_blocks="all", lora=None, loss_chunk=None, sample_prompt=None, sample_tokens=0)
+    check_resume(info, GPTConfig(**(ROPE | {"rope_scaling": {**ROPE["rope_scaling"], "factor": 8}})), stage, "x")
+    with pytest.raises(UserError, match=rf"holds another architecture: model.{key}="):
+        check_resume(info, replace(saved, **{key: value}), stage, "x.ckpt")

@@ -77,3 +77,26 @@ def test_a_device_this_machine_lacks_is_one_line(monkeypatch, device):
     with pytest.raises(UserError, match=rf"^device={device}: .* available here: use device=cpu \(or device=auto\)$"):
         decoding.resolve_device(device)
     assert decoding.resolve_device("auto") == torch.device("cpu") == decoding.resolve_device("cpu")
+
+
+@pytest.mark.parametrize("options", [
+    dict(head_dim=24, qk_norm=True, n_heads=4, n_kv_heads=2),  # Qwen3: out_proj reads 4 x 24 = 96, not 32
+    dict(qkv_bias=True, bias=False, n_heads=4, n_kv_heads=1,
+         rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16}),  # Qwen2's biases, Llama 3's RoPE
+], ids=["qwen3", "qwen2-llama3-rope"])
+def test_int8_decoding_of_the_llama_shaped_options(options):
+    """Every linear int8, whatever its width; QK-norm's gains stay fp32; cached decoding works; logits stay close."""
+    model = tiny(pos_emb="rope", norm="rmsnorm", mlp="swiglu", mlp_hidden=64, **options)
+    x = torch.randint(0, 257, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = model(x)
+        quantized = prepare_for_decoding(copy.deepcopy(model), "int8", torch.device("cpu"))
+        approx = quantized(x)
+    attn = quantized.blocks[0].attn
+    assert type(attn.qkv) is Int8Linear and type(attn.out_proj) is Int8Linear
+    assert attn.out_proj.in_features == model.config.n_heads * model.config.head_dim
+    if model.config.qk_norm:
+        assert attn.q_norm.weight.dtype == torch.float32
+    assert (approx - exact).abs().max() < 0.1 * exact.std()
+    assert quantized.generate(x[:1, :5], 10, temperature=0).shape == (1, 15)

@@ -151,3 +151,30 @@ def test_the_chunked_loss_keeps_the_logits_of_one_chunk(tmp_path):
     assert plain.logits == 16 * 128 * 50257 * 12  # every token's logits, log-softmax and gradients in fp32
     assert chunked.logits < plain.logits / 5
     assert double.logits - chunked.logits == 16 * 128 * 64 * 4  # the added tokens' hidden-state gradients alone
+
+
+def test_the_activations_follow_what_each_block_keeps(tmp_path):
+    """block_values: GPT-2's block keeps 17 x emb_dim a token; GQA keeps fewer key/value values, RoPE the rotated q
+    and k too, QK-norm the normalised ones, heads of their own width q, k, v and the output at that width, SwiGLU four
+    hidden values to GELU's two. The estimate's activations move by exactly those values (fp32: 4 bytes each, per
+    block and one more block's gradients)."""
+    from dataclasses import replace
+
+    from llmtrain.model.gpt import GPTConfig
+
+    d = 64
+    assert memory.block_values(GPTConfig(emb_dim=d, n_heads=4)) == 17 * d
+    llama = GPTConfig(emb_dim=d, n_heads=4, n_kv_heads=2, pos_emb="rope", norm="rmsnorm", mlp="swiglu", mlp_hidden=192)
+    # norms 4d; q, k, v of 64 + 2 x 32, the output and its copy 2 x 64; rotated q and k 64 + 32; SwiGLU 4 x 192
+    assert memory.block_values(llama) == 4 * d + (d + 2 * 32) + 2 * d + (d + 32) + 4 * 192
+    qwen3 = replace(llama, head_dim=32, qk_norm=True)  # q 4 x 32 = 128, k and v 2 x 32 = 64 each
+    assert memory.block_values(qwen3) == 4 * d + (128 + 2 * 64) + 2 * 128 + 2 * (128 + 64) + 4 * 192
+
+    shape = ["model=llama_tiny", "data.tokenizer=bytes", "model.vocab_size=257", "model.context_length=32",
+             "model.n_layers=2", "data.batch_size=4", "perf.loss_chunk=null"]
+    plain = memory.estimate(*checked_fp32(shape, tmp_path))
+    wide = memory.estimate(*checked_fp32([*shape, "model.head_dim=64", "model.qk_norm=true"], tmp_path))
+    cfg, run = checked_fp32(shape, tmp_path)
+    extra = memory.block_values(replace(run.model_config, head_dim=64, qk_norm=True)) - memory.block_values(
+        run.model_config)
+    assert extra > 0 and wide.activations - plain.activations == 4 * 32 * (2 + 1) * 4 * extra

@@ -52,6 +52,20 @@ def test_throughput_counts_tokens_that_are_not_padding_and_the_flops_they_cost(m
     assert counts.total(torch.device("cpu")).tolist() == [32 + 8, 32 * 8 + 8 * 6]
 
 
+def test_throughput_counts_attention_at_the_heads_width():
+    """A model whose heads are wider than emb_dim / n_heads (Qwen3's): the FLOPs per position are attention's over
+    heads x head_dim, not over emb_dim."""
+    import llmtrain.training.callbacks as callbacks
+    from llmtrain.model.gpt import GPT, GPTConfig
+    from llmtrain.training.flops import training_flops
+
+    gpt = GPT(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, head_dim=12, n_layers=2,
+                        pos_emb="rope"))
+    cb = callbacks.Throughput(peak_flops=1e4)
+    cb.on_fit_start(SimpleNamespace(), SimpleNamespace(gpt=gpt, model=gpt))
+    assert cb.flops == training_flops(gpt, 2, 48) and cb.flops.per_position == 12 * 2 * 48
+
+
 def test_a_save_removes_what_a_killed_save_left_and_leaves_only_the_checkpoint(tmp_path):
     (tmp_path / ".last.ckpt.tmp4242").write_bytes(b"half a checkpoint")  # a save killed mid-write
     (tmp_path / ".other.ckpt.tmp4242").write_bytes(b"another file's")

@@ -8,7 +8,7 @@ import torch
 from llmtrain.interop.lora import apply_lora
 from llmtrain.model.gpt import GPT, GPTConfig
 from llmtrain.stages.base import set_trainable
-from llmtrain.training.flops import peak_flops, training_flops
+from llmtrain.training.flops import attention_width, peak_flops, training_flops
 
 L_, D, V, T = 3, 32, 100, 16
 
@@ -28,6 +28,19 @@ def test_everything_training_is_six_per_weight_plus_attention():
         weights = numel(model) - numel(model.pos_emb) - (0 if tie else numel(model.tok_emb))  # lookups: no FLOPs
         assert training_flops(model, L_, D).of_batch(1, T) == 6 * weights + 12 * L_ * D * T
         assert training_flops(model, L_, D).of_batch(5, T) == 5 * (6 * weights + 12 * L_ * D * T)  # both terms
+
+
+def test_heads_of_their_own_width_set_the_attention_term():
+    """Qwen3's shape: 4 heads of 12 (not 32 / 4 = 8) sharing 2 key/value heads, QK-norm: the weights counted as they
+    are (q, k, v and o of 4 x 12 and 2 x 12, the norm gains), attention 12 x layers x (4 x 12) x T."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=V, context_length=T, emb_dim=D, n_heads=4, n_kv_heads=2, head_dim=12, n_layers=L_,
+                       pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", mlp_hidden=64, bias=False,
+                       tie_weights=True)
+    model = GPT(config)
+    per_layer = D * (48 + 2 * 24) + 48 * D + 3 * D * 64 + 2 * D + 2 * 12  # qkv, o, the MLP, two norms, QK-norm
+    assert numel(model) == L_ * per_layer + D + V * D and attention_width(config) == 48
+    assert training_flops(model, L_, attention_width(config)).of_batch(1, T) == 6 * numel(model) + 12 * L_ * 48 * T
 
 
 def test_frozen_layers_below_the_lowest_trainable_one_do_no_backward():

@@ -36,11 +36,16 @@ def test_lightning_deprecation_noise_is_silenced():
 def test_the_model_summary_states_parameters_and_flops_per_token():
     gpt = GPT(GPTConfig(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2, tie_weights=True))
     text = describe_model(gpt, context_length=16)
-    assert f"{gpt.num_params():,}" in text and "2 layers, width 32, 2 heads, context 32, vocab 257" in text
+    assert f"{gpt.num_params():,}" in text and "2 layers, width 32, 2 heads of 16, context 32, vocab 257" in text
     weights = gpt.num_params() - 32 * 32  # all but the position table (the tied embedding is the head's matmul)
     flops = 6 * weights + 12 * 2 * 32 * 16
     assert training_flops(gpt, 2, 32).of_batch(1, 16) == flops
     assert f"training FLOPs per token: {human(flops)} (6 x {human(weights)} weights" in text
+    qwen3 = GPT(GPTConfig(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, head_dim=24, n_layers=2,
+                          pos_emb="rope", qk_norm=True, tie_weights=True))
+    flops = training_flops(qwen3, 2, 48).of_batch(1, 16)  # attention over heads x head_dim, not the width
+    assert "2 heads of 24" in describe_model(qwen3, 16) and f"FLOPs per token: {human(flops)} (6 x" in \
+        describe_model(qwen3, 16) and "attention 12 x 2 layers x 48 x 16 tokens" in describe_model(qwen3, 16)
     assert human(7_241_088) == "7.24 M" and human(5.65e9) == "5.65 G" and human(512) == "512"
     assert [human(n) for n in (999, 1000, 999_999, 1e6, -2500, 3e15)] == ["999", "1 k", "1 M", "1 M", "-2.5 k",
                                                                          "3 P"]
