@@ -1,7 +1,7 @@
 """The command line's first words: `--help` names llmtrain, lists the groups one line each, gives examples."""
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, TINY, compose, run_cli
 
 
 @pytest.mark.slow
@@ -47,3 +47,39 @@ def test_a_mistake_leaves_no_run_dir(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == "error: model.n_layers must be a positive integer, got 0"
     assert not (tmp_path / "outputs").exists()  # Hydra made the run dir; the clean-up removed it
+
+
+def test_a_mistake_removes_the_run_dir_only_where_hydra_alone_wrote_into_it(tmp_path, monkeypatch):
+    """The clean-up of the command line: a run dir an earlier run left checkpoints in stays, and a DDP rank other
+    than the launching one leaves the removal to it."""
+    from llmtrain.cli import remove_if_unused
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    for name in ("fresh", "earlier", "other_rank"):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "train.log").write_text("")
+    (tmp_path / "earlier" / "checkpoints").mkdir()
+    (tmp_path / "earlier" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    remove_if_unused(tmp_path / "fresh")
+    remove_if_unused(tmp_path / "earlier")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    remove_if_unused(tmp_path / "other_rank")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "other_rank"]
+
+
+def test_the_command_line_checks_the_memory_before_the_recipe_starts(tmp_path, monkeypatch, capsys):
+    """main as Hydra calls it, with the composed config: a run that cannot fit ends in one line, its run dir gone."""
+    from llmtrain import cli
+
+    monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)  # what Hydra writes before main starts
+    (tmp_path / "keep.txt").write_text("")
+    with pytest.raises(SystemExit) as e:
+        cli.main.__wrapped__(compose([*TINY, "perf.memory_gb=0.001"], run_dir))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the run needs about ") and err.count("\n") == 1, err
+    assert " GiB per process (weights " in err and " but perf.memory_gb=0.001 allows 0.001 GiB: lower " in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
