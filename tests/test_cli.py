@@ -1,7 +1,7 @@
 """The command line's first words: `--help` names llmtrain, lists the groups one line each, gives examples."""
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, TINY, compose, run_cli
 
 
 @pytest.mark.slow
@@ -47,3 +47,23 @@ def test_a_mistake_leaves_no_run_dir(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == "error: model.n_layers must be a positive integer, got 0"
     assert not (tmp_path / "outputs").exists()  # Hydra made the run dir; the clean-up removed it
+
+
+def test_the_command_line_checks_the_memory_before_the_recipe_starts(tmp_path, monkeypatch, capsys):
+    """main as Hydra calls it, with the composed config: a run that cannot fit ends in one line, its run dir gone."""
+    from llmtrain import cli
+
+    monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
+    from llmtrain.run import rundir
+
+    monkeypatch.setattr(rundir, "_claims", {})
+    run_dir = rundir.claim(tmp_path / "run").path  # as the RunDirs callback claims it before Hydra writes
+    (run_dir / ".hydra").mkdir()  # what Hydra writes before main starts
+    (tmp_path / "keep.txt").write_text("")
+    with pytest.raises(SystemExit) as e:
+        cli.main.__wrapped__(compose([*TINY, "perf.memory_gb=0.001"], run_dir))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the run needs about ") and err.count("\n") == 1, err
+    assert " GiB per process (weights " in err and " but perf.memory_gb=0.001 allows 0.001 GiB: lower " in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

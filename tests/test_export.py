@@ -65,6 +65,21 @@ def test_an_instruct_checkpoint_keeps_its_prompt_template(tmp_path, capsys):
     assert (info.prompt_template, info.stage) == ("alpaca", "instruct")
 
 
+def test_a_classifier_is_exported_with_its_labels_for_sequence_classification(tmp_path, capsys):
+    model = tiny()
+    model.replace_head(2)
+    ckpt = save_ckpt(tmp_path / "last.ckpt", model, stage="classify", num_classes=2, label_names=["neg", "pos"])
+    main([f"source={ckpt}", f"out_dir={tmp_path / 'out'}"])
+    line = capsys.readouterr().out
+    assert line == (f"exported {ckpt} (a classifier of neg, pos, {model.num_params():,} parameters, tokenizer bytes) "
+                    f"to {tmp_path / 'out'}: transformers' AutoModelForSequenceClassification and AutoTokenizer load "
+                    f"it\n")
+    meta = json.loads((tmp_path / "out" / "llmtrain.json").read_text())
+    assert (meta["stage"], meta["num_classes"], meta["label_names"]) == ("classify", 2, ["neg", "pos"])
+    _, info = load_pretrained(str(tmp_path / "out"))
+    assert (info.num_classes, info.label_names) == (2, ["neg", "pos"])
+
+
 def run_export(*args: str, cwd) -> subprocess.CompletedProcess:
     env = subprocess_env()
     env.pop("LLMTRAIN_DEBUG", None)

@@ -207,3 +207,62 @@ def test_lora_adapter_dir_is_merged_into_its_base(ckpt, model, tmp_path):
     assert info.extra["adapter"] == str(adapter) and info.extra["base"] == str(ckpt)
     assert generate_text(loaded, TOK, "Hello", 10, temperature=0, top_k=None, top_p=None, seed=0) == expected
     assert expected != generate_text(model, TOK, "Hello", 10, temperature=0, top_k=None, top_p=None, seed=0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["max_new_tokens=0"], "max_new_tokens must lie in [1, 1,000,000] (the tokens of one call, held in memory with "
+                           "the prompt), got 0"),
+    (["instruction=Add them"], "prompt and instruction are both set: give one (instruction= wraps it in the Alpaca "
+                               "template)"),
+    (["show_top=0"], "show_top must be at least 1, got 0"),
+    (["device=tpu"], "device='tpu' is not known: choose auto, cpu, cuda or cuda:N"),
+])
+def test_each_rule_of_the_values_is_one_line(args, message):
+    from llmtrain.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        parse_args(["ckpt_path=x", "prompt=hi", *args])
+    assert str(e.value) == message
+
+
+def test_a_classifier_is_refused_before_its_weights_are_read(tmp_path):
+    """The unit of test_classifier_checkpoint_is_refused (the real command); up to ten labels are named."""
+    from llmtrain.errors import UserError
+    from llmtrain.generate import load_model
+
+    for n, shown in ((2, "neg, pos"), (10, "l0, l1, l2, l3, l4, l5, l6, l7, l8, l9"),
+                     (12, "l0, l1, l2, l3, l4, l5, l6, l7, l8, l9 and 2 more")):
+        torch.manual_seed(0)
+        classifier = GPT(TINY)
+        classifier.replace_head(n)
+        labels = ["neg", "pos"] if n == 2 else [f"l{i}" for i in range(n)]
+        path = save_checkpoint(tmp_path / f"clf{n}.ckpt", classifier, num_classes=n, label_names=labels)
+        with pytest.raises(UserError) as e:
+            load_model(str(path))
+        assert str(e.value) == (f"ckpt_path={path} is a classifier (labels: {shown}): it predicts labels, it does not "
+                                "generate text")
+
+
+def test_ids_beyond_the_tokenizer_are_shown_as_such():
+    """A head wider than the tokenizer (a vocabulary rounded up): show_top names the ids that decode to nothing."""
+    torch.manual_seed(0)
+    wide = GPT(GPTConfig(vocab_size=259, context_length=64, emb_dim=32, n_heads=2, n_layers=2)).eval()
+    shown = {i: s for i, s, _ in top_candidates(wide, TOK, "Hello", 259)}
+    assert (shown[256], shown[257], shown[258]) == ("<|endoftext|>", "<id 257 beyond the tokenizer>",
+                                                    "<id 258 beyond the tokenizer>")
+    assert shown[0xe2] == "\\xe2" and shown[ord("a")] == "a"
+
+
+def test_base_on_the_command_line_wins_over_the_adapters_record(ckpt, model, tmp_path):
+    """An adapter whose recorded base has moved away: base= names where it is now."""
+    import copy
+    import json
+
+    from llmtrain.generate import load_model
+    from llmtrain.interop.lora import apply_lora, save_adapter
+
+    adapter = save_adapter(apply_lora(copy.deepcopy(model), r=4, dropout=0.0), tmp_path / "adapter")
+    (adapter / "llmtrain_adapter.json").write_text(json.dumps({"base": str(tmp_path / "moved.ckpt")}))
+    loaded, info = load_model(str(adapter), base=str(ckpt))
+    assert info.extra["base"] == str(ckpt)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())  # B is zero: the base

@@ -57,6 +57,14 @@ def test_the_logger_drops_the_epoch_card_and_records_the_run_for_the_hparams_tab
     assert [e.status for e in records[metadata.SESSION_END_INFO_TAG]] == [api_pb2.STATUS_SUCCESS]
 
 
+def test_a_run_that_fails_ends_its_session_as_a_failure(tmp_path):
+    logger = TensorBoard(save_dir=str(tmp_path), name="tensorboard", version="", default_hp_metric=False)
+    logger.log_run({"seed": 1}, ("val/loss",), varied=set())
+    logger.finalize("failed")  # what Lightning passes when fit raises
+    ends = hparams_records(tmp_path / "tensorboard")[metadata.SESSION_END_INFO_TAG]
+    assert [e.status for e in ends] == [api_pb2.STATUS_FAILURE]
+
+
 class RecordingLogger:
     def __init__(self):
         self.logged = []

@@ -230,3 +230,34 @@ def test_the_new_options_must_match_the_checkpoints_under_init_from_and_on_resum
     check_resume(info, GPTConfig(**(ROPE | {"rope_scaling": {**ROPE["rope_scaling"], "factor": 8}})), stage, "x")
     with pytest.raises(UserError, match=rf"holds another architecture: model.{key}="):
         check_resume(info, replace(saved, **{key: value}), stage, "x.ckpt")
+
+
+def test_a_window_as_long_as_the_models_is_accepted_and_a_longer_or_empty_one_refused(tmp_path):
+    assert resolve_run(compose([*TINY, "data.context_length=32"], tmp_path)).context_length == 32
+    with pytest.raises(UserError) as e:
+        resolve_run(compose([*TINY, "data.context_length=33"], tmp_path))
+    assert str(e.value) == ("data.context_length=33 is larger than model.context_length=32: lower "
+                            "data.context_length or raise model.context_length")
+    with pytest.raises(UserError) as e:  # 0 is a value given, not the model's window
+        resolve_run(compose([*TINY, "data.context_length=0"], tmp_path))
+    assert str(e.value) == "data.context_length must be positive, got 0"
+
+
+def test_train_blocks_counts_up_to_every_block(tmp_path, base_ckpt):
+    classify = ["finetune=classify", f"init_from={base_ckpt}"]
+    assert resolve_run(compose([*classify, "finetune.train_blocks=2"], tmp_path)).stage.train_blocks == 2
+    with pytest.raises(UserError) as e:
+        resolve_run(compose([*classify, "finetune.train_blocks=3"], tmp_path))
+    assert str(e.value) == ("finetune.train_blocks=3 is not one of 0..2 or all, last, head, none, or N (the last N "
+                            "blocks)")
+
+
+def test_a_run_resumes_with_another_dropout_rate():
+    """Dropout holds no weights: a checkpoint resumes under another drop_rate, as init_from takes one."""
+    from llmtrain.interop.checkpoints import ModelInfo
+    from llmtrain.run.checks import check_resume
+    from llmtrain.stages.pretrain import Pretrain
+
+    info = ModelInfo(kind="llmtrain", path="x.ckpt", model_config=GPTConfig(**BASE), stage="pretrain")
+    stage = Pretrain(train_blocks="all", lora=None, loss_chunk=None, sample_prompt=None, sample_tokens=0)
+    check_resume(info, GPTConfig(**(BASE | {"drop_rate": 0.1})), stage, "x.ckpt")

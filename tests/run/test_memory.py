@@ -151,6 +151,9 @@ def test_the_chunked_loss_keeps_the_logits_of_one_chunk(tmp_path):
     assert plain.logits == 16 * 128 * 50257 * 12  # every token's logits, log-softmax and gradients in fp32
     assert chunked.logits < plain.logits / 5
     assert double.logits - chunked.logits == 16 * 128 * 64 * 4  # the added tokens' hidden-state gradients alone
+    one = memory.estimate(*checked([*wide, "data.batch_size=1", "perf.loss_chunk=256"], tmp_path))  # 128 tokens
+    # one chunk: its logits and the log-sum-exp's temporary (8 bytes a value; no next chunk's logits beside them)
+    assert one.logits == 128 * 50257 * 8 + 50257 * 64 * 4 + 128 * 64 * 4
 
 
 def test_the_activations_follow_what_each_block_keeps(tmp_path):
@@ -178,3 +181,25 @@ def test_the_activations_follow_what_each_block_keeps(tmp_path):
     extra = memory.block_values(replace(run.model_config, head_dim=64, qk_norm=True)) - memory.block_values(
         run.model_config)
     assert extra > 0 and wide.activations - plain.activations == 4 * 32 * (2 + 1) * 4 * extra
+
+
+
+def test_the_weights_are_counted_at_the_width_of_the_precision(tmp_path):
+    """4 bytes a weight in fp32, 2 in bf16-true; bf16-mixed keeps fp32 weights, gradients and optimizer state, and
+    autocast a 16-bit copy of each trainable weight."""
+    from llmtrain.model.gpt import GPT
+
+    fp32 = memory.estimate(*checked([*TINY, "trainer.precision=32-true"], tmp_path))
+    n = sum(p.numel() for p in GPT(resolve_run(compose(TINY, tmp_path)).model_config).parameters())
+    assert (fp32.weights, fp32.gradients) == (4 * n, 4 * n)
+    bf16 = memory.estimate(*checked([*TINY, "trainer.precision=bf16-true"], tmp_path))
+    assert (bf16.weights, bf16.gradients) == (2 * n, 2 * n)
+    mixed = memory.estimate(*checked([*TINY, "trainer.precision=bf16-mixed"], tmp_path))
+    assert (mixed.weights, mixed.gradients, mixed.optimizer) == (6 * n, 4 * n, fp32.optimizer)
+
+
+def test_every_node_adds_its_devices_and_a_nodes_cpu_processes_share_its_ram(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "available_ram", lambda: 40 * GIB)
+    cfg = compose([*TINY, "trainer.devices=4", "trainer.num_nodes=2"], tmp_path)
+    assert memory.ranks(cfg) == 8
+    assert memory.limit(cfg) == (10 * GIB, "the 4 processes of trainer.devices=4 share 40.0 GiB of available RAM")

@@ -87,6 +87,44 @@ def test_the_final_model_is_exported_in_hugging_face_layout(short_run):
     assert all(torch.equal(exported[k], final[k]) for k in final)  # the export is the last checkpoint's weights
 
 
+def test_the_trainer_takes_the_resolved_accumulation_and_the_callbacks_as_configured(tmp_path):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from llmtrain.run.resolve import resolve_run
+    from llmtrain.run.train import build_trainer
+
+    cfg = compose([*TINY, "tokens_per_step=1024"], tmp_path)  # 1 device x 8 x 32 = 256 tokens per micro-step
+    trainer = build_trainer(cfg, resolve_run(cfg))
+    assert trainer.accumulate_grad_batches == 4
+    assert trainer.progress_bar_callback is None  # callbacks.progress_bar=null: none, not Lightning's default one
+    cfg = compose([o for o in TINY if o != "callbacks.progress_bar=null"], tmp_path)
+    bar = build_trainer(cfg, resolve_run(cfg)).progress_bar_callback
+    assert type(bar) is TQDMProgressBar and bar.refresh_rate == 20  # conf/callbacks' own
+
+
+def test_a_new_run_in_a_run_dir_that_holds_checkpoints_is_refused_before_anything_is_built(tmp_path):
+    """The unit of test_existing_checkpoints_are_not_overwritten_by_a_new_run (the command line, below)."""
+    from llmtrain.errors import UserError
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        train(compose(TINY, tmp_path))
+    assert str(e.value) == (f"{tmp_path} already holds checkpoints of an earlier run: resume it with ckpt_path=last, "
+                            f"or leave hydra.run.dir unset for a new run dir")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "last.ckpt"]
+
+
+def test_a_user_error_raised_while_building_reaches_the_user_as_it_is(tmp_path):
+    from llmtrain.errors import UserError
+    from llmtrain.run.train import build
+
+    cfg = compose([*TINY, "data.val_fraction=1.5"], tmp_path)
+    with pytest.raises(UserError) as e:  # raised by the data module's constructor, inside Hydra's instantiate
+        build(cfg.data, context_length=32, tokenizer="bytes", seed=0)
+    assert str(e.value) == "data.val_fraction must lie in (0, 1), got 1.5"
+
+
 @pytest.mark.slow
 def test_resume_continues_steps_optimizer_and_schedule_past_a_truncated_checkpoint(tmp_path):
     """A run of 20 steps, its last.ckpt then cut in half as a kill mid-save would leave it (and made the newest
