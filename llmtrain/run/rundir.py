@@ -13,7 +13,8 @@
   `slurm-1234.log` stays.
 
 `RunDirs` is a Hydra callback (conf/config.yaml's hydra.callbacks); only the process a user started claims,
-checks and removes (DDP ranks re-launched into the same dir do none of it).
+checks and removes. Ranks started beside it (torchrun, srun, Lightning's re-launch) do none of it and write no
+`.hydra/` of their own, so that rank 0 never finds another rank's record and takes it for an earlier run.
 """
 
 from __future__ import annotations
@@ -145,7 +146,9 @@ class RunDirs(Callback):
                 config.hydra.overrides.hydra.append(f"hydra.sweep.dir={claimed.path}")
 
     def _take(self, config: DictConfig, key: str) -> Claimed | None:
-        if not is_launch_rank():
+        if not is_launch_rank():  # ranks started beside it (torchrun, srun): its dir; Hydra's record is rank 0's
+            with read_write(config.hydra):
+                config.hydra.output_subdir = None
             return None
         if _named_by_time(config, key):
             claimed = claim(Path(str(config.hydra[key].dir)))

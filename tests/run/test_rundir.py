@@ -132,8 +132,10 @@ def test_a_rank_the_launcher_started_claims_nothing(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text("")
-    rundir.RunDirs().on_run_start(hydra_config(tmp_path, "run", str(run_dir)))  # the launch rank's dir: no refusal
+    config = hydra_config(tmp_path, "run", str(run_dir))
+    rundir.RunDirs().on_run_start(config)  # the launch rank's dir: no refusal
     assert rundir._claims == {} and rundir.discard(run_dir) == []
+    assert config.hydra.output_subdir is None  # no .hydra/ of its own, which rank 0 would take for an earlier run
 
 
 def test_debug_fast_removes_what_its_job_wrote_and_nothing_else(tmp_path, capsys):
