@@ -32,6 +32,10 @@ def save_hf(path, sharded: bool = False, **overrides):
     """A random tiny GPT2LMHeadModel saved in save_pretrained layout; returns it in eval mode."""
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**(TINY_HF | overrides))).eval()
+    with torch.no_grad():  # transformers starts LayerNorms at ones and zeros: make them count (and tell them apart)
+        for name, p in hf.named_parameters():
+            if ".ln_" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
     kwargs = {"max_shard_size": "100KB"} if sharded else {}
     hf.save_pretrained(path, safe_serialization=True, **kwargs)
     return hf
