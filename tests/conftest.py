@@ -141,3 +141,8 @@ def build_script():
     sys.modules["build_datasets"] = script  # its dataclasses look their module up
     spec.loader.exec_module(script)
     return script
+
+
+def trainable_names(model) -> set[str]:
+    """The names of a model's parameters that train."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}

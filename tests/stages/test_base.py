@@ -3,6 +3,7 @@ builds around its starting GPT."""
 
 import pytest
 import torch
+from conftest import trainable_names
 
 from llmtrain.interop.lora import apply_lora
 from llmtrain.model.gpt import GPT, GPTConfig
@@ -13,10 +14,6 @@ from llmtrain.stages.classify import Classify
 def tiny_gpt(**kw) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**(dict(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=3) | kw)))
-
-
-def trainable_names(model) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_train_blocks_counts_up_to_every_block_and_no_further():

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, lm_stage, make_datamodule, read_hparams, read_scalars, run_cli
+from conftest import TINY, lm_stage, make_datamodule, read_hparams, read_scalars, run_cli, trainable_names
 from torch.utils.data import DataLoader
 
 from llmtrain.data.prompts import format_prompt
@@ -28,10 +28,6 @@ def replace_head(model: GPT, n: int) -> GPT:
 def tiny_gpt(**kw) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**(dict(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=3) | kw)))
-
-
-def trainable_names(model) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_classify_trains_last_block_final_norm_and_head_by_default():
