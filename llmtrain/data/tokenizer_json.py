@@ -88,8 +88,10 @@ def tokenizer_files(name: str, context_length: int, pad: bool = False) -> dict[s
     if is_file_tokenizer(name):
         tok = build_tokenizer(name)
         eot_text = tok.decode([tok.eot_token])
+        bos_text = eot_text if tok.bos_token is None else tok.decode([tok.bos_token])
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
-                  "bos_token": eot_text, "eos_token": eot_text, "pad_token": eot_text if pad else None}
+                  "bos_token": bos_text, "eos_token": eot_text, "pad_token": eot_text if pad else None,
+                  "add_bos_token": tok.add_bos}
         return {TOKENIZER_FILE: tokenizer_json(name), "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
     vocab, merges = _vocab_and_merges(name)
     eot = build_tokenizer(name).eot_token

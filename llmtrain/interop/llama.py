@@ -257,7 +257,8 @@ def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path, meta: di
     config = {**llama_config(c, export_family(c)), "bos_token_id": bos, "eos_token_id": eot,
               "torch_dtype": str(next(gpt.parameters()).dtype).removeprefix("torch.")}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.decode([bos]),
-                        "eos_token": tok.decode([eot]), "model_max_length": c.context_length, "add_bos_token": False,
+                        "eos_token": tok.decode([eot]), "model_max_length": c.context_length,
+                        "add_bos_token": bool(getattr(tok, "add_bos", False)),
                         "add_eos_token": False}
     texts = {CONFIG: json.dumps(config, indent=2) + "\n",
              GENERATION: json.dumps({"bos_token_id": bos, "eos_token_id": eot}) + "\n",
