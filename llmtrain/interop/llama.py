@@ -32,7 +32,7 @@ from torch import nn
 from llmtrain.data.tokenizer import TOKENIZER_FILE, build_tokenizer
 from llmtrain.data.tokenizer_json import tokenizer_json
 from llmtrain.errors import UserError
-from llmtrain.interop.checkpoints import ModelInfo, check_tensors
+from llmtrain.interop.checkpoints import ModelInfo, check_tensors, empty_gpt
 from llmtrain.interop.folders import (
     CONFIG,
     GENERATION,
@@ -94,10 +94,11 @@ def read_llama_info(path: Path, what: str) -> ModelInfo:
     return read_record(info, path, what, STATED, FAMILIES[hf["model_type"]].architecture)
 
 
-def load_llama(path: Path, what: str) -> tuple[GPT, ModelInfo]:
-    """A Hugging Face folder of a Llama-shaped family -> (GPT with its weights, in eval mode on the CPU; ModelInfo)."""
+def load_llama(path: Path, what: str, dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelInfo]:
+    """A Hugging Face folder of a Llama-shaped family -> (GPT with its weights in dtype, in eval mode on the CPU;
+    ModelInfo)."""
     info = read_llama_info(path, what)
-    model = GPT(info.model_config)
+    model = empty_gpt(info.model_config, dtype)
     tensors = {k: v for k, v in read_safetensors(path, what).items()
                if not k.endswith("rotary_emb.inv_freq")}  # older transformers saved RoPE's frequencies
     if not any(k.startswith("model.") for k in tensors):  # a bare LlamaModel: no "model." and no head
@@ -105,7 +106,7 @@ def load_llama(path: Path, what: str) -> tuple[GPT, ModelInfo]:
     if model.tied:
         tensors.pop("lm_head.weight", None)  # the head is the embedding
     check_tensors(tensors, llama_state_dict(model), what, "config.json", "tensors", "safetensors weights")
-    model.load_state_dict(state_dict_from_llama(tensors, info.model_config), strict=True)  # casts to float32
+    model.load_state_dict(state_dict_from_llama(tensors, info.model_config), strict=True)  # casts to dtype
     return model.eval(), info
 
 
