@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llmtrain.data.choice import TABLE_SOURCES, choose_source
 from llmtrain.data.loaders import ResumableLoader, eval_loader, trainer_batches_done
+from llmtrain.data.packing import pack, packed_batch
 from llmtrain.data.prompts import record_prompt
 from llmtrain.data.sources import SPLITS, load_table_splits
 from llmtrain.data.tokenizer import bos_prefix, build_tokenizer
@@ -91,6 +92,7 @@ class TableDataModule(L.LightningDataModule):
         self.subset, self.split = subset, split
         self.tokenizer_name, self.val_fraction, self.test_fraction = tokenizer, val_fraction, test_fraction
         self.max_length = min(max_length or context_length, context_length)
+        self.context_length = context_length
         self.max_train_samples = max_train_samples
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.sets: dict[str, ListDataset] = {}
@@ -205,9 +207,9 @@ class InstructDataModule(TableDataModule):
 
     embedded_prefix = "instruct"
 
-    def __init__(self, *, mask_prompt: bool, **table) -> None:
+    def __init__(self, *, mask_prompt: bool, packing: bool, **table) -> None:
         super().__init__(**table)
-        self.mask_prompt = mask_prompt
+        self.mask_prompt, self.packing = mask_prompt, packing
         self.records: dict[str, list[dict]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -222,6 +224,10 @@ class InstructDataModule(TableDataModule):
             self.sets[s] = ListDataset(keep_answered(
                 [p if any(t != IGNORE_INDEX for t in p[1]) else None for p in pairs], s, "record", self.max_length))
         self.limit_train()
+        if self.packing:  # each item becomes a row of whole records, up to the context's length
+            self.sets = {s: ListDataset(pack(d.items, self.context_length)) for s, d in self.sets.items()}
 
-    def collate(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return packed_batch(items, self.tokenizer.eot_token)
         return pad_batch([x for x, _ in items], self.tokenizer.eot_token, [y for _, y in items])

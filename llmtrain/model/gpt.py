@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from llmtrain.model.layers import MLP, CausalSelfAttention, check_rope_scaling, make_norm, rope_angles
+from llmtrain.model.layers import MLP, CausalSelfAttention, check_rope_scaling, make_norm, packed_positions, rope_angles
 
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
 SIZES = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_kv_heads", "head_dim", "mlp_hidden")
@@ -129,8 +129,8 @@ class Block(nn.Module):
         self.mlp = MLP(c.emb_dim, c.mlp_hidden, c.mlp, c.bias, c.drop_rate)
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), rope, cache, layer)
+                layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), rope, cache, layer, mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -203,32 +203,32 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if exclude_embeddings and self.pos_emb is not None else n
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, segments: torch.Tensor | None = None):
         """idx (B, T) token ids -> logits (B, T, vocab_size); with a cache, positions continue from cache.pos."""
-        return self.head(self.hidden(idx, cache))
+        return self.head(self.hidden(idx, cache, segments))
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) -> the final hidden states (B, T, emb_dim), after the last norm: what the head reads.
-
-        A loss over a large vocabulary can apply the head in chunks of these instead of building all logits."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, segments: torch.Tensor | None = None):
+        """idx (B, T) -> the final hidden states (B, T, emb_dim), after the last norm: what the head reads (a loss
+        over a large vocabulary can apply the head to chunks of these instead of building all logits). segments
+        (B, T): packed rows (data/packing.py), the record of each position, each computed as if it were alone."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.context_length:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds the model's context_length={self.config.context_length}"
-            )
+        start, limit = (cache.pos if cache is not None else 0), self.config.context_length
+        if start + T > limit:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context_length={limit}")
+        pos, mask = torch.arange(start, start + T, device=idx.device), None  # (T,)
+        if segments is not None:  # packed records: positions (B, T) from each one's start, a mask (B, 1, T, T)
+            pos, mask = packed_positions(segments)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(pos)
         x = self.drop(x)
         c = self.config
-        rope = rope_angles(c.head_dim, c.rope_theta, start, T, idx.device, c.rope_scaling) if c.pos_emb == "rope" \
-            else None
+        rope = rope_angles(c.head_dim, c.rope_theta, pos, idx.device, c.rope_scaling) if c.pos_emb == "rope" else None
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, i, mask, use_reentrant=False)
             else:
-                x = block(x, rope, cache, i)
+                x = block(x, rope, cache, i, mask)
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)

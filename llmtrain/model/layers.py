@@ -88,18 +88,30 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, d
     return torch.where(wavelength < context / high, inv_freq, slowed)
 
 
-def rope_angles(head_dim: int, theta: float, start: int, T: int, device,
+def rope_angles(head_dim: int, theta: float, positions: torch.Tensor, device,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim), float32, of rotary position embeddings (RoPE, Su et al., 2021) for positions
-    start .. start+T-1; `scaling` as rope_frequencies takes it.
+    """cos and sin, float32, of rotary position embeddings (RoPE, Su et al., 2021) for positions (T,): (T,
+    head_dim), or (B, T) (packed rows): (B, 1, T, head_dim); `scaling` as rope_frequencies takes it.
 
     Dimension i of a head is paired with i + head_dim/2 (the half-split layout of Hugging Face's Llama, so that
     its q and k weights load unpermuted); the pair turns by position * rope_frequencies(...)[i].
     """
     inv_freq = rope_frequencies(head_dim, theta, scaling, device)  # (hs/2,)
-    angles = torch.outer(torch.arange(start, start + T, device=device).float(), inv_freq)  # (T, hs/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, hs)
+    if angles.dim() == 3:  # one row of positions per sequence: broadcast over the heads
+        angles = angles[:, None]
     return angles.cos(), angles.sin()
+
+
+def packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """segments (B, T), the record of each position of packed rows -> (positions (B, T), counted from the start of
+    each record; attention mask (B, 1, T, T), True where a query may attend: causal, within its own record)."""
+    pos = torch.arange(segments.size(1), device=segments.device).expand_as(segments)  # (B, T)
+    first = torch.ones_like(segments, dtype=torch.bool)  # where a record starts
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    pos = pos - torch.where(first, pos, 0).cummax(dim=1).values
+    return pos, (segments[:, :, None] == segments[:, None, :]).tril()[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -130,9 +142,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(drop_rate)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); with a cache (model.KVCache), keys and values of earlier positions come from
-        it and this call's are added to it."""
+        it and this call's are added to it. mask (B, 1, T, T), True where a query may attend (packed records):
+        in place of the causal mask."""
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=2)
@@ -142,7 +155,7 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # the cache then keeps rotated keys
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask, is_causal = None, True
+        is_causal = mask is None
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)  # (B, nkv, past + T, hs)

@@ -11,9 +11,15 @@ from llmtrain.model.layers import (
     RMSNorm,
     apply_rope,
     make_norm,
+    packed_positions,
     rope_angles,
     rope_frequencies,
 )
+
+
+def positions(start, n: int) -> torch.Tensor:
+    """Positions start .. start + n - 1 (start: an int or a 0-d tensor)."""
+    return torch.arange(n) + start
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -48,8 +54,8 @@ def test_rope_scores_depend_only_on_the_distance_between_positions():
     q, k = randn(1, 2, 6, 16, seed=1), randn(1, 2, 6, 16, seed=2)
 
     def scores(start_q, start_k):
-        cq, sq = rope_angles(16, 10000.0, start_q, 6, "cpu")
-        ck, sk = rope_angles(16, 10000.0, start_k, 6, "cpu")
+        cq, sq = rope_angles(16, 10000.0, positions(start_q, 6), "cpu")
+        ck, sk = rope_angles(16, 10000.0, positions(start_k, 6), "cpu")
         return apply_rope(q, cq, sq) @ apply_rope(k, ck, sk).transpose(-1, -2)
 
     torch.testing.assert_close(scores(0, 0), scores(37, 37), atol=1e-4, rtol=1e-4)
@@ -62,14 +68,14 @@ def test_rope_rotates_pairs_i_and_i_plus_half_by_position_times_frequency():
     position * theta^(-2i / hs); norms of pairs are kept."""
     hd, theta, pos = 8, 100.0, 5
     x = randn(1, 1, 1, hd)
-    cos, sin = rope_angles(hd, theta, pos, 1, "cpu")
+    cos, sin = rope_angles(hd, theta, positions(pos, 1), "cpu")
     out = apply_rope(x, cos, sin)[0, 0, 0]
     for i in range(hd // 2):
         angle = torch.tensor(pos * theta ** (-2 * i / hd))
         a, b = x[0, 0, 0, i], x[0, 0, 0, i + hd // 2]
         torch.testing.assert_close(out[i], a * angle.cos() - b * angle.sin())
         torch.testing.assert_close(out[i + hd // 2], b * angle.cos() + a * angle.sin())
-    torch.testing.assert_close(apply_rope(x, *rope_angles(hd, theta, 0, 1, "cpu")), x)  # position 0: no turn
+    torch.testing.assert_close(apply_rope(x, *rope_angles(hd, theta, positions(0, 1), "cpu")), x)  # position 0: no turn
 
 
 def test_grouped_query_attention_equals_multi_head_attention_with_repeated_kv_heads():
@@ -87,7 +93,7 @@ def test_grouped_query_attention_equals_multi_head_attention_with_repeated_kv_he
         mha.out_proj.weight.copy_(gqa.out_proj.weight)
     assert gqa.qkv.weight.shape == (32 + 2 * 16, 32) and gqa.out_proj.bias is None
     x = randn(2, 7, 32, seed=3)
-    rope = rope_angles(hs, 10000.0, 0, 7, "cpu")
+    rope = rope_angles(hs, 10000.0, positions(0, 7), "cpu")
     torch.testing.assert_close(gqa(x, rope), mha(x, rope), atol=1e-6, rtol=1e-5)
 
 
@@ -142,10 +148,10 @@ def test_with_a_cache_new_queries_see_the_past_and_themselves_causally():
     x = randn(1, 9, 32)
     cache = KVCache(GPTConfig(vocab_size=8, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=1), 1, 9, "cpu",
                     torch.float32)
-    full = attn(x, rope_angles(8, 10000.0, 0, 9, "cpu"))
+    full = attn(x, rope_angles(8, 10000.0, positions(0, 9), "cpu"))
     parts = []
     for start, end in ((0, 4), (4, 8), (8, 9)):  # a prompt, a chunk after it, one more token
-        parts.append(attn(x[:, start:end], rope_angles(8, 10000.0, start, end - start, "cpu"), cache))
+        parts.append(attn(x[:, start:end], rope_angles(8, 10000.0, positions(start, end - start), "cpu"), cache))
         cache.pos = end
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-6, rtol=1e-5)
 
@@ -171,7 +177,7 @@ def test_qk_norm_normalises_each_heads_query_and_key():
     RMS-normalised first); without, it sharpens the attention. The gains are one per dimension of a head."""
     torch.manual_seed(0)
     x = randn(1, 6, 32, seed=5)
-    rope = rope_angles(8, 10000.0, 0, 6, "cpu")
+    rope = rope_angles(8, 10000.0, positions(0, 6), "cpu")
     for eps, unchanged in ((1e-6, True), (None, False)):
         attn = CausalSelfAttention(emb_dim=32, n_heads=4, n_kv_heads=2, qkv_bias=False, bias=False, drop_rate=0.0,
                                    qk_norm_eps=eps)
@@ -190,8 +196,8 @@ def test_linear_rope_scaling_divides_every_frequency():
     torch.testing.assert_close(plain, 500.0 ** (-torch.arange(0, 16, 2) / 16))
     torch.testing.assert_close(rope_frequencies(16, 500.0, {"type": "linear", "factor": 4.0}), plain / 4)
     # positions interpolated: position 4p with the scaling turns as position p without it
-    torch.testing.assert_close(rope_angles(16, 500.0, 8, 1, "cpu", {"type": "linear", "factor": 4.0})[0],
-                               rope_angles(16, 500.0, 2, 1, "cpu")[0])
+    torch.testing.assert_close(rope_angles(16, 500.0, positions(8, 1), "cpu", {"type": "linear", "factor": 4.0})[0],
+                               rope_angles(16, 500.0, positions(2, 1), "cpu")[0])
 
 
 def test_llama3_rope_scaling_keeps_fast_pairs_slows_slow_ones_and_blends_between():
@@ -232,3 +238,13 @@ def test_rope_frequencies_equal_transformers(scaling):
                                       max_position_embeddings=64, rope_parameters=params)
     theirs, _ = ROPE_INIT_FUNCTIONS[scaling["type"]](config, "cpu")
     torch.testing.assert_close(rope_frequencies(head_dim, theta, scaling), theirs, atol=0, rtol=0)
+
+
+def test_packed_positions_restart_per_record_and_attention_stays_inside_it():
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])  # three records, then padding
+    pos, mask = packed_positions(segments)
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    for start, end in ((0, 3), (3, 5), (5, 6), (6, 8)):
+        expected[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+    assert mask.shape == (1, 1, 8, 8) and torch.equal(mask[0, 0], expected)
