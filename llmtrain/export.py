@@ -22,7 +22,8 @@ from llmtrain.arguments import parse
 from llmtrain.errors import one_line_errors
 from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.interop.hf import export_hf
-from llmtrain.interop.pretrained import load_pretrained
+from llmtrain.interop.pretrained import describe, load_pretrained
+from llmtrain.run.memory import check_loading
 
 
 @dataclass
@@ -46,6 +47,7 @@ def meta_of(info: ModelInfo) -> dict:
 
 def run(source: str, out_dir: str, overwrite: bool = False) -> str:
     """Export source to out_dir; returns the line the command prints."""
+    check_loading(describe(source, key="source").model_config, f"source={source}", "load and export", copies=3)
     model, info = load_pretrained(source, key="source")
     out = export_hf(model, out_dir, meta_of(info), overwrite)
     if info.num_classes is not None:
