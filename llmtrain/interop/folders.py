@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
-from llmtrain.files import umask
+from llmtrain.files import saving, umask
 from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.model.gpt import GPT
 
@@ -183,7 +183,14 @@ def write_folder(out: Path, write: Callable[[Path], None], owned: Callable[[Path
     record llmtrain.json last), so a kill or a full disk while writing leaves the previous files as they were.
     Refused in one line unless overwrite: files of the same names in a folder that `owned` (an earlier write by
     `writer`, e.g. llmtrain) does not recognise, or an earlier write whose `identity` (architecture, stage) differs.
-    Files of an earlier write that this one does not have (shards of a sharded export) are removed."""
+    Files of an earlier write that this one does not have (shards of a sharded export) are removed. A full disk is
+    one line naming the folder."""
+    with saving(out):
+        return _write_folder(out, write, owned, writer, overwrite, identity)
+
+
+def _write_folder(out: Path, write: Callable[[Path], None], owned: Callable[[Path], bool], writer: str,
+                  overwrite: bool, identity: Callable[[Path], object] | None) -> Path:
     mask = umask()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder: give out_dir a folder")

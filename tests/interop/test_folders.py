@@ -107,3 +107,18 @@ def test_a_truncated_safetensors_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(UserError, match=rf"^init_from=x: {tmp_path / 'model.safetensors'} cannot be read: it is "
                                         r"truncated or not safetensors \(SafetensorError: .*\); write it again"):
         read_safetensors(tmp_path, "init_from=x")
+
+
+def test_a_full_disk_while_exporting_is_one_line_naming_the_folder_and_the_previous_export_stays(tmp_path):
+    import errno
+
+    out = export_hf(GPT(GPTConfig(**TINY)), str(tmp_path / "hf"), {"tokenizer": "bytes"})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(tmp):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match=f"^could not write {out}: No space left on device; the previous file"):
+        write_folder(out, full_disk, lambda folder: True, "llmtrain")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
