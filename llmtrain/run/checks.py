@@ -62,6 +62,9 @@ def check_run(cfg: DictConfig, model_config: GPTConfig | None, tokenizer: str | 
         problems.append(f"data.max_train_samples={cfg.data.max_train_samples} is less than one batch of "
                         f"data.batch_size={cfg.data.batch_size}: set data.max_train_samples to "
                         f"{cfg.data.batch_size} or more (or null: the whole training split)")
+    if not 0 <= cfg.data.get("max_dropped_fraction", 0) <= 1:
+        problems.append(f"data.max_dropped_fraction must lie in [0, 1] (the share of a split's records that truncation "
+                        f"may leave without a response), got {cfg.data.max_dropped_fraction}")
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         problems.append(f"trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps}")
     if cfg.scheduler.warmup_steps < 0:

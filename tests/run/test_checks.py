@@ -127,6 +127,14 @@ def documented_messages() -> list[str]:
     return rows + re.findall(r"→ `(error: [^`]*)`", text)
 
 
+def test_max_dropped_fraction_is_a_share(tmp_path, base_ckpt):
+    for value in (-0.1, 1.5):
+        with pytest.raises(UserError, match=f"data.max_dropped_fraction must lie in \\[0, 1\\] .*, got {value}"):
+            resolve_run(compose(["finetune=instruct", f"init_from={base_ckpt}", f"data.max_dropped_fraction={value}"],
+                                tmp_path))
+    resolve_run(compose(["finetune=instruct", f"init_from={base_ckpt}", "data.max_dropped_fraction=1"], tmp_path))
+
+
 def test_every_refusal_of_the_checks_has_a_row_in_the_error_catalogue():
     import re
 

@@ -65,6 +65,9 @@ def make_files(tmp_path: Path) -> Path:
         (tmp_path / name).mkdir()  # Hugging Face GPT-2 folders, each with one file gone wrong
         for file, text in ({"config.json": json.dumps(gpt2)} | files).items():
             (tmp_path / name / file).write_text(text)
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(  # every other prompt fills data.max_length=256
+        {"instruction": "a long question " * 40 if i % 2 else f"Add {i} and 1.", "output": str(i + 1)})
+        for i in range(40)))
     (tmp_path / "emptytok").mkdir()
     (tmp_path / "emptytok" / "tokenizer.json").write_text(json.dumps(
         {"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": {}, "merges": []}}))
