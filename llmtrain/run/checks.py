@@ -22,9 +22,9 @@ from llmtrain.training.hardware import hardware_problems
 FREE_KEYS = ("drop_rate",)
 UNCOMPARED = ("run_dir", "ckpt_path", "resume", "logger", "callbacks")  # where a run is, how it started and is watched
 # What a resume compares with the checkpoint's run: changing these makes it another run (refused, with the keys) ...
-OTHER_RUN = ("model.", "data.tokenizer", "data.path", "data.source", "data.name", "data.config", "data.split",
-             "data.text_column", "data.label_column", "data.context_length", "data.val_fraction", "init_from",
-             "optimizer._target_", "lora.", "finetune._target_", "tokens_per_step", "seed")
+OTHER_RUN = ("model.", "data.tokenizer", "data.path", "data.source", "data.revision", "data.name", "data.config",
+             "data.split", "data.text_column", "data.label_column", "data.context_length", "data.val_fraction",
+             "init_from", "optimizer._target_", "lora.", "finetune._target_", "tokens_per_step", "seed")
 # ... and these change how it goes on: refused unless resume.apply names them (then the new value applies)
 APPLIABLE = ("optimizer.", "scheduler.", "finetune.", "trainer.max_steps", "trainer.accumulate_grad_batches")
 TRAIN_BLOCKS_CHOICES = "all, last, head, none, or N (the last N blocks)"
@@ -93,6 +93,9 @@ def unread_data_values(data: DictConfig) -> list[str]:
     if data.subset is not None and source != "hub":
         problems.append(f"data.subset={data.subset!r} names a configuration of a Hub dataset, but this run reads "
                         f"data.source={source}: drop data.subset (or set data.source=hub)")
+    if data.get("revision") is not None and source != "hub":
+        problems.append(f"data.revision={data.revision!r} picks a version of a Hub dataset, but this run reads "
+                        f"data.source={source}: drop data.revision (or set data.source=hub)")
     if data.split != "train" and source != "hub":
         held_out = "data.val_fraction and data.test_fraction hold out rows" if tables else \
             "data.val_fraction holds out documents"

@@ -197,7 +197,8 @@ def test_a_resume_lists_what_it_changes_and_refuses_what_would_mix_two_runs(tmp_
     assert changes("optimizer.lr=0.002", "resume.apply=[optimizer.lr]")[1] is None
     assert changes("optimizer.lr=0.002", "resume.apply=[optimizer.l]")[1] is not None  # a key, not a string prefix
     for overrides, keys in ((["data.tokenizer=bytes"], "data.tokenizer"), (["optimizer=adamw"], "optimizer._target_"),
-                            (["data.path=other.txt", "resume.apply=[data.path]"], "data.path")):
+                            (["data.path=other.txt", "resume.apply=[data.path]"], "data.path"),
+                            (["data.revision=v2"], "data.revision")):  # another version of a Hub dataset
         refusal = changes(*overrides)[1]
         assert refusal.startswith(f"this run changes {keys}") and "resuming would mix two runs" in refusal, refusal
 
