@@ -41,7 +41,8 @@ def meta_of(info: ModelInfo) -> dict:
     """The record a run would have written with the model (llmtrain.json)."""
     return {"tokenizer": info.tokenizer, "stage": info.stage, "num_classes": info.num_classes,
             "label_names": info.label_names,
-            "prompt_template": info.prompt_template, "init_from": info.init_from, "step": info.step,
+            "prompt_template": info.prompt_template, "init_from": info.init_from,
+            "init_from_digest": info.init_from_digest, "step": info.step,
             "exported_from": info.path}
 
 

@@ -28,6 +28,7 @@ from llmtrain.data.tokenizer import build_tokenizer, find_tokenizer
 from llmtrain.errors import UserError, one_line_errors
 from llmtrain.interop.adapters import is_hf_adapter
 from llmtrain.interop.checkpoints import ModelInfo
+from llmtrain.interop.digest import changed_weights
 from llmtrain.interop.lora import ADAPTER_META, load_adapter, merge
 from llmtrain.interop.pretrained import describe, load_pretrained
 from llmtrain.model.gpt import GPT
@@ -144,6 +145,10 @@ def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None, max_new_toke
                         f"{path / ADAPTER_META}): give it as base=<init_from used for training>")
     if not Path(base).expanduser().exists() and (path / base).exists():  # a path relative to the adapter dir
         base = str(path / base)
+    if now := changed_weights(base, meta.get("init_from_digest"), key="base"):
+        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter trained on other weights than {base} holds now "
+                        f"(content digest {now[7:19]}, then {meta['init_from_digest'][7:19]}): give base=<the weights "
+                        "it was trained on>")
     model, info = load_model(base, max_new_tokens=max_new_tokens)
     try:
         merged = merge(load_adapter(model, path))

@@ -41,7 +41,7 @@ def tokens() -> torch.Tensor:
 
 def test_a_run_dir_becomes_a_folder_transformers_loads(tmp_path, capsys):
     model = tiny(tie_weights=True)
-    save_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt", model)
+    save_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt", model, init_from_digest="sha256:ab")
     main([f"source={tmp_path / 'run'}", f"out_dir={tmp_path / 'out'}"])
     line = capsys.readouterr().out
     assert line.startswith(f"exported {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} (a language model, ")
@@ -54,6 +54,7 @@ def test_a_run_dir_becomes_a_folder_transformers_loads(tmp_path, capsys):
     loaded, info = load_pretrained(str(tmp_path / "out"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert (info.tokenizer, info.stage, info.step) == ("bytes", "pretrain", 7)
+    assert info.init_from_digest == "sha256:ab"  # what the run started from, by content too (interop/digest.py)
 
 
 def test_an_instruct_checkpoint_keeps_its_prompt_template(tmp_path, capsys):

@@ -208,6 +208,19 @@ def test_lora_adapter_dir_is_merged_into_its_base(ckpt, model, tmp_path):
     assert generate_text(loaded, TOK, "Hello", 10, temperature=0, top_k=None, top_p=None, seed=0) == expected
     assert expected != generate_text(model, TOK, "Hello", 10, temperature=0, top_k=None, top_p=None, seed=0)
 
+    from llmtrain.errors import UserError
+    from llmtrain.interop.digest import weights_digest
+
+    other = save_checkpoint(tmp_path / "other.ckpt", GPT(TINY))  # another base, of the same shapes
+    for base, digest in ((ckpt, weights_digest(str(ckpt))), (other, weights_digest(str(ckpt)))):
+        (adapter / "llmtrain_adapter.json").write_text(json.dumps({"base": str(base), "init_from_digest": digest}))
+        if base == ckpt:  # the base it was trained on: merged
+            assert load_model(str(adapter))[1].extra["base"] == str(ckpt)
+            continue
+        with pytest.raises(UserError, match=f"^ckpt_path={adapter} is a LoRA adapter trained on other weights than "
+                                            f"{other} holds now \\(content digest .*\\): give base=<the weights it"):
+            load_model(str(adapter))
+
 
 @pytest.mark.parametrize("args, message", [
     (["max_new_tokens=0"], "max_new_tokens must lie in [1, 1,000,000] (the tokens of one call, held in memory with "

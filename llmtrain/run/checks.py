@@ -13,6 +13,7 @@ from llmtrain.data.choice import SHIPPED_FRACTIONS, SOURCES, TABLE_SOURCES, choo
 from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.interop.checkpoints import ModelInfo
+from llmtrain.interop.digest import changed_weights
 from llmtrain.model.gpt import GPTConfig
 from llmtrain.stages.base import Stage
 from llmtrain.training.hardware import hardware_problems
@@ -170,6 +171,10 @@ def check_resume(info: ModelInfo, model_config: GPTConfig, stage: Stage, ckpt_pa
     problems = stage.resume_problems({"init_from": info.init_from}, init_from, ckpt_path)
     if problems:
         raise UserError("; ".join(problems))
+    if info.init_from == init_from and (now := changed_weights(init_from, info.init_from_digest)):
+        raise UserError(f"init_from={init_from} holds other weights than when ckpt_path={ckpt_path} was written "
+                        f"(content digest {now[7:19]}, then {info.init_from_digest[7:19]}): put back the weights the "
+                        f"run started from, or start a new run from these (without ckpt_path)")
     saved, ours = asdict(info.model_config), asdict(model_config)
     differ = [f"model.{k}={saved[k]} (this run: {ours[k]})" for k in ours
               if saved[k] != ours[k] and k not in FREE_KEYS]  # dropout holds no weights
