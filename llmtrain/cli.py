@@ -23,7 +23,7 @@ CONF_DIR = next((d for d in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf") 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    with one_line_errors(cleanup=lambda: discard(Path(cfg.run_dir))):
+    with one_line_errors(cleanup=lambda: discard(Path(cfg.run_dir), keep_saved=True)):
         run = resolve_run(cfg)
         preflight(cfg, run)  # before any process starts: a run that cannot fit stops here
         # Lightning, datasets and peft take seconds to import: the recipe is imported only once the config is

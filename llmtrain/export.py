@@ -22,7 +22,8 @@ from llmtrain.arguments import parse
 from llmtrain.errors import one_line_errors
 from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.interop.hf import export_hf
-from llmtrain.interop.pretrained import load_pretrained
+from llmtrain.interop.pretrained import describe, load_pretrained
+from llmtrain.run.memory import check_loading
 
 
 @dataclass
@@ -40,12 +41,14 @@ def meta_of(info: ModelInfo) -> dict:
     """The record a run would have written with the model (llmtrain.json)."""
     return {"tokenizer": info.tokenizer, "stage": info.stage, "num_classes": info.num_classes,
             "label_names": info.label_names,
-            "prompt_template": info.prompt_template, "init_from": info.init_from, "step": info.step,
+            "prompt_template": info.prompt_template, "init_from": info.init_from,
+            "init_from_digest": info.init_from_digest, "step": info.step,
             "exported_from": info.path}
 
 
 def run(source: str, out_dir: str, overwrite: bool = False) -> str:
     """Export source to out_dir; returns the line the command prints."""
+    check_loading(describe(source, key="source").model_config, f"source={source}", "load and export", copies=3)
     model, info = load_pretrained(source, key="source")
     out = export_hf(model, out_dir, meta_of(info), overwrite)
     if info.num_classes is not None:

@@ -2,14 +2,20 @@
 
 Every file a run writes for later (metrics.json, the sweep summary, test answers, an adapter's record) goes through
 `write_atomic`: the text is written to a temporary file beside the destination, synced, given the user's umask
-(not the temporary file's 0600), and renamed over it.
+(not the temporary file's 0600), and renamed over it. `saving` turns a full disk during such a write into one
+line naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from llmtrain.errors import UserError
 
 
 def umask() -> int:
@@ -19,9 +25,28 @@ def umask() -> int:
     return mask
 
 
+@contextmanager
+def saving(path: str | os.PathLike) -> Iterator[None]:
+    """Around a whole-or-nothing write of path: a full disk (or a quota, a read-only or vanished folder) is one line
+    naming the file, and says that the previous one is as it was (the writer renames only a complete file)."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        fix = ("free space there (or point the run at another disk)" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "check that the folder exists and is writable")
+        raise UserError(f"could not write {path}: {reason}; the previous file (if any) is left as it was: {fix}, "
+                        "then run again") from e
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write text to path in one rename (the previous file, if any, stays whole until then). Returns path."""
     path = Path(path)
+    with saving(path):
+        return _write_atomic(path, text)
+
+
+def _write_atomic(path: Path, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -28,10 +28,12 @@ from llmtrain.data.tokenizer import build_tokenizer, find_tokenizer
 from llmtrain.errors import UserError, one_line_errors
 from llmtrain.interop.adapters import is_hf_adapter
 from llmtrain.interop.checkpoints import ModelInfo
+from llmtrain.interop.digest import changed_weights
 from llmtrain.interop.lora import ADAPTER_META, load_adapter, merge
 from llmtrain.interop.pretrained import describe, load_pretrained
 from llmtrain.model.gpt import GPT
 from llmtrain.run.decoding import PRECISIONS, decode_precision, prepare_for_decoding, resolve_device
+from llmtrain.run.memory import check_loading
 from llmtrain.stages.text import encode_prompt, generate_text
 
 
@@ -100,16 +102,19 @@ def validate(args: GenerateArgs) -> None:
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def load_model(ckpt_path: str, base: str | None = None) -> tuple[GPT, ModelInfo]:
+def load_model(ckpt_path: str, base: str | None = None, max_new_tokens: int = 0) -> tuple[GPT, ModelInfo]:
     """ckpt_path -> (GPT in eval mode on the CPU, its ModelInfo).
 
-    Refuses classifiers before reading their weights: their head has one row per label, not per token.
+    Refuses before reading any weights classifiers (their head has one row per label, not per token) and models
+    whose stated sizes would not fit in memory with max_new_tokens generated (the memory pre-flight).
     """
     path = Path(ckpt_path).expanduser()
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        return _load_adapter_dir(path, ckpt_path, base)
+        return _load_adapter_dir(path, ckpt_path, base, max_new_tokens)
     info = describe(ckpt_path, key="ckpt_path")
     _refuse_classifier(ckpt_path, info.num_classes, info.label_names)
+    check_loading(info.model_config, f"ckpt_path={ckpt_path}", "load and generate", copies=2,
+                  context_tokens=info.model_config.context_length + max_new_tokens)
     return load_pretrained(ckpt_path, key="ckpt_path")
 
 
@@ -122,7 +127,7 @@ def _refuse_classifier(ckpt_path: str, num_classes: int | None, label_names: lis
                     "generate text")
 
 
-def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT, ModelInfo]:
+def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None, max_new_tokens: int) -> tuple[GPT, ModelInfo]:
     """A LoRA adapter dir: load its base, put the adapter on, merge it into plain weights."""
     if is_hf_adapter(path):
         raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter for a transformers class (its layers have that "
@@ -140,7 +145,11 @@ def _load_adapter_dir(path: Path, ckpt_path: str, base: str | None) -> tuple[GPT
                         f"{path / ADAPTER_META}): give it as base=<init_from used for training>")
     if not Path(base).expanduser().exists() and (path / base).exists():  # a path relative to the adapter dir
         base = str(path / base)
-    model, info = load_model(base)
+    if now := changed_weights(base, meta.get("init_from_digest"), key="base"):
+        raise UserError(f"ckpt_path={ckpt_path} is a LoRA adapter trained on other weights than {base} holds now "
+                        f"(content digest {now[7:19]}, then {meta['init_from_digest'][7:19]}): give base=<the weights "
+                        "it was trained on>")
+    model, info = load_model(base, max_new_tokens=max_new_tokens)
     try:
         merged = merge(load_adapter(model, path))
     except RuntimeError as e:  # peft's size mismatch: e.g. a classification head saved with the adapter
@@ -200,7 +209,7 @@ def format_candidates(candidates: list[tuple[int, str, float]]) -> str:
 def run(args: GenerateArgs) -> str:
     """Load, prompt, generate (or list candidates); returns what the command prints."""
     device = resolve_device(args.device)
-    model, info = load_model(args.ckpt_path, args.base)
+    model, info = load_model(args.ckpt_path, args.base, args.max_new_tokens)
     tokenizer = build_tokenizer(info.tokenizer)
     prompt = build_prompt(info.prompt_template, args.prompt, args.instruction, args.input, args.raw)
     model = prepare_for_decoding(model, decode_precision(args.precision, device), device)

@@ -124,6 +124,20 @@ def write_checkpoint(path: Path, n_layers: int = 2, **meta) -> Path:
     return path
 
 
+HOSTILE_GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 10**9, "n_positions": 1024,
+                "n_embd": 64, "n_head": 2, "n_layer": 10**6}  # about 114 billion parameters: no machine loads it
+
+
+def write_hostile_folder(path: Path) -> Path:
+    """A Hugging Face GPT-2 folder whose config.json states sizes that no memory holds (and no weights at all:
+    loading must be refused before it looks for them)."""
+    import json
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(HOSTILE_GPT2))
+    return path
+
+
 def lm_stage(loss_chunk: int | None = None, sample_prompt: str | None = None, sample_tokens: int = 0):
     """The pretraining stage, as conf/finetune/pretrain.yaml builds it, for tests that run a LanguageModel."""
     from llmtrain.stages.pretrain import Pretrain

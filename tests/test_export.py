@@ -11,11 +11,12 @@ from dataclasses import asdict
 import pytest
 import torch
 import transformers
-from conftest import subprocess_env
+from conftest import subprocess_env, write_hostile_folder
 
 from llmtrain.export import main
 from llmtrain.interop.pretrained import load_pretrained
 from llmtrain.model.gpt import GPT, GPTConfig
+from llmtrain.run import memory
 
 TINY = dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)
 
@@ -40,7 +41,7 @@ def tokens() -> torch.Tensor:
 
 def test_a_run_dir_becomes_a_folder_transformers_loads(tmp_path, capsys):
     model = tiny(tie_weights=True)
-    save_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt", model)
+    save_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt", model, init_from_digest="sha256:ab")
     main([f"source={tmp_path / 'run'}", f"out_dir={tmp_path / 'out'}"])
     line = capsys.readouterr().out
     assert line.startswith(f"exported {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} (a language model, ")
@@ -53,6 +54,7 @@ def test_a_run_dir_becomes_a_folder_transformers_loads(tmp_path, capsys):
     loaded, info = load_pretrained(str(tmp_path / "out"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert (info.tokenizer, info.stage, info.step) == ("bytes", "pretrain", 7)
+    assert info.init_from_digest == "sha256:ab"  # what the run started from, by content too (interop/digest.py)
 
 
 def test_an_instruct_checkpoint_keeps_its_prompt_template(tmp_path, capsys):
@@ -109,9 +111,17 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(tmp_path, capsys, monk
             main([f"{key}={path}" for key, path in zip(("source", "out_dir"), paths)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    monkeypatch.setattr(memory, "available_ram", lambda: 64 * 2**30)
+    with pytest.raises(SystemExit) as e:
+        main([f"source={write_hostile_folder(tmp_path / 'hostile')}", f"out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: source={tmp_path / 'hostile'} describes a model of 113,984,065,664 parameters "
+                          "(n_layers=1000000, emb_dim=64, vocab_size=1000000000) that needs about 1,274.4 GiB to load "
+                          "and export (weights 1,273.87, decoding 0.00), but this machine has 64.0 GiB"), err
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     assert (tmp_path / "notes" / "config.json").read_text() == "{}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.ckpt", "notes", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.ckpt", "hostile", "notes", "run"]
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["checkpoints", "last.ckpt"]
 
 

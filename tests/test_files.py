@@ -1,11 +1,13 @@
 """Files written whole (llmtrain/files.py): the previous file stays until the new one is complete."""
 
+import errno
 import os
 import stat
 
 import pytest
 
 from llmtrain import files
+from llmtrain.errors import UserError
 
 
 def test_a_write_replaces_the_file_whole_with_the_users_umask(tmp_path):
@@ -26,12 +28,17 @@ def test_a_write_cut_off_leaves_the_previous_file_and_no_temporary_one(tmp_path,
     path.write_text("previous")
 
     def full_disk(fd):
-        raise OSError(28, "No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(files.os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError) as e:  # one line naming the file, not a traceback
         files.write_atomic(path, "x" * 10_000)
+    assert str(e.value) == (f"could not write {path}: No space left on device; the previous file (if any) is left as "
+                            "it was: free space there (or point the run at another disk), then run again")
     assert path.read_text() == "previous" and os.listdir(tmp_path) == ["metrics.json"]
+    with pytest.raises(UserError, match=f"^could not write {tmp_path / 'gone' / 'x.json'}: No such file or directory; "
+                                        ".*: check that the folder exists and is writable, then run again$"):
+        files.write_atomic(tmp_path / "gone" / "x.json", "")
 
 
 def test_reading_the_umask_leaves_it_as_it_was():

@@ -208,6 +208,19 @@ def test_lora_adapter_dir_is_merged_into_its_base(ckpt, model, tmp_path):
     assert generate_text(loaded, TOK, "Hello", 10, temperature=0, top_k=None, top_p=None, seed=0) == expected
     assert expected != generate_text(model, TOK, "Hello", 10, temperature=0, top_k=None, top_p=None, seed=0)
 
+    from llmtrain.errors import UserError
+    from llmtrain.interop.digest import weights_digest
+
+    other = save_checkpoint(tmp_path / "other.ckpt", GPT(TINY))  # another base, of the same shapes
+    for base, digest in ((ckpt, weights_digest(str(ckpt))), (other, weights_digest(str(ckpt)))):
+        (adapter / "llmtrain_adapter.json").write_text(json.dumps({"base": str(base), "init_from_digest": digest}))
+        if base == ckpt:  # the base it was trained on: merged
+            assert load_model(str(adapter))[1].extra["base"] == str(ckpt)
+            continue
+        with pytest.raises(UserError, match=f"^ckpt_path={adapter} is a LoRA adapter trained on other weights than "
+                                            f"{other} holds now \\(content digest .*\\): give base=<the weights it"):
+            load_model(str(adapter))
+
 
 @pytest.mark.parametrize("args, message", [
     (["max_new_tokens=0"], "max_new_tokens must lie in [1, 1,000,000] (the tokens of one call, held in memory with "
@@ -266,3 +279,31 @@ def test_base_on_the_command_line_wins_over_the_adapters_record(ckpt, model, tmp
     loaded, info = load_model(str(adapter), base=str(ckpt))
     assert info.extra["base"] == str(ckpt)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())  # B is zero: the base
+
+
+def test_a_hostile_config_json_is_refused_before_anything_is_allocated(tmp_path, capsys, monkeypatch):
+    """A billion-entry vocabulary and a million blocks (GPT-2's count: V*E + P*E + L*(12*E*E + 13*E) + 2*E): the
+    pre-flight counts them on the meta device and stops in one line; max_new_tokens counts too (a model that fits
+    with 10 new tokens does not with a million)."""
+    from conftest import write_hostile_folder
+
+    from llmtrain.generate import main
+    from llmtrain.run import memory
+
+    monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
+    monkeypatch.setattr(memory, "available_ram", lambda: 64 * 2**30)
+    hostile = write_hostile_folder(tmp_path / "hostile")
+    with pytest.raises(SystemExit) as e:
+        main([f"ckpt_path={hostile}", "prompt=hi"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: ckpt_path={hostile} describes a model of 113,984,065,664 parameters (n_layers=1000000, emb_dim=64, "
+        "vocab_size=1000000000) that needs about 5,152.7 GiB to load and generate (weights 849.25, decoding "
+        "4,302.98), but this machine has 64.0 GiB of available RAM: check the sizes in its config, or use a machine "
+        "with more memory\n")
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt")
+    monkeypatch.setattr(memory, "available_ram", lambda: memory.RUNTIME["cpu"] + 4 * 2**20)
+    main([f"ckpt_path={ckpt}", "prompt=hi", "max_new_tokens=10"])
+    with pytest.raises(SystemExit):
+        main([f"ckpt_path={ckpt}", "prompt=hi", "max_new_tokens=1000000"])
+    assert "to load and generate" in capsys.readouterr().err

@@ -32,8 +32,10 @@ class PreferenceDataModule(TableDataModule):
 
     embedded_prefix = "preference"
 
-    def __init__(self, *, prompt_column: str, chosen_column: str, rejected_column: str, **table) -> None:
+    def __init__(self, *, prompt_column: str, chosen_column: str, rejected_column: str, max_dropped_fraction: float,
+                 **table) -> None:
         super().__init__(**table)
+        self.max_dropped = max_dropped_fraction
         self.columns = {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}
         self.records: dict[str, list[dict]] = {}  # {prompt, chosen, rejected} per split, for samples and tools
 
@@ -55,7 +57,7 @@ class PreferenceDataModule(TableDataModule):
         tok = self.tokenizer
         for s in SPLITS:
             self.sets[s] = ListDataset(keep_answered([self.encode(tok, r) for r in self.records[s]], s,
-                                                     "pair", self.max_length))
+                                                     "pair", self.max_length, self.max_dropped))
         self.limit_train()
 
     def encode(self, tok, record: dict) -> Pair | None:

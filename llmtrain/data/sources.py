@@ -47,11 +47,12 @@ def resolve_files(path: str | list[str] | None, key: str = "data.path") -> list[
 
 
 def load_documents(source: str, path: str | list[str] | None, subset: str | None, split: str, text_column: str,
-                   sample_by: str, streaming: bool):
+                   sample_by: str, streaming: bool, revision: str | None = None):
     """A `datasets` Dataset (or IterableDataset when streaming) with the documents in `text_column`.
 
     `embedded` reads the corpus shipped in the package (`path` null); `text`, `json` and `parquet` read local
-    files or globs; `hub` a dataset name (or a local folder in the Hub's layout) with its `subset` and `split`.
+    files or globs; `hub` a dataset name (or a local folder in the Hub's layout) with its `subset` and `split`, at
+    `revision` (a commit, tag or branch; None: the newest).
     """
     if source not in SOURCES:
         raise UserError(f"data.source={source!r} is not known: choose one of {', '.join(SOURCES)}")
@@ -62,7 +63,7 @@ def load_documents(source: str, path: str | list[str] | None, subset: str | None
         elif source == "hub":
             if not path:
                 raise UserError("data.path is not set: give the Hub dataset, e.g. data.path=roneneldan/TinyStories")
-            ds = datasets.load_dataset(path, subset, split=split, streaming=streaming)
+            ds = datasets.load_dataset(path, subset, split=split, streaming=streaming, revision=revision)
         else:
             files = resolve_files(path)
             kwargs = {"sample_by": sample_by} if source == "text" else {}

@@ -26,14 +26,21 @@ from llmtrain.errors import UserError
 from llmtrain.model.losses import IGNORE_INDEX
 
 
-def keep_answered(items: list, split: str, what: str, max_length: int) -> list:
+def keep_answered(items: list, split: str, what: str, max_length: int, max_dropped: float) -> list:
     """The items that truncation left with a response (None: lost it), saying how many were left out: a split that
-    shrinks unseen makes its metrics about other data. None left is one line."""
+    shrinks unseen makes its metrics about other data. More than the share max_dropped (data.max_dropped_fraction)
+    left out, or none left, is one line."""
     kept = [item for item in items if item is not None]
     if not kept:
         raise UserError(f"no {split} {what} keeps a response token after truncation to data.max_length={max_length}: "
                         f"raise data.max_length")
-    if len(kept) < len(items):
+    dropped = len(items) - len(kept)
+    if dropped > max_dropped * len(items):
+        raise UserError(f"{dropped} of {len(items)} {split} {what}s ({dropped / len(items):.0%}) lose their whole "
+                        f"response to truncation at data.max_length={max_length}, more than "
+                        f"data.max_dropped_fraction={max_dropped}: raise data.max_length, or data.max_dropped_fraction "
+                        f"to train and evaluate without them")
+    if dropped:
         print(f"data: {len(items) - len(kept)} of {len(items)} {split} {what}s lose their whole response to "
               f"truncation at data.max_length={max_length} and are left out (raise data.max_length to keep them)",
               flush=True)
@@ -207,9 +214,9 @@ class InstructDataModule(TableDataModule):
 
     embedded_prefix = "instruct"
 
-    def __init__(self, *, mask_prompt: bool, packing: bool, **table) -> None:
+    def __init__(self, *, mask_prompt: bool, max_dropped_fraction: float, packing: bool, **table) -> None:
         super().__init__(**table)
-        self.mask_prompt, self.packing = mask_prompt, packing
+        self.mask_prompt, self.max_dropped, self.packing = mask_prompt, max_dropped_fraction, packing
         self.records: dict[str, list[dict]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -222,7 +229,8 @@ class InstructDataModule(TableDataModule):
         for s in SPLITS:
             pairs = [encode_instruction(tok, r, self.max_length, self.mask_prompt) for r in self.records[s]]
             self.sets[s] = ListDataset(keep_answered(
-                [p if any(t != IGNORE_INDEX for t in p[1]) else None for p in pairs], s, "record", self.max_length))
+                [p if any(t != IGNORE_INDEX for t in p[1]) else None for p in pairs], s, "record", self.max_length,
+                self.max_dropped))
         self.limit_train()
         if self.packing:  # each item becomes a row of whole records, up to the context's length
             self.sets = {s: ListDataset(pack(d.items, self.context_length)) for s, d in self.sets.items()}

@@ -151,7 +151,7 @@ class JSONTokenizer:
         except Exception as e:  # the library's own exception type: not JSON, or not a tokenizer
             raise UserError(f"data.tokenizer={path} is not a readable tokenizer.json ({str(e)[:200]})") from e
         self._plain.encode_special_tokens = True
-        self.n_vocab = max(self._special.get_vocab(with_added_tokens=True).values()) + 1
+        self.n_vocab = _vocab_size(self._special, path)
         self.eot_token = self._end_of_text()
         leading = self._leading_id()
         self.add_bos = leading is not None  # what transformers' add_bos_token does with this file
@@ -223,6 +223,15 @@ class JSONTokenizer:
 
 
 _BYTE_DECODER = byte_decoder()
+
+
+def _vocab_size(tok: Tokenizer, path: Path) -> int:
+    """One more than the largest id of tok's vocabulary (added tokens included); an empty one is a UserError."""
+    ids = tok.get_vocab(with_added_tokens=True).values()
+    if not ids:
+        raise UserError(f"data.tokenizer={path} has an empty vocabulary (no tokens in its model.vocab nor "
+                        "added_tokens): point data.tokenizer at the tokenizer.json the model was trained with")
+    return max(ids) + 1
 
 
 def _open_json_tokenizer(name: str, key: str) -> JSONTokenizer:

@@ -157,7 +157,7 @@ class TextDataModule(L.LightningDataModule):
     """Next-token prediction on a corpus of documents (see the module docstring for the pipeline)."""
 
     def __init__(self, *, source: str, path: str | list[str] | None, subset: str | None, split: str,
-                 text_column: str, sample_by: str, streaming: bool, max_documents: int | None,
+                 revision: str | None, text_column: str, sample_by: str, streaming: bool, max_documents: int | None,
                  max_train_samples: int | None, tokenizer: str, context_length: int, val_fraction: float,
                  batch_size: int, num_workers: int, num_proc: int, cache_dir: str, seed: int) -> None:
         """The keys of conf/data/embedded.yaml (and the presets built on it), plus what the recipe decides:
@@ -166,7 +166,7 @@ class TextDataModule(L.LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
         self.source, self.path = choose_source(source, path, SOURCES), path
-        self.subset, self.split = subset, split
+        self.subset, self.split, self.revision = subset, split, revision
         self.text_column, self.sample_by, self.streaming = text_column, sample_by, streaming
         self.max_documents, self.max_train_samples, self.tokenizer_name = max_documents, max_train_samples, tokenizer
         self.context_length, self.val_fraction = context_length, val_fraction
@@ -189,7 +189,8 @@ class TextDataModule(L.LightningDataModule):
             key["files"] = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns)
                             for f in resolve_files(self.path)]
         else:
-            key["path"] = self.path  # a Hub name (None for the embedded corpus)
+            key["path"] = self.path  # a Hub name (None for the embedded corpus) ...
+            key["revision"] = self.revision  # ... at a commit, tag or branch: another one is other tokens
             if self.source == "embedded":
                 key["files"] = os.path.getsize(embedded_path("entries.jsonl.gz"))
         return key
@@ -202,7 +203,7 @@ class TextDataModule(L.LightningDataModule):
         if self.cache.exists():
             return
         docs = load_documents(self.source, self.path, self.subset, self.split, self.text_column,
-                              self.sample_by, self.streaming)
+                              self.sample_by, self.streaming, self.revision)
         self.cache.build(docs, self.tokenizer_name, self.text_column, self.val_fraction, self.num_proc,
                          self.max_documents)
 

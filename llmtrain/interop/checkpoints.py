@@ -38,6 +38,7 @@ class ModelInfo:
     prompt_template: str | None = None  # e.g. "alpaca" for an instruction-tuned model
     num_classes: int | None = None  # a classifier's head size (None: the LM head)
     init_from: str | None = None  # what its own run started from
+    init_from_digest: str | None = None  # the content digest of init_from's files then (interop/digest.py)
     step: int | None = None
     extra: dict = field(default_factory=dict)  # e.g. hub_name, model_name for a Hub download
     config: dict | None = None  # the effective config of the run that wrote it (what a resume compares)
@@ -56,7 +57,8 @@ class ModelInfo:
                    stage=meta.get("stage"), label_names=labels,
                    prompt_template=meta.get("prompt_template"),
                    num_classes=meta.get("num_classes") or (len(labels) if labels else None),
-                   init_from=meta.get("init_from"), step=meta.get("step"), config=meta.get("config"))
+                   init_from=meta.get("init_from"), init_from_digest=meta.get("init_from_digest"),
+                   step=meta.get("step"), config=meta.get("config"))
 
 
 def safe_load(path: str | Path, what: str, hint: str = "", mmap: bool = False) -> dict:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
-from llmtrain.files import umask
+from llmtrain.files import saving, umask
 from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.model.gpt import GPT
 
@@ -58,7 +58,8 @@ def read_json(file: Path, what: str):
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{what}: {file} is not readable JSON ({e})") from e
+        raise UserError(f"{what}: {file} is not readable JSON ({e}): restore it, or write the folder again "
+                        "(save_pretrained, or python -m llmtrain.export)") from e
 
 
 def read_config_json(path: Path, what: str) -> dict:
@@ -70,7 +71,12 @@ def read_config_json(path: Path, what: str) -> dict:
 def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """model.safetensors, or every shard that model.safetensors.index.json names, on the CPU."""
     if (path / INDEX).is_file():
-        shards = sorted(set(read_json(path / INDEX, what)["weight_map"].values()))
+        index = read_json(path / INDEX, what)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{what}: {path / INDEX} has no \"weight_map\" of tensor names to shard files: write "
+                            f"it again (save_pretrained), or remove it to read {WEIGHTS} alone")
+        shards = sorted(set(weight_map.values()))
     elif (path / WEIGHTS).is_file():
         shards = [WEIGHTS]
     else:
@@ -87,6 +93,19 @@ def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
             raise UserError(f"{what}: {path / shard} cannot be read: it is truncated or not safetensors "
                             f"({type(e).__name__}: {e}); write it again (save_pretrained, or llmtrain's export)") from e
     return tensors
+
+
+def read_labels(hf: dict, what: str) -> list[str]:
+    """A classifier's class names from config.json's id2label ({"0": "ham", "1": "spam"}), in class order; without
+    one, num_labels of LABEL_i."""
+    id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
+    keys = [str(k) for k in id2label] if isinstance(id2label, dict) else []
+    if not keys or set(keys) != {str(i) for i in range(len(keys))}:
+        shown = ", ".join(repr(k) for k in keys[:4]) or repr(id2label)
+        raise UserError(f"{what}: {CONFIG}'s id2label has keys {shown}, not the class numbers 0 to "
+                        f"{max(len(keys), 2) - 1}: key it by class number, e.g. \"id2label\": "
+                        f"{{\"0\": \"ham\", \"1\": \"spam\"}}")
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
 def read_record(info: ModelInfo, path: Path, what: str, stated: Iterable[str], family: str) -> ModelInfo:
@@ -164,7 +183,14 @@ def write_folder(out: Path, write: Callable[[Path], None], owned: Callable[[Path
     record llmtrain.json last), so a kill or a full disk while writing leaves the previous files as they were.
     Refused in one line unless overwrite: files of the same names in a folder that `owned` (an earlier write by
     `writer`, e.g. llmtrain) does not recognise, or an earlier write whose `identity` (architecture, stage) differs.
-    Files of an earlier write that this one does not have (shards of a sharded export) are removed."""
+    Files of an earlier write that this one does not have (shards of a sharded export) are removed. A full disk is
+    one line naming the folder."""
+    with saving(out):
+        return _write_folder(out, write, owned, writer, overwrite, identity)
+
+
+def _write_folder(out: Path, write: Callable[[Path], None], owned: Callable[[Path], bool], writer: str,
+                  overwrite: bool, identity: Callable[[Path], object] | None) -> Path:
     mask = umask()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder: give out_dir a folder")

@@ -33,6 +33,7 @@ from llmtrain.interop.folders import (
     GENERATION,
     LLMTRAIN_JSON,
     read_config_json,
+    read_labels,
     read_record,
     read_safetensors,
     record_text,
@@ -71,9 +72,8 @@ def read_gpt2_info(path: Path, what: str) -> ModelInfo:
     """The ModelInfo of a Hugging Face GPT-2 folder, from its config.json (and llmtrain.json, if beside) alone."""
     hf = read_config_json(path, what)
     labels = None
-    if CLASSIFIER in (hf.get("architectures") or []):  # id2label: {"0": "ham", "1": "spam"}
-        id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
-        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    if CLASSIFIER in (hf.get("architectures") or []):
+        labels = read_labels(hf, what)
     info = ModelInfo(kind="hf", path=str(path), model_config=config_from_gpt2(hf, what), tokenizer="gpt2",
                      label_names=labels, num_classes=len(labels) if labels else None)
     return read_record(info, path, what, STATED, "GPT-2")

@@ -13,6 +13,7 @@ from llmtrain.data.choice import SHIPPED_FRACTIONS, SOURCES, TABLE_SOURCES, choo
 from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.interop.checkpoints import ModelInfo
+from llmtrain.interop.digest import changed_weights
 from llmtrain.model.gpt import GPTConfig
 from llmtrain.stages.base import Stage
 from llmtrain.training.hardware import hardware_problems
@@ -22,9 +23,9 @@ from llmtrain.training.hardware import hardware_problems
 FREE_KEYS = ("drop_rate",)
 UNCOMPARED = ("run_dir", "ckpt_path", "resume", "logger", "callbacks")  # where a run is, how it started and is watched
 # What a resume compares with the checkpoint's run: changing these makes it another run (refused, with the keys) ...
-OTHER_RUN = ("model.", "data.tokenizer", "data.path", "data.source", "data.name", "data.config", "data.split",
-             "data.text_column", "data.label_column", "data.context_length", "data.val_fraction", "init_from",
-             "optimizer._target_", "lora.", "finetune._target_", "tokens_per_step", "seed")
+OTHER_RUN = ("model.", "data.tokenizer", "data.path", "data.source", "data.revision", "data.name", "data.config",
+             "data.split", "data.text_column", "data.label_column", "data.context_length", "data.val_fraction",
+             "init_from", "optimizer._target_", "lora.", "finetune._target_", "tokens_per_step", "seed")
 # ... and these change how it goes on: refused unless resume.apply names them (then the new value applies)
 APPLIABLE = ("optimizer.", "scheduler.", "finetune.", "trainer.max_steps", "trainer.accumulate_grad_batches")
 TRAIN_BLOCKS_CHOICES = "all, last, head, none, or N (the last N blocks)"
@@ -62,6 +63,9 @@ def check_run(cfg: DictConfig, model_config: GPTConfig | None, tokenizer: str | 
         problems.append(f"data.max_train_samples={cfg.data.max_train_samples} is less than one batch of "
                         f"data.batch_size={cfg.data.batch_size}: set data.max_train_samples to "
                         f"{cfg.data.batch_size} or more (or null: the whole training split)")
+    if not 0 <= cfg.data.get("max_dropped_fraction", 0) <= 1:
+        problems.append(f"data.max_dropped_fraction must lie in [0, 1] (the share of a split's records that truncation "
+                        f"may leave without a response), got {cfg.data.max_dropped_fraction}")
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         problems.append(f"trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps}")
     if cfg.scheduler.warmup_steps < 0:
@@ -90,6 +94,9 @@ def unread_data_values(data: DictConfig) -> list[str]:
     if data.subset is not None and source != "hub":
         problems.append(f"data.subset={data.subset!r} names a configuration of a Hub dataset, but this run reads "
                         f"data.source={source}: drop data.subset (or set data.source=hub)")
+    if data.get("revision") is not None and source != "hub":
+        problems.append(f"data.revision={data.revision!r} picks a version of a Hub dataset, but this run reads "
+                        f"data.source={source}: drop data.revision (or set data.source=hub)")
     if data.split != "train" and source != "hub":
         held_out = "data.val_fraction and data.test_fraction hold out rows" if tables else \
             "data.val_fraction holds out documents"
@@ -164,6 +171,10 @@ def check_resume(info: ModelInfo, model_config: GPTConfig, stage: Stage, ckpt_pa
     problems = stage.resume_problems({"init_from": info.init_from}, init_from, ckpt_path)
     if problems:
         raise UserError("; ".join(problems))
+    if info.init_from == init_from and (now := changed_weights(init_from, info.init_from_digest)):
+        raise UserError(f"init_from={init_from} holds other weights than when ckpt_path={ckpt_path} was written "
+                        f"(content digest {now[7:19]}, then {info.init_from_digest[7:19]}): put back the weights the "
+                        f"run started from, or start a new run from these (without ckpt_path)")
     saved, ours = asdict(info.model_config), asdict(model_config)
     differ = [f"model.{k}={saved[k]} (this run: {ours[k]})" for k in ours
               if saved[k] != ours[k] and k not in FREE_KEYS]  # dropout holds no weights

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -249,3 +249,31 @@ def levers(cfg: DictConfig, run: ResolvedRun) -> list[str]:
     if str(run.precision).startswith("32"):
         out.append("use trainer.precision=bf16-mixed")
     return [*out, "or set perf.memory_gb to a higher limit"]
+
+
+def count_params(config: GPTConfig) -> int:
+    """The parameters of GPT(config), from two models of one and two blocks built on the meta device: what a
+    config.json describes is counted before anything is allocated, however many blocks it names."""
+    with torch.device("meta"):
+        one, two = (GPT(replace(config, n_layers=n)).num_params() for n in (1, 2))
+    return one + (config.n_layers - 1) * (two - one)
+
+
+def check_loading(config: GPTConfig, what: str, doing: str, copies: int, context_tokens: int = 0) -> None:
+    """Refuse in one line, before any weights are read, a model that could not be loaded here: `copies` fp32 copies
+    of its weights (the file's tensors and the model's, plus the export's), and with `context_tokens` what decoding
+    keeps (the KV cache and one step's logits over the context, the ids). Checked against the available RAM, where
+    loading happens; sizes come from the source's own config (a hostile config.json with a billion layers ends
+    here, not in the allocator)."""
+    n = count_params(config)
+    weights = copies * 4 * n
+    tokens = min(context_tokens, config.context_length)
+    decoding = 4 * tokens * (2 * config.n_layers * config.n_kv_heads * config.head_dim + config.vocab_size)
+    need = weights + decoding + 8 * context_tokens + RUNTIME["cpu"]
+    available = available_ram()
+    if available is not None and need > available:
+        raise UserError(f"{what} describes a model of {n:,} parameters (n_layers={config.n_layers}, emb_dim="
+                        f"{config.emb_dim}, vocab_size={config.vocab_size}) that needs about {need / GIB:,.1f} GiB to "
+                        f"{doing} (weights {weights / GIB:,.2f}, decoding {decoding / GIB:,.2f}), but this machine has "
+                        f"{available / GIB:.1f} GiB of available RAM: check the sizes in its config, or use a machine "
+                        "with more memory")

@@ -22,6 +22,7 @@ from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.files import write_atomic
 from llmtrain.interop.adapters import export_hf_adapter, hf_adapter_layout
+from llmtrain.interop.digest import weights_digest
 from llmtrain.interop.hf import export_hf, layout_name
 from llmtrain.interop.lora import ADAPTER_META, save_adapter
 from llmtrain.interop.pretrained import hf_folder
@@ -33,8 +34,11 @@ from llmtrain.training.sharded import gathered_gpt, skip_sharded
 
 def run_meta(cfg: DictConfig, tokenizer: str, stage: Stage) -> dict:
     """What checkpoints, exports and adapters of this run record about it (JSON-serialisable), its effective config
-    among it (what a resume compares with its own)."""
-    return {"tokenizer": tokenizer, **stage.record(), "init_from": cfg.init_from, "config": effective(cfg)}
+    among it (what a resume compares with its own), and init_from both by name and by content (its digest: what a
+    resume, the DPO reference and a LoRA adapter's merge check the files behind the name against)."""
+    digest = weights_digest(cfg.init_from) if cfg.init_from else None
+    return {"tokenizer": tokenizer, **stage.record(), "init_from": cfg.init_from, "init_from_digest": digest,
+            "config": effective(cfg)}
 
 
 def keep_tokenizer(tokenizer: str, run_dir: Path, write: bool = True) -> str:

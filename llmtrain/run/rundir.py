@@ -90,11 +90,13 @@ def holds_a_run(path: Path) -> bool:
                for d in (path, *(p for p in path.iterdir() if p.is_dir())))
 
 
-def discard(run_dir: Path) -> list[Path]:
-    """Remove what this process added to `run_dir` (see the module's docstring); the removed paths."""
+def discard(run_dir: Path, keep_saved: bool = False) -> list[Path]:
+    """Remove what this process added to `run_dir` (see the module's docstring); the removed paths. With keep_saved
+    (a mistake found mid-run: a NaN loss, a full disk) nothing goes once the run saved a checkpoint: the error
+    names the last good one."""
     run_dir = run_dir.resolve()
     claimed = _claims.get(run_dir) or _job_of_a_claimed_sweep(run_dir)
-    if claimed is None or not run_dir.is_dir():
+    if claimed is None or not run_dir.is_dir() or (keep_saved and any(run_dir.glob("checkpoints/*.ckpt"))):
         return []
     if run_dir in claimed.created:  # all of it is this run's
         shutil.rmtree(run_dir, ignore_errors=True)

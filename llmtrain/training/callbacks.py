@@ -15,6 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from llmtrain.files import saving
 from llmtrain.training.flops import TrainingFlops, attention_width, peak_flops, training_flops
 
 
@@ -239,16 +240,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a save that was killed
             stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        with saving(path):  # a full disk: one line naming the file, the previous one whole
             try:
-                os.fsync(folder)
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
             finally:
-                os.close(folder)
-        finally:
-            tmp.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)

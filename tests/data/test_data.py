@@ -112,6 +112,27 @@ def test_hub_loader_reads_a_folder_in_hub_layout(tmp_path):
         assert sum(dm.cache.meta["documents"].values()) == 70
 
 
+def test_a_hub_dataset_is_read_at_data_revision_and_its_tokens_cached_per_revision(tmp_path, monkeypatch):
+    """Two revisions of one Hub dataset are two corpora: each is read at its revision and tokenized into a cache of
+    its own; the same revision again reads its cache."""
+    import datasets
+
+    asked = []
+
+    def load_dataset(path, subset, split, streaming, revision):
+        asked.append((path, revision))
+        return datasets.Dataset.from_dict({"text": [f"Story {i} as of {revision}. " * 4 for i in range(40)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    folders = []
+    for revision in (None, "v1", "v2", "v1"):
+        dm = make_dm(tmp_path, source="hub", path="someone/stories", sample_by=None, revision=revision)
+        dm.prepare_data()
+        folders.append(dm.cache.dir)
+    assert asked == [("someone/stories", None), ("someone/stories", "v1"), ("someone/stories", "v2")]
+    assert len(set(folders)) == 3 and folders[1] == folders[3]
+
+
 def test_a_document_that_is_not_text_is_one_line_naming_its_row(tmp_path):
     f = tmp_path / "rows.jsonl"
     f.write_text('{"text": "Some words here."}\n{"text": "More."}\n{"text": null}\n')

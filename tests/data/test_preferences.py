@@ -65,7 +65,7 @@ def test_pairs_left_without_a_response_token_are_dropped_or_refused(tmp_path):
     rows = pairs(60, long=True)
     rows["prompt"] = [p if i % 3 else "a long question " * 40 for i, p in enumerate(rows["prompt"])]  # 640 chars
     dm = make_datamodule("preference_json", path=write_jsonl(tmp_path / "some.jsonl", rows), tokenizer="bytes",
-                         context_length=512)
+                         context_length=512, max_dropped_fraction=0.5)  # a third: allowed
     dm.setup()
     for s in SPLITS:
         kept = [r for r in dm.records[s] if len(r["prompt"]) < 100]
@@ -73,6 +73,10 @@ def test_pairs_left_without_a_response_token_are_dropped_or_refused(tmp_path):
         assert len(dm.sets[s]) == len(kept)
     longest = max(len(ids) for pair in dm.sets["train"].items for ids in (pair[0], pair[2]))
     assert longest == 256  # the long answers were cut to data.max_length, not dropped
+    with pytest.raises(UserError, match=r"^\d+ of \d+ train pairs \(\d+%\) lose their whole response to truncation at "
+                                        r"data.max_length=256, more than data.max_dropped_fraction=0.1: "):
+        make_datamodule("preference_json", path=str(tmp_path / "some.jsonl"), tokenizer="bytes",
+                        context_length=512).setup()  # the preset's share
 
     rows["prompt"] = ["a long question " * 40] * 60
     dm = make_datamodule("preference_json", path=write_jsonl(tmp_path / "all.jsonl", rows), tokenizer="bytes",

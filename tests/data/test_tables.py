@@ -23,7 +23,8 @@ def make_instruct(path: str, **keys):
 
 
 def test_records_left_without_a_response_token_are_dropped_and_counted(tmp_path, capsys):
-    dm = make_instruct(write_records(tmp_path / "some.jsonl", 60, long_every=3), context_length=512)
+    dm = make_instruct(write_records(tmp_path / "some.jsonl", 60, long_every=3), context_length=512,
+                       max_dropped_fraction=0.5)  # a third of each split: allowed
     dm.setup()
     out = capsys.readouterr().out
     for s in SPLITS:
@@ -37,6 +38,16 @@ def test_records_left_without_a_response_token_are_dropped_and_counted(tmp_path,
         assert len(dm.sets[s]) == len(kept)
         assert all(any(t != -100 for t in labels) for _, labels in dm.sets[s].items)
     assert len(dm.sets["train"]) < len(dm.records["train"])
+
+
+def test_more_records_dropped_than_data_max_dropped_fraction_is_one_line_naming_the_split_and_the_count(tmp_path):
+    path = write_records(tmp_path / "some.jsonl", 60, long_every=3)
+    with pytest.raises(UserError) as e:
+        make_instruct(path, context_length=512).setup()  # the preset's 0.1
+    assert str(e.value) == ("15 of 48 train records (31%) lose their whole response to truncation at "
+                            "data.max_length=256, more than data.max_dropped_fraction=0.1: raise data.max_length, or "
+                            "data.max_dropped_fraction to train and evaluate without them")
+    make_instruct(path, context_length=512, max_dropped_fraction=0.5).setup()  # the largest share (test: 3 of 6)
 
 
 def test_a_split_left_without_any_response_token_is_refused(tmp_path):

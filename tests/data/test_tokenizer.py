@@ -1,6 +1,7 @@
 """Tokenizers work offline from the ranks shipped in the package."""
 
 import pytest
+from tokenizers import Tokenizer, models
 
 from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.errors import UserError
@@ -25,6 +26,12 @@ def test_bytes_tokenizer_round_trips_utf8():
 def test_unknown_tokenizer_is_a_user_error():
     with pytest.raises(UserError, match="data.tokenizer='gpt3'"):
         build_tokenizer("gpt3")
+
+
+def test_a_tokenizer_json_with_an_empty_vocabulary_is_one_line(tmp_path):
+    Tokenizer(models.BPE(vocab={}, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UserError, match=f"^data.tokenizer={tmp_path / 'tokenizer.json'} has an empty vocabulary"):
+        build_tokenizer(str(tmp_path))
 
 
 def test_a_continuation_ends_at_end_of_text_and_drops_ids_past_the_vocabulary():

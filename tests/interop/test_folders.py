@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from llmtrain.data.tokenizer_json import tokenizer_json
 from llmtrain.errors import UserError
-from llmtrain.interop.folders import INDEX, read_safetensors, record_text, write_folder
+from llmtrain.interop.folders import INDEX, read_labels, read_safetensors, record_text, write_folder
 from llmtrain.interop.hf import export_hf
 from llmtrain.interop.pretrained import load_pretrained
 from llmtrain.model.gpt import GPT, GPTConfig
@@ -41,6 +41,27 @@ def test_a_missing_shard_is_named_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^init_from=hf: the shard model-00002-of-00002\.safetensors named in "
                                         r"model\.safetensors\.index\.json is missing$"):
         read_safetensors(tmp_path / "hf", "init_from=hf")
+
+
+@pytest.mark.parametrize("index", ['{"metadata": {}}', '{"weight_map": ["a"]}', '[1]', '{"weight_map": {"a": 1}}',
+                                   '{"weight_map": {"a": "model-0'])
+def test_an_index_without_a_weight_map_of_shard_names_is_one_line_naming_it(tmp_path, index):
+    sharded(tmp_path / "hf", {"model-00001-of-00001.safetensors": {"a": torch.zeros(1)}})
+    (tmp_path / "hf" / INDEX).write_text(index)
+    with pytest.raises(UserError, match=f"init_from=hf: {tmp_path / 'hf' / INDEX} (has no \"weight_map\"|is not "
+                                        "readable JSON)") as info:
+        read_safetensors(tmp_path / "hf", "init_from=hf")
+    assert "\n" not in str(info.value)
+
+
+def test_id2label_gives_the_class_names_in_class_order_and_other_keys_are_one_line():
+    assert read_labels({"id2label": {"1": "spam", "0": "ham"}}, "x") == ["ham", "spam"]
+    assert read_labels({"id2label": {str(i): str(i) for i in range(12)}}, "x") == [str(i) for i in range(12)]
+    assert read_labels({"num_labels": 3}, "x") == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    for id2label in ({"ham": 0, "spam": 1}, {"0": "a", "2": "b"}, {"1": "a"}, ["a", "b"], {"00": "a"}):
+        with pytest.raises(UserError, match="^init_from=hf: config.json's id2label has keys .*, not the class "
+                                            "numbers 0 to 1: key it by class number"):
+            read_labels({"id2label": id2label}, "init_from=hf")
 
 
 def test_llmtrain_json_and_config_json_must_agree_on_the_classes(tmp_path):
@@ -86,3 +107,18 @@ def test_a_truncated_safetensors_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(UserError, match=rf"^init_from=x: {tmp_path / 'model.safetensors'} cannot be read: it is "
                                         r"truncated or not safetensors \(SafetensorError: .*\); write it again"):
         read_safetensors(tmp_path, "init_from=x")
+
+
+def test_a_full_disk_while_exporting_is_one_line_naming_the_folder_and_the_previous_export_stays(tmp_path):
+    import errno
+
+    out = export_hf(GPT(GPTConfig(**TINY)), str(tmp_path / "hf"), {"tokenizer": "bytes"})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(tmp):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match=f"^could not write {out}: No space left on device; the previous file"):
+        write_folder(out, full_disk, lambda folder: True, "llmtrain")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -127,6 +127,44 @@ def documented_messages() -> list[str]:
     return rows + re.findall(r"→ `(error: [^`]*)`", text)
 
 
+def test_max_dropped_fraction_is_a_share(tmp_path, base_ckpt):
+    for value in (-0.1, 1.5):
+        with pytest.raises(UserError, match=f"data.max_dropped_fraction must lie in \\[0, 1\\] .*, got {value}"):
+            resolve_run(compose(["finetune=instruct", f"init_from={base_ckpt}", f"data.max_dropped_fraction={value}"],
+                                tmp_path))
+    resolve_run(compose(["finetune=instruct", f"init_from={base_ckpt}", "data.max_dropped_fraction=1"], tmp_path))
+
+
+def test_a_resume_whose_init_from_was_replaced_behind_the_same_name_is_one_line(tmp_path, base_ckpt):
+    """The checkpoint records init_from by name and by content digest (run_meta); the DPO reference, a LoRA base
+    and the record of any stage come from those files: new files under the old name are refused."""
+    from llmtrain.interop.checkpoints import ModelInfo
+    from llmtrain.interop.digest import weights_digest
+    from llmtrain.run.checks import check_resume
+    from llmtrain.run.outputs import run_meta
+    from llmtrain.stages.pretrain import Pretrain
+
+    stage = Pretrain("all", None, None, None, 0)
+    meta = run_meta(compose([f"init_from={base_ckpt}", "model=checkpoint"], tmp_path), "bytes", stage)
+    then = meta["init_from_digest"]
+    assert then == weights_digest(str(base_ckpt))
+    info = ModelInfo(kind="llmtrain", path="run.ckpt", model_config=GPTConfig(**BASE), init_from=str(base_ckpt),
+                     init_from_digest=then)
+    check_resume(info, GPTConfig(**BASE), stage, "run.ckpt", str(base_ckpt))  # the same files: resumes
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(**BASE))  # another model of the same shapes, saved under the same name
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "llmtrain": {"model_config": asdict(model.config), "tokenizer": "bytes", "stage": "pretrain"}},
+               base_ckpt)
+    now = weights_digest(str(base_ckpt))
+    with pytest.raises(UserError) as e:
+        check_resume(info, GPTConfig(**BASE), stage, "run.ckpt", str(base_ckpt))
+    assert str(e.value) == (f"init_from={base_ckpt} holds other weights than when ckpt_path=run.ckpt was written "
+                            f"(content digest {now[7:19]}, then {then[7:19]}): put back the weights the run started "
+                            "from, or start a new run from these (without ckpt_path)")
+    assert run_meta(compose([], tmp_path), "bytes", stage)["init_from_digest"] is None
+
+
 def test_every_refusal_of_the_checks_has_a_row_in_the_error_catalogue():
     import re
 
@@ -189,7 +227,8 @@ def test_a_resume_lists_what_it_changes_and_refuses_what_would_mix_two_runs(tmp_
     assert changes("optimizer.lr=0.002", "resume.apply=[optimizer.lr]")[1] is None
     assert changes("optimizer.lr=0.002", "resume.apply=[optimizer.l]")[1] is not None  # a key, not a string prefix
     for overrides, keys in ((["data.tokenizer=bytes"], "data.tokenizer"), (["optimizer=adamw"], "optimizer._target_"),
-                            (["data.path=other.txt", "resume.apply=[data.path]"], "data.path")):
+                            (["data.path=other.txt", "resume.apply=[data.path]"], "data.path"),
+                            (["data.revision=v2"], "data.revision")):  # another version of a Hub dataset
         refusal = changes(*overrides)[1]
         assert refusal.startswith(f"this run changes {keys}") and "resuming would mix two runs" in refusal, refusal
 

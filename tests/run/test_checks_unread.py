@@ -48,6 +48,8 @@ def test_a_run_that_trains_in_bf16_starts_from_bf16_weights(tmp_path, base_ckpt,
 REFUSED = [
     ([*TINY, "data=text", "data.path=books.txt", "data.subset=wikitext"],
      "data.subset='wikitext' names a configuration of a Hub dataset, but this run reads data.source=text"),
+    ([*TINY, "data=json", "data.path=rows.jsonl", "data.revision=v1"],
+     "data.revision='v1' picks a version of a Hub dataset, but this run reads data.source=json: drop data.revision"),
     ([*TINY, "data=json", "data.path=rows.jsonl", "data.split=validation"],
      "data.split='validation' picks a split of a Hub dataset, but data.source=json has one split (train): drop "
      "data.split (data.val_fraction holds out documents)"),
@@ -83,7 +85,7 @@ def test_a_value_that_would_not_be_read_is_refused(tmp_path, overrides, message)
 
 
 @pytest.mark.parametrize("overrides", [
-    [*TINY, "data=tinystories", "data.subset=default", "data.split=validation"],  # the Hub reads both
+    [*TINY, "data=tinystories", "data.subset=default", "data.split=validation", "data.revision=v1"],  # Hub: all read
     [*TINY, "data=text", "data.path=books.txt", "data.sample_by=line"],
     [*TINY, "data.path=rows.jsonl"],  # the extension names the source: read, not ignored
     ["finetune=classify", "model=gpt_tiny", "data.tokenizer=gpt2", "data.path=rows.csv", "data.val_fraction=0.3"],

@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, subprocess_env
 
 from llmtrain.errors import UserError, one_line_errors
+from llmtrain.interop.gpt2 import CLASSIFIER
 
 ROW = re.compile(r"^\| (\w+) \| `([^`]*)` \| (\d+) \| `(.*)` \|$")
 ROWS = [m.groups() for line in (ROOT / "docs" / "errors.md").read_text().splitlines() if (m := ROW.match(line))]
@@ -55,6 +56,21 @@ def make_files(tmp_path: Path) -> Path:
          "rejected": [{"role": "assistant", "content": "no"}]}) for i in range(20)))
     data = (tmp_path / "other.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50257, "n_positions": 128,
+            "n_embd": 32, "n_head": 2, "n_layer": 2}
+    for name, files in (("badrecord", {"llmtrain.json": '{"format": "llmtrain", "model_con'}),
+                        ("badindex", {"model.safetensors.index.json": '{"metadata": {}}'}),
+                        ("labels", {"config.json": json.dumps(gpt2 | {"id2label": {"ham": 0, "spam": 1},
+                                                                      "architectures": [CLASSIFIER]})})):
+        (tmp_path / name).mkdir()  # Hugging Face GPT-2 folders, each with one file gone wrong
+        for file, text in ({"config.json": json.dumps(gpt2)} | files).items():
+            (tmp_path / name / file).write_text(text)
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(  # every other prompt fills data.max_length=256
+        {"instruction": "a long question " * 40 if i % 2 else f"Add {i} and 1.", "output": str(i + 1)})
+        for i in range(40)))
+    (tmp_path / "emptytok").mkdir()
+    (tmp_path / "emptytok" / "tokenizer.json").write_text(json.dumps(
+        {"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": {}, "merges": []}}))
     (tmp_path / "outputs" / "earlier").mkdir(parents=True)
     (tmp_path / "outputs" / "earlier" / "keep.txt").write_text("mine")
     (tmp_path / "job").mkdir()  # a SLURM job's folder, its log beside the run it asks for

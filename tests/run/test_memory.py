@@ -203,3 +203,31 @@ def test_every_node_adds_its_devices_and_a_nodes_cpu_processes_share_its_ram(tmp
     cfg = compose([*TINY, "trainer.devices=4", "trainer.num_nodes=2"], tmp_path)
     assert memory.ranks(cfg) == 8
     assert memory.limit(cfg) == (10 * GIB, "the 4 processes of trainer.devices=4 share 40.0 GiB of available RAM")
+
+
+@pytest.mark.parametrize("options", [{}, {"tie_weights": False, "pos_emb": "rope", "n_kv_heads": 1},
+                                     {"mlp": "swiglu", "norm": "rmsnorm", "bias": False, "qk_norm": True}])
+def test_the_parameters_of_any_number_of_blocks_are_counted_from_two_models_on_the_meta_device(options):
+    from llmtrain.model.gpt import GPT, GPTConfig
+
+    config = GPTConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_layers=5, **options)
+    assert memory.count_params(config) == GPT(config).num_params()
+
+
+def test_loading_a_model_is_refused_when_its_stated_sizes_would_not_fit(monkeypatch):
+    from llmtrain.model.gpt import GPTConfig
+
+    config = GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
+    n = memory.count_params(config)
+    decoding = 4 * 64 * (2 * 2 * 2 * 16 + 257)  # KV cache and one step's logits over the context, fp32
+    need = 2 * 4 * n + decoding + 8 * (64 + 10) + memory.RUNTIME["cpu"]
+    monkeypatch.setattr(memory, "available_ram", lambda: need)
+    memory.check_loading(config, "ckpt_path=x", "load and generate", copies=2, context_tokens=64 + 10)
+    with pytest.raises(UserError) as e:
+        memory.check_loading(config, "ckpt_path=x", "load and generate", copies=2, context_tokens=64 + 11)
+    assert str(e.value).startswith(f"ckpt_path=x describes a model of {n:,} parameters (n_layers=2, emb_dim=32, "
+                                   "vocab_size=257) that needs about 0.5 GiB to load and generate")
+    with pytest.raises(UserError):
+        memory.check_loading(config, "source=x", "load and export", copies=3)
+    monkeypatch.setattr(memory, "available_ram", lambda: None)  # unknown: not checked
+    memory.check_loading(config, "source=x", "load and export", copies=1000)

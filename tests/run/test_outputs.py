@@ -32,13 +32,16 @@ def finished(model, stage, rank: int = 0):
     return module, trainer
 
 
-def test_the_record_names_the_tokenizer_the_stage_init_from_and_the_effective_config():
-    cfg = OmegaConf.create({"init_from": "runs/base", "optimizer": {"lr": "${scale}"}, "scale": 0.5,
+def test_the_record_names_the_tokenizer_the_stage_init_from_and_the_effective_config(tmp_path):
+    from llmtrain.interop.digest import weights_digest
+
+    base = str(write_checkpoint(tmp_path / "base.ckpt"))
+    cfg = OmegaConf.create({"init_from": base, "optimizer": {"lr": "${scale}"}, "scale": 0.5,
                             "run_dir": "runs/now", "ckpt_path": "last", "resume": {"apply": []}})
     assert run_meta(cfg, "bytes", lm_stage()) == {
         "tokenizer": "bytes", "stage": "pretrain", "prompt_template": None, "num_classes": None, "label_names": None,
-        "init_from": "runs/base",
-        "config": {"init_from": "runs/base", "optimizer": {"lr": 0.5}, "scale": 0.5}}  # resolved; not where it runs
+        "init_from": base, "init_from_digest": weights_digest(base),  # by name and by content
+        "config": {"init_from": base, "optimizer": {"lr": 0.5}, "scale": 0.5}}  # resolved; not where it runs
 
 
 def test_rank_zero_alone_exports_the_final_model_with_its_record_and_step(tmp_path):

@@ -50,6 +50,16 @@ def test_a_claim_records_the_parents_it_made_and_discard_removes_them_while_empt
     assert sorted(p.name for p in (tmp_path / "outputs" / "runs").iterdir()) == ["someone_else"]  # in use: stays
 
 
+def test_a_mistake_found_after_a_checkpoint_was_saved_removes_nothing(tmp_path):
+    """A NaN loss or a full disk mid-run ends in one line naming the last good checkpoint: it must still be there."""
+    claimed = rundir.claim(tmp_path / "runs" / "a")
+    (claimed.path / "checkpoints").mkdir()
+    (claimed.path / "checkpoints" / "last.ckpt").write_bytes(b"step 10")
+    assert rundir.discard(claimed.path, keep_saved=True) == []
+    assert (claimed.path / "checkpoints" / "last.ckpt").read_bytes() == b"step 10"
+    assert rundir.discard(claimed.path) == claimed.created  # debug=fast's clean-up: all of it
+
+
 def test_in_a_folder_that_existed_only_what_the_run_added_goes(tmp_path):
     """A SLURM job whose log is in the run dir keeps its log (and the folders above) when the config is wrong."""
     run_dir = tmp_path / "a" / "b" / "run"

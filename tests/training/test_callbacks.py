@@ -74,6 +74,29 @@ def test_a_save_removes_what_a_killed_save_left_and_leaves_only_the_checkpoint(t
     assert torch.load(tmp_path / "last.ckpt")["global_step"] == 7
 
 
+def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import llmtrain.training.callbacks as callbacks
+    from llmtrain.errors import UserError
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 7}, tmp_path / "last.ckpt")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(callbacks.os, "fsync", full_disk)  # the new file is written, then cannot be synced
+    with pytest.raises(UserError) as e:
+        io.save_checkpoint({"global_step": 8}, tmp_path / "last.ckpt")
+    assert str(e.value) == (f"could not write {tmp_path / 'last.ckpt'}: No space left on device; the previous file "
+                            "(if any) is left as it was: free space there (or point the run at another disk), then "
+                            "run again")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt")["global_step"] == 7
+
+
 class StubTrainer(SimpleNamespace):
     """What LastCheckpoint reads of a Trainer, on one of two ranks (the other never receives SIGTERM); it records
     the saves as (path, step)."""
