@@ -91,8 +91,8 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
         module.gpt.compile()
         module.gpt.hidden = torch.compile(module.gpt.hidden)  # what the chunked loss calls
     trainer = build_trainer(cfg, run)
-    if trainer.logger and trainer.is_global_zero:  # the run's values, for TensorBoard's HPARAMS tab
-        log_hparams(trainer.logger, run_hparams(cfg, run, model), stage)
+    if trainer.loggers and trainer.is_global_zero:  # the run's values, e.g. for TensorBoard's HPARAMS tab
+        log_hparams(trainer.loggers, run_hparams(cfg, run, model), stage)
     if cfg.init_from and ckpt_path is None:  # the starting point, at step 0 of the curves
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         if trainer.is_global_zero:
@@ -147,8 +147,15 @@ def build_trainer(cfg: DictConfig, run: ResolvedRun) -> L.Trainer:
     # a progress bar or model summary set to null in cfg.callbacks means none, not Lightning's default one
     kwargs.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
     kwargs.setdefault("enable_model_summary", False)  # ours (callbacks.model_summary) prints without it
-    logger = build(cfg.logger) if cfg.logger else False
-    return L.Trainer(**kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    return L.Trainer(**kwargs, logger=build_loggers(cfg.logger), callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+
+
+def build_loggers(node: DictConfig | None) -> list:
+    """The trackers of cfg.logger: one logger (a node with a _target_), or logger=many's (a node per tracker, one
+    set to null is left out); none when null."""
+    if not node:
+        return []
+    return [build(node)] if "_target_" in node else [build(n) for n in node.values() if n]
 
 
 def fused_where_supported(cfg: DictConfig) -> dict:
