@@ -15,15 +15,16 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from llmtrain.errors import UserError
+from llmtrain.run.checks import missing_tracker
 
 
-def require(module: str, logger: str) -> None:
-    """A UserError naming the extra to install when `module` (a tracker's package) is missing."""
+def require(package: str) -> None:
+    """A UserError naming the extra to install when `package` (a tracker's) is missing (a run finds it earlier, in
+    checks.tracker_problems; this is for a logger built outside one)."""
     try:
-        importlib.import_module(module)
+        importlib.import_module(package)
     except ImportError:
-        raise UserError(f"logger={logger} needs the {module} package: pip install 'llmtrain[track]' "
-                        f"(or choose another logger, e.g. logger=tensorboard)") from None
+        raise UserError(missing_tracker(package)) from None
 
 
 class WithoutEpoch:
@@ -42,7 +43,7 @@ class MLflow(WithoutEpoch, MLFlowLogger):
     mlflow.yaml). The run ends FINISHED or FAILED with the fit."""
 
     def __init__(self, **kwargs) -> None:
-        require("mlflow", "mlflow")
+        require("mlflow")
         super().__init__(**kwargs)
 
     @rank_zero_only
@@ -62,7 +63,7 @@ class Wandb(WithoutEpoch, WandbLogger):
     failed, when the fit fails."""
 
     def __init__(self, **kwargs) -> None:
-        require("wandb", "wandb")
+        require("wandb")
         import wandb
 
         if wandb.run is not None:  # the previous job's, in a multirun's process

@@ -4,6 +4,7 @@ of them at once (logger=many)."""
 
 import csv
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import TINY, compose, read_scalars, run_cli, subprocess_env
 
 from llmtrain.errors import UserError
 from llmtrain.run.board import TensorBoard
+from llmtrain.run.resolve import resolve_run
 from llmtrain.run.trackers import CSV
 from llmtrain.run.train import build_loggers
 
@@ -133,10 +135,17 @@ def test_wandb_runs_offline_one_run_per_job_and_a_failed_fit_ends_its_run_failed
     assert (first["exit_code"], second["exit_code"]) == (0, 1)
 
 
-def test_a_tracker_that_is_not_installed_is_a_one_line_error(tmp_path, monkeypatch):
+def test_a_tracker_that_is_not_installed_is_a_one_line_error_before_the_run_starts(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails, as without the package
-    with pytest.raises(UserError, match=r"^logger=wandb needs the wandb package: pip install 'llmtrain\[track\]'"):
-        build_loggers(compose(["logger=wandb"], tmp_path).logger)
+    message = "logger=wandb needs the wandb package: pip install 'llmtrain[track]' (or choose another logger, e.g. " \
+              "logger=tensorboard)"
+    for logger in (["logger=wandb"], ["logger=many"]):
+        cfg = compose([*TINY, *logger], tmp_path)
+        with pytest.raises(UserError) as raised:
+            resolve_run(cfg)  # with the config's other checks, before anything is built
+        assert str(raised.value) == message
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_loggers(compose(["logger=wandb"], tmp_path).logger)  # a logger built outside a run
 
 
 @pytest.mark.slow
