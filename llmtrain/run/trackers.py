@@ -58,9 +58,9 @@ class Wandb(WithoutEpoch, WandbLogger):
     which `wandb sync` uploads later.
 
     Lightning finalizes its loggers after each of fit, validate and test, and the recipe validates and tests after
-    fit, so the run cannot end there: it ends when the process does (wandb's exit hook), when the next job of a
-    multirun builds its logger (a run of its own rather than Lightning's reuse of the open one), or at once, marked
-    failed, when the fit fails."""
+    fit, so the run cannot end there: the recipe ends it when it is done (`finish_runs`), or at once, marked failed,
+    when the fit fails. A run left open otherwise is finished when the next job of a multirun builds its logger (a
+    run of its own rather than Lightning's reuse of the open one), else by wandb's exit hook."""
 
     def __init__(self, **kwargs) -> None:
         require("wandb")
@@ -81,3 +81,18 @@ class Wandb(WithoutEpoch, WandbLogger):
         super().finalize(status)
         if status == "failed" and self._experiment is not None:
             self._experiment.finish(exit_code=1)
+
+    @rank_zero_only
+    def finish(self) -> None:
+        """End the run, its files written (offline) or sent, before the next job or the process's end."""
+        if self._experiment is not None:
+            self._experiment.finish()
+            self._experiment = None
+
+
+def finish_runs(loggers: list) -> None:
+    """End the runs of the trackers that keep one open past Lightning's finalize (W&B), once the recipe has logged
+    its last value."""
+    for logger in loggers:
+        if isinstance(logger, Wandb):
+            logger.finish()

@@ -31,6 +31,7 @@ from llmtrain.run.jobs import write_metrics
 from llmtrain.run.memory import preflight
 from llmtrain.run.outputs import keep_tokenizer, run_meta, write_outputs
 from llmtrain.run.resolve import ResolvedRun, resolve_run
+from llmtrain.run.trackers import finish_runs
 from llmtrain.training.callbacks import AtomicCheckpointIO, newest_checkpoint
 from llmtrain.training.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.training.logs import quiet_lightning
@@ -118,6 +119,7 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
     written = write_outputs(module, trainer, datamodule, cfg, meta)  # every rank: FSDP gathers the weights
     if trainer.is_global_zero:
         write_metrics(run_dir, {"step": trainer.global_step, **final})  # what a sweep's summary table reads
+        finish_runs(trainer.loggers)
         print("; ".join([summary, *written, f"run dir {run_dir}"]))
     return final["val/loss"]
 

@@ -7,11 +7,12 @@ import json
 import re
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, compose, read_scalars, run_cli, subprocess_env
+from conftest import TINY, compose, read_hparams, read_scalars, run_cli, subprocess_env
 
 from llmtrain.errors import UserError
 from llmtrain.run.board import TensorBoard
@@ -28,10 +29,18 @@ def read_csv(log_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def wandb_run(run_dir: Path, n: int = 0) -> dict:
+def wandb_run(run_dir: Path, n: int = 0, wait: float = 20) -> dict:
     """The n-th W&B offline run under run_dir, read from its run-<id>.wandb file: W&B's protobuf records in the
     LevelDB log format that file uses (32 KiB blocks; each record chunk: crc32, length, type; a 7-byte W&B
-    header first), the reader W&B itself no longer ships in Python. -> name, config, history rows, exit code."""
+    header first), the reader W&B itself no longer ships in Python. -> name, config, history rows, exit code.
+    W&B's service process writes the file after `finish` returns: read again until the run's end is in it."""
+    deadline = time.monotonic() + wait
+    while (run := read_wandb_file(run_dir, n))["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return run
+
+
+def read_wandb_file(run_dir: Path, n: int) -> dict:
     from wandb.proto import wandb_internal_pb2
 
     [path] = sorted(run_dir.glob("wandb/offline-run-*"))[n].glob("run-*.wandb")
@@ -44,6 +53,8 @@ def wandb_run(run_dir: Path, n: int = 0) -> dict:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind not in (1, 4):  # FULL or LAST ends a record
             continue
@@ -190,6 +201,7 @@ def test_a_sweep_logged_to_every_tracker_names_each_job_by_its_values_and_agrees
         job_dir = tmp / "sweep" / job
         final = json.loads((job_dir / "metrics.json").read_text())
         board = read_scalars(job_dir)
+        assert read_hparams(job_dir)["optimizer.lr"] == pytest.approx(float(label.split("=")[1]))  # TensorBoard's too
         steps = [s for s, _ in board["val/loss"]]
 
         client, run = runs[label]  # MLflow: the same curves, the run's values, a sample per validation
