@@ -65,6 +65,12 @@ class TensorBoard(TensorBoardLogger):
         self._run_logged = True
 
     @rank_zero_only
+    def log_samples(self, samples: dict[str, str], step: int) -> None:
+        """Text samples (name -> text, Markdown) for the TEXT tab."""
+        for name, text in samples.items():
+            self.experiment.add_text(name, text, step)
+
+    @rank_zero_only
     def finalize(self, status: str) -> None:
         if self._run_logged:
             end = SessionEndInfo(status=api_pb2.STATUS_SUCCESS if status == "success" else api_pb2.STATUS_FAILURE,
@@ -144,12 +150,14 @@ def overridden_keys() -> list[str]:
     return [override_key(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
 
 
-def log_hparams(logger, params: dict[str, float | str], stage: Stage) -> None:
-    """The run's values for the HPARAMS tab, compared on the stage's final metrics (the last value of each curve
-    val/<metric>, i.e. the final validation); the keys a sweep varies (or, in a single run, those set on the command
-    line) listed first. Other loggers than TensorBoard get the values through their own `log_hyperparams`."""
-    if isinstance(logger, TensorBoard):
-        metrics = tuple(f"val/{m}" for m in stage.compared or stage.metrics)
-        logger.log_run(params, metrics, varied_keys() or set(overridden_keys()), sweep_trial_name())
-    else:
-        logger.log_hyperparams(params)
+def log_hparams(loggers: list, params: dict[str, float | str], stage: Stage) -> None:
+    """The run's values for TensorBoard's HPARAMS tab, compared on the stage's final metrics (the last value of each
+    curve val/<metric>, i.e. the final validation); the keys a sweep varies (or, in a single run, those set on the
+    command line) listed first. The other trackers (run/trackers.py) get the values through their own
+    `log_hyperparams` and show each metric's last value themselves."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoard):
+            metrics = tuple(f"val/{m}" for m in stage.compared or stage.metrics)
+            logger.log_run(params, metrics, varied_keys() or set(overridden_keys()), sweep_trial_name())
+        else:
+            logger.log_hyperparams(params)

@@ -5,6 +5,7 @@ one line naming the key and the fix; resolve_run reports them all at once.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -29,6 +30,8 @@ OTHER_RUN = ("model.", "data.tokenizer", "data.path", "data.source", "data.revis
 # ... and these change how it goes on: refused unless resume.apply names them (then the new value applies)
 APPLIABLE = ("optimizer.", "scheduler.", "finetune.", "trainer.max_steps", "trainer.accumulate_grad_batches")
 TRAIN_BLOCKS_CHOICES = "all, last, head, none, or N (the last N blocks)"
+# the trackers whose package is optional (the track extra): the logger's _target_ -> the package it imports
+TRACKER_PACKAGES = {"llmtrain.run.trackers.MLflow": "mlflow", "llmtrain.run.trackers.Wandb": "wandb"}
 
 
 def check_run(cfg: DictConfig, model_config: GPTConfig | None, tokenizer: str | None, stage: type[Stage] | None,
@@ -78,7 +81,27 @@ def check_run(cfg: DictConfig, model_config: GPTConfig | None, tokenizer: str | 
     if "overfit_batches" in cfg.trainer:
         problems.append("trainer.overfit_batches is not supported (llmtrain's loaders keep their place for exact "
                         "resume): to train on a small subset, set data.max_documents=N")
-    return problems + hardware_problems(cfg.trainer)
+    return problems + hardware_problems(cfg.trainer) + tracker_problems(cfg.get("logger"))
+
+
+def tracker_problems(logger: DictConfig | None) -> list[str]:
+    """The trackers chosen (cfg.logger, or each of logger=many's) whose optional package is not installed: found
+    before the run starts rather than when its Trainer is built."""
+    nodes = [logger] if logger and "_target_" in logger else [n for n in (logger or {}).values() if n]
+    packages = [TRACKER_PACKAGES.get(n.get("_target_")) for n in nodes]
+    return [missing_tracker(p) for p in dict.fromkeys(packages) if p and not installed(p)]
+
+
+def installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # sys.modules[package] is None: its import is refused
+        return False
+
+
+def missing_tracker(package: str) -> str:
+    return (f"logger={package} needs the {package} package: pip install 'llmtrain[track]' (or choose another "
+            f"logger, e.g. logger=tensorboard)")
 
 
 def unread_data_values(data: DictConfig) -> list[str]:

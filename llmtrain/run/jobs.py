@@ -6,7 +6,8 @@ builds the callbacks below before the first job starts.
 
 - `ConsoleFormatter`: INFO lines as they are, other levels prefixed (see hydra.job_logging in conf/config.yaml).
 - `${sweep_job:}` (conf/logger/tensorboard.yaml): in a multirun job, the overrides its sweep varies, e.g.
-  `optimizer.lr=0.0003`, so that TensorBoard names the job's run by them rather than by the job's number.
+  `optimizer.lr=0.0003`, so that TensorBoard names the job's run by them rather than by the job's number;
+  `${run_name:${run_dir}}` the same, or the run dir's name outside a multirun (MLflow's and W&B's run names).
 - `write_metrics`: `<run_dir>/metrics.json`, the final metrics of a finished run.
 - `SweepSummary` (hydra.callbacks): at the end of a multirun, its jobs best first, printed and written to
   `<sweep dir>/summary.md`.
@@ -100,8 +101,15 @@ def sweep_trial_name() -> str:
     return f"{sweep_job_name()} ({Path(hc.sweep.dir).name}/{hc.job.num})"
 
 
+def run_name(run_dir: str) -> str:
+    """The `${run_name:${run_dir}}` resolver (conf/logger/mlflow.yaml, wandb.yaml): a tracker's name for the run,
+    the job's label in a multirun, else the run dir's name."""
+    return sweep_job_name() or Path(run_dir).name
+
+
 if not OmegaConf.has_resolver("sweep_job"):  # registered on import: whoever composes conf/ imports llmtrain.cli
     OmegaConf.register_new_resolver("sweep_job", sweep_job_name)
+    OmegaConf.register_new_resolver("run_name", run_name)
 
 
 # ---- what a finished run reports, and the sweep's table ----

@@ -31,6 +31,7 @@ from llmtrain.run.jobs import write_metrics
 from llmtrain.run.memory import preflight
 from llmtrain.run.outputs import keep_tokenizer, run_meta, write_outputs
 from llmtrain.run.resolve import ResolvedRun, resolve_run
+from llmtrain.run.trackers import finish_runs
 from llmtrain.training.callbacks import AtomicCheckpointIO, newest_checkpoint
 from llmtrain.training.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.training.logs import quiet_lightning
@@ -91,8 +92,8 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
         module.gpt.compile()
         module.gpt.hidden = torch.compile(module.gpt.hidden)  # what the chunked loss calls
     trainer = build_trainer(cfg, run)
-    if trainer.logger and trainer.is_global_zero:  # the run's values, for TensorBoard's HPARAMS tab
-        log_hparams(trainer.logger, run_hparams(cfg, run, model), stage)
+    if trainer.loggers and trainer.is_global_zero:  # the run's values, e.g. for TensorBoard's HPARAMS tab
+        log_hparams(trainer.loggers, run_hparams(cfg, run, model), stage)
     if cfg.init_from and ckpt_path is None:  # the starting point, at step 0 of the curves
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         if trainer.is_global_zero:
@@ -118,6 +119,7 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
     written = write_outputs(module, trainer, datamodule, cfg, meta)  # every rank: FSDP gathers the weights
     if trainer.is_global_zero:
         write_metrics(run_dir, {"step": trainer.global_step, **final})  # what a sweep's summary table reads
+        finish_runs(trainer.loggers)
         print("; ".join([summary, *written, f"run dir {run_dir}"]))
     return final["val/loss"]
 
@@ -152,8 +154,15 @@ def build_trainer(cfg: DictConfig, run: ResolvedRun) -> L.Trainer:
     # a progress bar or model summary set to null in cfg.callbacks means none, not Lightning's default one
     kwargs.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
     kwargs.setdefault("enable_model_summary", False)  # ours (callbacks.model_summary) prints without it
-    logger = build(cfg.logger) if cfg.logger else False
-    return L.Trainer(**kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    return L.Trainer(**kwargs, logger=build_loggers(cfg.logger), callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+
+
+def build_loggers(node: DictConfig | None) -> list:
+    """The trackers of cfg.logger: one logger (a node with a _target_), or logger=many's (a node per tracker, one
+    set to null is left out); none when null."""
+    if not node:
+        return []
+    return [build(node)] if "_target_" in node else [build(n) for n in node.values() if n]
 
 
 def fused_where_supported(cfg: DictConfig) -> dict:

@@ -146,20 +146,24 @@ class LanguageModel(L.LightningModule):
         self._eval_end("test")
 
     def _log_samples(self) -> None:
-        """Write continuations of the stage's sample prompts to TensorBoard's text tab (rank zero only; none under
-        FSDP, where rank zero alone cannot run the sharded model)."""
-        if not self.stage.sample_prompts or not self.stage.sample_tokens or self.logger is None:
+        """Write continuations of the stage's sample prompts to the trackers that show text (a logger's
+        `log_samples`: TensorBoard's text tab, MLflow artifacts, a W&B table), rank zero only; none under FSDP,
+        where rank zero alone cannot run the sharded model."""
+        writers = [logger for logger in self.loggers if hasattr(logger, "log_samples")]
+        if not self.stage.sample_prompts or not self.stage.sample_tokens or not writers:
             return
         if is_sharded(self.trainer.strategy):
             skip_sharded("text samples")
             return
-        experiment = getattr(self.logger, "experiment", None)
-        if self.global_rank != 0 or not hasattr(experiment, "add_text"):
+        if self.global_rank != 0:
             return
         tok = build_tokenizer(self.tokenizer_name)
+        samples = {}
         for i, prompt in enumerate(self.stage.sample_prompts):
             new = generate_text(self.gpt, tok, prompt, self.stage.sample_tokens, temperature=0.8, top_k=50, seed=i)
-            experiment.add_text(f"samples/{i}", f"{prompt}**{new}**", self.global_step)
+            samples[f"samples/{i}"] = f"{prompt}**{new}**"
+        for logger in writers:
+            logger.log_samples(samples, self.global_step)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm=None) -> None:

@@ -277,7 +277,7 @@ def test_test_answers_and_tensorboard_samples_use_the_tokenizers_end_of_text(eot
     texts = []
 
     class Probe(LanguageModel):  # a module with a logger, outside a Trainer
-        logger = SimpleNamespace(experiment=SimpleNamespace(add_text=lambda tag, text, step: texts.append(text)))
+        loggers = [SimpleNamespace(log_samples=lambda samples, step: texts.extend(samples.values()))]
         global_rank, global_step = 0, 0
         trainer = SimpleNamespace(strategy=None)  # not sharded
 

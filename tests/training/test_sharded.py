@@ -82,7 +82,7 @@ def test_generation_and_lora_outputs_are_skipped_under_fsdp_with_the_reason(tmp_
 def test_text_samples_are_written_on_one_device_and_skipped_under_fsdp(caplog, monkeypatch):
     monkeypatch.setattr(sharded, "_said", set())
     texts = []
-    logger = SimpleNamespace(experiment=SimpleNamespace(add_text=lambda tag, text, step: texts.append(tag)))
+    logger = SimpleNamespace(log_samples=lambda samples, step: texts.extend(samples))
     stage = lm_stage(sample_prompt="The ", sample_tokens=4)
     module = LanguageModel(GPT(CONFIG), stage, partial(torch.optim.AdamW), 0, 10, 0.1, tokenizer="bytes")
     for strategy, expected in ((SingleDeviceStrategy("cpu"), ["samples/0"]), (GatheringFSDP({}, 0), [])):
