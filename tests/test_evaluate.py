@@ -101,3 +101,24 @@ def test_lm_eval_stays_out_of_training():
         "interop/harness.py", "interop/harness_tasks.py"}
     assert {p for p, names in importers.items() if names & {"llmtrain.interop.harness",
                                                            "llmtrain.interop.harness_tasks"}} == {"evaluate.py"}
+
+
+def test_the_definitions_task_asks_about_held_out_headwords_with_four_distinct_choices_of_their_book():
+    import gzip
+
+    from llmtrain.assets.tasks.definitions import REQUEST, shorten
+    from llmtrain.interop.harness_tasks import load_tasks
+
+    (task,), _ = load_tasks(["llmtrain_definitions"])
+    docs = list(task.test_docs())
+    held_out = [json.loads(line) for line in gzip.open(ROOT / "llmtrain/assets/data/instruct_test.jsonl.gz", "rt")]
+    assert len(docs) == len(held_out) == 314
+    own = {REQUEST.fullmatch(r["instruction"]).group(1): shorten(r["output"]) for r in held_out}
+    book_of = {shorten(r["output"]): r["instruction"].startswith("Define") for r in held_out}
+    for doc in docs:
+        assert len(set(doc["choices"])) == 4 and doc["choices"][doc["answer"]] == own[doc["term"]]
+        assert {book_of[c] for c in doc["choices"]} == {doc["book"] == "devil"}  # the same book: no style cue
+    assert all(sum(d["answer"] == i for d in docs) > 50 for i in range(4))  # chance is 25%
+    corpus = [json.loads(line) for line in gzip.open(ROOT / "llmtrain/assets/data/entries.jsonl.gz", "rt")]
+    pretrained = {(e["source"], e["term"]) for e in corpus}  # (the split goes by book and headword: jargon's "frog"
+    assert not {(d["book"], d["term"]) for d in docs} & pretrained  # is pretrained on, the Devil's is held out)

@@ -32,7 +32,7 @@ output_type: generate_until
 doc_to_text: "{{prompt}}"
 doc_to_target: "{{answer}}"
 generation_kwargs:
-  until: [".", "\\n"]
+  until: ["e", "\\n"]
   max_gen_toks: 12
   do_sample: false
 metric_list:
@@ -120,7 +120,7 @@ def test_loglikelihood_is_the_same_in_any_batch_and_crops_the_context_from_the_l
     greedy = tok.decode(model.generate(prompt, 3, temperature=0)[0, prompt.size(1):].tolist())
     assert greedy.isascii()  # (this seed's greedy bytes after "abc" are text, so they encode back to themselves)
     pairs = [("abc", greedy), ("A", " lawyer"), ("x" * 40 + "long context", " ends"), ("Hi", " there, you"),
-             ("The devil", " is")]
+             ("abc", greedy[0] + "~~")]  # the last: its first token is the greedy one, the others are not
     results = {bs: GPTHarnessLM(model, tok, batch_size=bs).loglikelihood([Request(*p) for p in pairs])
                for bs in (1, 3)}
     assert [v for v, _ in results[1]] == pytest.approx([v for v, _ in results[3]], abs=1e-5)
@@ -145,3 +145,21 @@ def test_rolling_log_likelihood_predicts_every_token_once():
     by_hand = sum(direct_loglikelihood(model, ids[max(0, b - 17): b], b - a)
                   for a in range(1, len(ids), 16) for b in [min(a + 16, len(ids))])
     assert len(ids) > 3 * 16 and whole == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_an_empty_context_is_the_tokenizers_bos_else_its_end_of_text():
+    model = tiny(vocab_size=257, context_length=16)
+    tok = build_tokenizer("bytes")
+    lm = GPTHarnessLM(model, tok)
+    assert lm.prefix_token_id == tok.eot_token == 256
+    (without_bos,) = lm.loglikelihood([Request("", "ab")])
+    assert without_bos[0] == pytest.approx(direct_loglikelihood(model, [256, *tok.encode("ab")], 2), abs=1e-5)
+
+    class WithBos:  # a tokenizer.json's tokenizer names its BOS (e.g. Llama's <|begin_of_text|>)
+        bos_token, eot_token = 7, 256
+        encode = staticmethod(tok.encode)
+
+    lm = GPTHarnessLM(model, WithBos())
+    (with_bos,) = lm.loglikelihood([Request("", "ab")])
+    assert with_bos[0] == pytest.approx(direct_loglikelihood(model, [7, *tok.encode("ab")], 2), abs=1e-5)
+    assert with_bos[0] != pytest.approx(without_bos[0], abs=1e-3)
