@@ -34,8 +34,8 @@ def test_the_shipped_tasks_score_a_run_dir_and_write_lm_evals_json_into_it(run_d
     main([f"ckpt_path={run_dir}", "limit=6", "batch_size=4"])
     printed = capsys.readouterr().out
     assert "llmtrain_definitions" in printed and "acc" in printed and "llmtrain_perplexity" in printed
-    (file,) = (run_dir / "eval").glob("results_*.json")
-    assert str(file) in printed
+    file = Path(printed.split("results written to ")[1].strip())
+    assert file.parent == run_dir / "eval" and file.is_file()
     results = json.loads(file.read_text())
     assert results["n-samples"]["llmtrain_definitions"]["effective"] == 6
     assert 0 <= results["results"]["llmtrain_definitions"]["acc,none"] <= 1
@@ -52,10 +52,9 @@ def test_a_checkpoint_file_writes_into_its_run_dir_and_a_task_folder_reads_files
                                      .replace("../data/classify_test.jsonl.gz", "texts.jsonl"))
     (tasks / "texts.jsonl").write_text('{"text": "An abbot is a man."}\n{"text": "Hackers say foo."}\n')
     monkeypatch.chdir(tmp_path.parent)  # the data file is found beside its YAML, not in the working directory
-    out = tmp_path / "scores"
-    main([f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"tasks_dir={tasks}", "tasks=[mine]",
-          f"out_dir={out}"])
-    (file,) = out.glob("results_*.json")
+    main([f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"tasks_dir={tasks}", "tasks=[mine]"])
+    file = Path(capsys.readouterr().out.split("results written to ")[1].strip())
+    assert file.parent == run_dir / "eval"
     results = json.loads(file.read_text())
     assert results["n-samples"]["mine"]["effective"] == 2 and list(results["results"]) == ["mine"]
     assert parse_args([f"ckpt_path={run_dir}"]).tasks == ["llmtrain_definitions", "llmtrain_perplexity"]

@@ -126,14 +126,3 @@ def results_table(results: dict) -> str:
     table = make_table(results)
     return table + ("\n" + make_table(results, "groups") if results.get("groups") else "")
 
-
-def scores(results: dict) -> dict[str, float]:
-    """{'<task>/<metric>': value} for every number in results (stderr left out), e.g. llmtrain_definitions/acc."""
-    out = {}
-    for task, metrics in results.get("results", {}).items():
-        for key, value in metrics.items():
-            metric = key.split(",")[0]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in metric \
-                    and metric != "sample_len":
-                out[f"{task}/{metric}"] = float(value)
-    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmtrain.data.tokenizer import build_tokenizer
+from llmtrain.data.tokenizer import build_tokenizer, continuation_text
 from llmtrain.interop.harness import GPTHarnessLM
 from llmtrain.interop.harness_tasks import load_tasks, run_tasks
 from llmtrain.interop.hf import export_hf
@@ -163,3 +163,16 @@ def test_an_empty_context_is_the_tokenizers_bos_else_its_end_of_text():
     (with_bos,) = lm.loglikelihood([Request("", "ab")])
     assert with_bos[0] == pytest.approx(direct_loglikelihood(model, [7, *tok.encode("ab")], 2), abs=1e-5)
     assert with_bos[0] != pytest.approx(without_bos[0], abs=1e-3)
+
+
+def test_generation_keeps_the_end_of_a_long_prompt_and_stops_at_a_stop_string():
+    model = tiny(vocab_size=257, context_length=16)
+    tok = build_tokenizer("bytes")
+    lm = GPTHarnessLM(model, tok)
+    prompt = "x" * 30 + "abc"  # 33 tokens: the last 16 - 4 stay, room for 4 new ones
+    ids = tok.encode(prompt)[-12:]
+    greedy = continuation_text(tok, model.generate(torch.tensor([ids]), 4, temperature=0)[0, 12:].tolist())
+    (text,) = lm.generate_until([Request(prompt, {"until": [], "max_gen_toks": 4, "do_sample": False})])
+    assert text == greedy and len(greedy) >= 2
+    (cut,) = lm.generate_until([Request(prompt, {"until": [greedy[1]], "max_gen_toks": 4, "do_sample": False})])
+    assert cut == greedy[: greedy.index(greedy[1])]
