@@ -133,9 +133,9 @@ def test_no_file_is_over_300_lines():
 
 def test_entry_points_do_not_import_lightning_or_peft():
     """The command line checks the config, and generate and export load a model, without Lightning's, peft's or
-    transformers' seconds (transformers is not even a dependency)."""
-    code = ("import sys, llmtrain.cli, llmtrain.generate, llmtrain.export; "
-            "print(sorted(m for m in ('lightning', 'peft', 'transformers') if m in sys.modules))")
+    transformers' seconds (transformers is not even a dependency); evaluate's --help without lm_eval's."""
+    code = ("import sys, llmtrain.cli, llmtrain.generate, llmtrain.export, llmtrain.evaluate; "
+            "print(sorted(m for m in ('lightning', 'peft', 'transformers', 'lm_eval') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
