@@ -4,8 +4,8 @@
 - ShareGPT's: `conversations: [{"from": "system"|"human"|"gpt", "value": "..."}, ...]`, converted on read.
 
 A conversation is an optional system message, then user and assistant turns alternating, starting with the user,
-with at least one assistant turn. A record that is not one is a UserError naming the split, the record's number and
-the field, so that a bad line of a file of thousands is found at once.
+with at least one assistant turn. A record that is not one is a UserError naming the record (its row in the file, or
+its split and number) and the field, so that a bad line of a file of thousands is found at once.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ FORMATS = {"messages": ("role", "content", None), "conversations": ("from", "val
 Message = dict[str, str]
 
 
-def read_conversation(record: dict, split: str, number: int) -> list[Message]:
-    """The messages of one record ({role, content} each), or a UserError naming `<split> record <number>` and the
-    field at fault."""
-    where = f"{split} record {number}"
+def read_conversation(record: dict, where: str) -> list[Message]:
+    """The messages of one record ({role, content} each), or a UserError naming the record (`where`) and the field
+    at fault."""
     layout = next((name for name in FORMATS if record.get(name) is not None), None)
     if layout is None:
         raise UserError(f"{where} has neither 'messages' (role/content) nor 'conversations' (from/value) "

@@ -12,18 +12,18 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 def test_messages_are_read_as_given():
-    assert read_conversation({"messages": MESSAGES, "id": 3}, "train", 0) == MESSAGES
+    assert read_conversation({"messages": MESSAGES, "id": 3}, "train record 0") == MESSAGES
 
 
 def test_sharegpt_conversations_become_messages():
     names = {"system": "system", "user": "human", "assistant": "gpt"}
     record = {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in MESSAGES]}
-    assert read_conversation(record, "train", 0) == MESSAGES
+    assert read_conversation(record, "train record 0") == MESSAGES
 
 
 def test_a_conversation_may_start_without_a_system_message_and_end_with_a_user_turn():
     messages = MESSAGES[1:4]
-    assert read_conversation({"messages": messages}, "val", 0) == messages
+    assert read_conversation({"messages": messages}, "val record 0") == messages
 
 
 def changed(i: int, **item) -> dict:
@@ -50,5 +50,5 @@ def changed(i: int, **item) -> dict:
 ])
 def test_a_malformed_record_is_one_line_naming_split_record_and_field(record, expected):
     with pytest.raises(UserError) as e:
-        read_conversation(record, "val", 7)
+        read_conversation(record, "val record 7")
     assert str(e.value).startswith(expected) and "\n" not in str(e.value)
