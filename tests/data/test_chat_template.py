@@ -101,6 +101,7 @@ def test_a_tokenizer_json_gains_what_it_lacks_and_keeps_what_it_has(llama_dir, t
     assert tok.n_vocab == 264 + 2
     assert tok.encode("<|im_start|><|im_end|><|eot_id|>", allowed_special="all") == [264, 265, 263]
     assert pickle.loads(pickle.dumps(tok)).encode("<|im_end|>", allowed_special="all") == [265]
+    assert 265 not in tok.encode_ordinary("<|im_end|>")  # written in data, it stays text
 
 
 def assistant_text(template: ChatTemplate, messages: list[dict]) -> list[str]:

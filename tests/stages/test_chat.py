@@ -8,6 +8,7 @@ import torch
 from conftest import make_datamodule, run_cli, write_checkpoint
 
 from llmtrain.data.chat_template import chat_tokenizer
+from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT, GPTConfig
 from llmtrain.model.losses import IGNORE_INDEX, lm_loss_sum
 from llmtrain.model.vocab import grow_vocab
@@ -27,10 +28,24 @@ def datamodule(tmp_path_factory):
                           {"role": "assistant", "content": f"A{i}."}, {"role": "user", "content": "More?"},
                           {"role": "assistant", "content": "Done" * (i % 3 + 1)}]} for i in range(40)]
     rows[5] = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    rows[6]["messages"][1]["content"] = "long " * 60  # its answers start past max_length (256): left out
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dm = make_datamodule("chat_json", path=str(path), tokenizer=CHATML_BYTES, context_length=256)
     dm.setup("fit")
     return dm
+
+
+def test_conversations_without_an_assistant_token_after_truncation_are_left_out(datamodule):
+    assert sum(len(datamodule.sets[s]) for s in ("train", "val", "test")) == 39
+
+
+def test_a_malformed_row_of_a_file_is_named_by_its_row(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 20
+    rows[7] = {"messages": [{"role": "user", "content": "q"}]}
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = make_datamodule("chat_json", path=str(tmp_path / "c.jsonl"), tokenizer=CHATML_BYTES)
+    with pytest.raises(UserError, match=r"^data.path row 7 \(train record 6\): messages has no assistant turn"):
+        dm.setup("fit")
 
 
 def test_a_batch_marks_the_assistant_targets_and_pads_with_ignore(datamodule):
