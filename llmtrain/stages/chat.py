@@ -30,6 +30,17 @@ class Chat(Pretrain):
         if train_on not in TRAIN_ON:
             raise ValueError(f"finetune.train_on={train_on!r} is not one of {', '.join(TRAIN_ON)}")
         self.train_on = train_on
+        self.chat_template: str | None = None  # the Jinja source the data was rendered with (setup)
+        self.end_of_turn: int | None = None  # the id that ends an assistant turn
+
+    def setup(self, datamodule) -> None:
+        template = datamodule.template
+        self.chat_template, self.end_of_turn = template.source, template.end_of_turn()
+
+    def record(self) -> dict:
+        """Checkpoints and exports carry the template (exports write it into tokenizer_config.json) and the
+        end-of-turn id (generation_config.json's eos)."""
+        return super().record() | {"chat_template": self.chat_template, "end_of_turn": self.end_of_turn}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
