@@ -113,3 +113,6 @@ def test_chat_fine_tuning_from_the_command_line(tmp_path):
     saved = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["llmtrain"]["tokenizer"] == CHATML_BYTES and saved["llmtrain"]["stage"] == "chat"
     assert saved["state_dict"]["model.tok_emb.weight"].shape == (259, 32)
+    hf = tmp_path / "c" / "hf"  # the export chats in ChatML and stops at <|im_end|>
+    assert "<|im_start|>" in json.loads((hf / "tokenizer_config.json").read_text())["chat_template"]
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == [258, 256]
