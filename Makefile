@@ -5,6 +5,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
+# pytest processes for make test and test-fast (pytest-xdist); tests that start real processes keep to their own
+# folders and ports, so the suite runs in parallel. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: help install train test test-fast mutants lint bench wheel clean
 
@@ -24,10 +27,10 @@ train: install  ## pretrain the default tiny GPT on the embedded corpus (ARGS='k
 	$(BIN)/python -m llmtrain $(ARGS)
 
 test: install  ## run the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 test-fast: install  ## the inner loop: every module, no real-process runs (tests marked slow), under 2 minutes
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 mutants: install  ## the mutation round: break each module as scripts/mutants.yaml lists, see which tests notice (ARGS='--slow --jobs 2', docs/testing.md)
 	$(BIN)/python scripts/mutants.py $(ARGS)

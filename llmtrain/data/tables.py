@@ -20,7 +20,7 @@ from llmtrain.data.choice import TABLE_SOURCES, choose_source
 from llmtrain.data.loaders import ResumableLoader, eval_loader, trainer_batches_done
 from llmtrain.data.prompts import record_prompt
 from llmtrain.data.sources import SPLITS, load_table_splits
-from llmtrain.data.tokenizer import build_tokenizer
+from llmtrain.data.tokenizer import bos_prefix, build_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.model.losses import IGNORE_INDEX
 
@@ -57,7 +57,7 @@ def encode_instruction(tok, record: dict, max_length: int, mask_prompt: bool) ->
     The full sequence is prompt + response + <|endoftext|>; labels are the inputs shifted by one, so the
     end-of-text token is a target exactly once. With mask_prompt the prompt's targets are IGNORE_INDEX.
     """
-    prompt = tok.encode_ordinary(record_prompt(record))
+    prompt = bos_prefix(tok) + tok.encode_ordinary(record_prompt(record))
     response = tok.encode_ordinary(record["output"]) + [tok.eot_token]
     full = (prompt + response)[: max_length + 1]
     input_ids, labels = full[:-1], full[1:]
@@ -170,7 +170,8 @@ class ClassifyDataModule(TableDataModule):
         ids = {name: i for i, name in enumerate(self.label_names)}
         tok = self.tokenizer
         for s in SPLITS:
-            items = [(tok.encode_ordinary(str(r[self.text_column]))[: self.max_length] or [tok.eot_token],
+            items = [((bos_prefix(tok) + tok.encode_ordinary(str(r[self.text_column])))[: self.max_length]
+                      or [tok.eot_token],
                       ids[str(r[self.label_column])]) for r in rows[s]]
             if s == "train" and self.balance:
                 items = undersample(items, self.seed)

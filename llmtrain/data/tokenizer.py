@@ -1,6 +1,7 @@
 """Tokenizers, built offline, all with the methods of a tiktoken Encoding that the code calls (`encode_ordinary`,
 `encode_ordinary_batch`, `encode`, `decode`, `decode_single_token_bytes`, `eot_token`, `n_vocab`); a tokenizer.json's
-also has `bos_token`, the begin-of-text id its configs name (None where they name none), for exports.
+also has `bos_token`, the begin-of-text id its configs name (None where they name none), for exports, and `add_bos`:
+whether every text starts with it (Llama's <s>, Llama 3's <|begin_of_text|>), as its post-processor says.
 
 A tokenizer is named by a string, which checkpoints, exports and the token cache record:
 - "gpt2": GPT-2's BPE (50,257 ids, <|endoftext|> = 50256) from the ranks shipped in llmtrain/assets
@@ -97,6 +98,12 @@ def build_tokenizer(name: str | None) -> tiktoken.Encoding | JSONTokenizer:
     return JSONTokenizer(tokenizer_path(name))
 
 
+def bos_prefix(tok) -> list[int]:
+    """[begin-of-text id] for a tokenizer that starts every text with one (`add_bos`), else []: what goes before a
+    document, a prompt or a record wherever llmtrain encodes one, so that it sees what the model was trained on."""
+    return [tok.bos_token] if getattr(tok, "add_bos", False) else []
+
+
 def continuation_text(tok, ids: list[int]) -> str:
     """Generated ids as text: up to the first end-of-text id (which need not be the last id of the vocabulary, as
     GPT-2's is); ids past the tokenizer's vocabulary (a model vocabulary padded beyond it) dropped, not raising."""
@@ -171,7 +178,9 @@ class JSONTokenizer:
         self._plain.encode_special_tokens = True
         self.n_vocab = max(self._special.get_vocab(with_added_tokens=True).values()) + 1
         self.eot_token = self._end_of_text()
-        self.bos_token = self._configured_id("bos_token", "bos_token_id")  # None: no config beside it names one
+        leading = self._leading_id()
+        self.add_bos = leading is not None  # what transformers' add_bos_token does with this file
+        self.bos_token = leading if self.add_bos else self._configured_id("bos_token", "bos_token_id")
         self._byte_level = isinstance(self._special.decoder, decoders.ByteLevel)
 
     def __reduce__(self):  # pickles by path and content digest (datasets hashes the map function this way)
@@ -190,6 +199,14 @@ class JSONTokenizer:
             if isinstance(value, int) and 0 <= value < self.n_vocab:
                 return value
         return None
+
+    def _leading_id(self) -> int | None:
+        """The id the tokenizer.json's post-processor puts before every text (transformers encodes with it), if it
+        puts exactly one there: a property of the file itself, so copies of it and its content digest carry it."""
+        bare = self._special.encode("a", add_special_tokens=False).ids
+        full = self._special.encode("a", add_special_tokens=True).ids
+        start = next((i for i in range(len(full)) if full[i:i + len(bare)] == bare), 0)
+        return full[0] if start == 1 else None
 
     def _end_of_text(self) -> int:
         """The id that ends a document: eos_token of tokenizer_config.json, else eos_token_id of config.json (next

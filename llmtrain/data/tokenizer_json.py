@@ -90,10 +90,11 @@ def tokenizer_files(name: str, context_length: int, pad: bool = False, chat_temp
     if is_file_tokenizer(name) or split_added(name)[1]:  # one tokenizer.json, holding any added tokens
         tok = build_tokenizer(name)
         eot_text = tok.decode([tok.eot_token])
-        bos = getattr(tok, "bos_token", None)
+        bos = getattr(tok, "bos_token", None)  # a tiktoken Encoding has none
+        bos_text = eot_text if bos is None else tok.decode([bos])
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
-                  "bos_token": eot_text if bos is None else tok.decode([bos]), "eos_token": eot_text,
-                  "pad_token": eot_text if pad else None}
+                  "bos_token": bos_text, "eos_token": eot_text, "pad_token": eot_text if pad else None,
+                  "add_bos_token": getattr(tok, "add_bos", False)}
         config |= {"chat_template": chat_template} if chat_template else {}
         return {TOKENIZER_FILE: tokenizer_json(name), "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
     vocab, merges = _vocab_and_merges(name)

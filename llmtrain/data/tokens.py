@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from llmtrain.data.choice import SOURCES, choose_source
 from llmtrain.data.loaders import ResumableLoader, eval_loader, trainer_batches_done
 from llmtrain.data.sources import embedded_path, load_documents, resolve_files, weyl
-from llmtrain.data.tokenizer import build_tokenizer, tokenizer_key
+from llmtrain.data.tokenizer import bos_prefix, build_tokenizer, tokenizer_key
 from llmtrain.errors import UserError
 from llmtrain.files import umask
 
@@ -56,7 +56,7 @@ class TokenCache:
               max_documents: int | None = None) -> None:
         """Tokenize `documents` into a temporary folder, then move it into place in one rename."""
         tok = build_tokenizer(tokenizer_name)
-        eot = tok.eot_token
+        eot, bos = tok.eot_token, bos_prefix(tok)  # a document is [bos] text <|endoftext|>
         dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
 
         def encode(batch: dict, indices: list[int]) -> dict:
@@ -65,7 +65,7 @@ class TokenCache:
                 if not isinstance(text, str):  # tiktoken's TypeError, possibly hours into tokenizing
                     raise UserError(f"data: document {i} (counting from 0) has {text_column}={text!r}, not text: "
                                     f"fix or drop that row (data.text_column names the column read)")
-            return {"ids": [ids + [eot] for ids in tok.encode_ordinary_batch(texts, num_threads=1)]}
+            return {"ids": [bos + ids + [eot] for ids in tok.encode_ordinary_batch(texts, num_threads=1)]}
 
         if max_documents is not None:
             documents = documents.take(max_documents) if hasattr(documents, "take") else documents

@@ -91,11 +91,23 @@ def read_info(path: str | Path, what: str, hint: str = "") -> ModelInfo:
     return ModelInfo.from_meta("llmtrain", path, safe_load(path, what, hint, mmap=True)["llmtrain"], what)
 
 
-def load_checkpoint(path: str | Path, what: str, hint: str = "") -> tuple[GPT, ModelInfo]:
-    """An llmtrain .ckpt -> (GPT with its weights, in eval mode on the CPU; its ModelInfo)."""
+def empty_gpt(config: GPTConfig, dtype: torch.dtype = torch.float32) -> GPT:
+    """A GPT of config whose weights a loader fills: allocated once in dtype, uninitialised (no random init to
+    overwrite, and weights kept in bf16 never pass through a float32 copy of the model)."""
+    with torch.device("meta"):
+        model = GPT(config).to(dtype)
+    model.to_empty(device="cpu")
+    if config.tie_weights:  # to_empty gives each module its own tensor: one again
+        model.head.weight = model.tok_emb.weight
+    return model
+
+
+def load_checkpoint(path: str | Path, what: str, hint: str = "",
+                    dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelInfo]:
+    """An llmtrain .ckpt -> (GPT with its weights in dtype, in eval mode on the CPU; its ModelInfo)."""
     checkpoint = safe_load(path, what, hint)
     info = ModelInfo.from_meta("llmtrain", path, checkpoint["llmtrain"], what)
-    model = GPT(info.model_config)
+    model = empty_gpt(info.model_config, dtype)
     if info.num_classes:  # a classifier: the head the classify stage made
         model.replace_head(info.num_classes)
     load_state(model, strip_prefixes(checkpoint["state_dict"]), what)

@@ -27,7 +27,7 @@ from torch import nn
 from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.data.tokenizer_json import tokenizer_files
 from llmtrain.errors import UserError
-from llmtrain.interop.checkpoints import ModelInfo, check_tensors
+from llmtrain.interop.checkpoints import ModelInfo, check_tensors, empty_gpt
 from llmtrain.interop.folders import (
     CONFIG,
     GENERATION,
@@ -80,10 +80,10 @@ def read_gpt2_info(path: Path, what: str) -> ModelInfo:
     return read_record(info, path, what, STATED, "GPT-2")
 
 
-def load_gpt2(path: Path, what: str) -> tuple[GPT, ModelInfo]:
-    """A Hugging Face GPT-2 folder -> (GPT with its weights, in eval mode on the CPU; ModelInfo)."""
+def load_gpt2(path: Path, what: str, dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelInfo]:
+    """A Hugging Face GPT-2 folder -> (GPT with its weights in dtype, in eval mode on the CPU; ModelInfo)."""
     info = read_gpt2_info(path, what)
-    model = GPT(info.model_config)
+    model = empty_gpt(info.model_config, dtype)
     classifier = info.num_classes is not None
     if classifier:  # GPT2ForSequenceClassification: `score` is the head
         model.replace_head(info.num_classes)

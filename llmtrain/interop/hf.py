@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from llmtrain.errors import UserError
@@ -77,9 +78,9 @@ def read_hf_info(path: Path, what: str, hint: str = "") -> ModelInfo:
     return _family(path, what, hint)[0](path, what)
 
 
-def load_hf(path: Path, what: str, hint: str = "") -> tuple[GPT, ModelInfo]:
-    """A Hugging Face folder -> (GPT with its weights, in eval mode on the CPU; ModelInfo)."""
-    return _family(path, what, hint)[1](path, what)
+def load_hf(path: Path, what: str, hint: str = "", dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelInfo]:
+    """A Hugging Face folder -> (GPT with its weights in dtype, in eval mode on the CPU; ModelInfo)."""
+    return _family(path, what, hint)[1](path, what, dtype)
 
 
 def hub_preset(name: str) -> str | None:

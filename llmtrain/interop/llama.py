@@ -32,7 +32,7 @@ from torch import nn
 from llmtrain.data.tokenizer import TOKENIZER_FILE, build_tokenizer
 from llmtrain.data.tokenizer_json import tokenizer_json
 from llmtrain.errors import UserError
-from llmtrain.interop.checkpoints import ModelInfo, check_tensors
+from llmtrain.interop.checkpoints import ModelInfo, check_tensors, empty_gpt
 from llmtrain.interop.folders import (
     CONFIG,
     GENERATION,
@@ -95,10 +95,11 @@ def read_llama_info(path: Path, what: str) -> ModelInfo:
     return read_record(info, path, what, STATED, FAMILIES[hf["model_type"]].architecture)
 
 
-def load_llama(path: Path, what: str) -> tuple[GPT, ModelInfo]:
-    """A Hugging Face folder of a Llama-shaped family -> (GPT with its weights, in eval mode on the CPU; ModelInfo)."""
+def load_llama(path: Path, what: str, dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelInfo]:
+    """A Hugging Face folder of a Llama-shaped family -> (GPT with its weights in dtype, in eval mode on the CPU;
+    ModelInfo)."""
     info = read_llama_info(path, what)
-    model = GPT(info.model_config)
+    model = empty_gpt(info.model_config, dtype)
     tensors = {k: v for k, v in read_safetensors(path, what).items()
                if not k.endswith("rotary_emb.inv_freq")}  # older transformers saved RoPE's frequencies
     if not any(k.startswith("model.") for k in tensors):  # a bare LlamaModel: no "model." and no head
@@ -106,7 +107,7 @@ def load_llama(path: Path, what: str) -> tuple[GPT, ModelInfo]:
     if model.tied:
         tensors.pop("lm_head.weight", None)  # the head is the embedding
     check_tensors(tensors, llama_state_dict(model), what, "config.json", "tensors", "safetensors weights")
-    model.load_state_dict(state_dict_from_llama(tensors, info.model_config), strict=True)  # casts to float32
+    model.load_state_dict(state_dict_from_llama(tensors, info.model_config), strict=True)  # casts to dtype
     return model.eval(), info
 
 
@@ -258,7 +259,8 @@ def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path, meta: di
     config = {**llama_config(c, export_family(c)), "bos_token_id": bos, "eos_token_id": eot,
               "torch_dtype": str(next(gpt.parameters()).dtype).removeprefix("torch.")}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.decode([bos]),
-                        "eos_token": tok.decode([eot]), "model_max_length": c.context_length, "add_bos_token": False,
+                        "eos_token": tok.decode([eot]), "model_max_length": c.context_length,
+                        "add_bos_token": bool(getattr(tok, "add_bos", False)),
                         "add_eos_token": False} | ({"chat_template": meta["chat_template"]}
                                                    if meta and meta.get("chat_template") else {})
     texts = {CONFIG: json.dumps(config, indent=2) + "\n",

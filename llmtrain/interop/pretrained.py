@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from llmtrain.errors import UserError
 from llmtrain.interop.checkpoints import ModelInfo, load_checkpoint, read_info
 from llmtrain.interop.folders import CONFIG, download
@@ -36,14 +38,16 @@ def describe(init_from: str, key: str = "init_from") -> ModelInfo:
     return read_info(path, what, hint)
 
 
-def load_pretrained(init_from: str, key: str = "init_from") -> tuple[GPT, ModelInfo]:
-    """init_from -> (GPT with its config and weights, in eval mode on the CPU; its ModelInfo)."""
+def load_pretrained(init_from: str, key: str = "init_from",
+                    dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelInfo]:
+    """init_from -> (GPT with its config and weights in dtype, in eval mode on the CPU; its ModelInfo). A run that
+    trains in bf16 (precision bf16-true) loads bf16 weights as they are, without a float32 model in between."""
     kind, path = _locate(init_from, key)
     what, hint = f"{key}={init_from}", f"; {key} accepts {ACCEPTS}"
     if kind == "hf":
-        model, info = load_hf(path, what, hint)
+        model, info = load_hf(path, what, hint, dtype)
         return model, _hub_info(info, init_from)
-    return load_checkpoint(path, what, hint)
+    return load_checkpoint(path, what, hint, dtype)
 
 
 def _locate(init_from: str, key: str) -> tuple[str, Path]:

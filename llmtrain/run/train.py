@@ -123,12 +123,17 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
     return final["val/loss"]
 
 
+# Precisions that train the weights themselves in a lower precision (no float32 copy): pretrained weights are
+# loaded straight into it (bf16 files stay bf16, without a float32 model in between)
+TRUE_PRECISIONS = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
 def start_model(cfg: DictConfig, run: ResolvedRun) -> GPT:
     """The GPT a stage starts from: random weights of the resolved config, or init_from's with the values the run
     may change (a shorter context, another dropout) applied."""
     if run.start is None:
         return GPT(run.model_config)
-    model, _ = load_pretrained(str(cfg.init_from))
+    model, _ = load_pretrained(str(cfg.init_from), dtype=TRUE_PRECISIONS.get(str(run.precision), torch.float32))
     if run.model_config.context_length < model.config.context_length:
         model.crop_context(run.model_config.context_length)
     if run.model_config.drop_rate != model.config.drop_rate:

@@ -37,3 +37,33 @@ def test_hf_folder_finds_the_weights_in_hugging_faces_layout(tmp_path, monkeypat
     assert hf_folder("gpt2") == "gpt2" and hf_folder("HuggingFaceTB/SmolLM-135M") == "HuggingFaceTB/SmolLM-135M"
     assert hf_folder("run") == hf_folder("run/hf") == hf_folder(str(tmp_path / "run")) == export
     assert hf_folder("ckpt_run") is None and hf_folder("ckpt_run/checkpoints/last.ckpt") is None
+
+
+def test_weights_load_in_the_dtype_asked_without_a_random_init(tmp_path, monkeypatch):
+    """bf16 files stay bf16 for a run that trains in bf16 (bit for bit, no float32 model in between), float32 by
+    default; the GPT is allocated once and filled, never randomly initialised first; a tied head stays tied."""
+    from safetensors.torch import load_file
+
+    from llmtrain.interop.llama import export_llama
+    from llmtrain.run.train import TRUE_PRECISIONS
+
+    torch.manual_seed(0)
+    config = GPTConfig(**TINY, pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False,
+                       tie_weights=True)
+    export_llama(GPT(config).to(torch.bfloat16), "bytes", tmp_path / "bf16")
+    stored = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    normal, initialised = torch.nn.init.normal_, []
+
+    def recording(tensor, *args, **kwargs):
+        initialised.append(tensor.device.type)
+        return normal(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", recording)
+    for dtype in (TRUE_PRECISIONS["bf16-true"], torch.float32):
+        model, _ = load_pretrained(str(tmp_path / "bf16"), dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {dtype} and model.tied
+        assert torch.equal(model.tok_emb.weight.to(torch.bfloat16), stored["model.embed_tokens.weight"])
+    assert initialised and set(initialised) == {"meta"}  # shapes only: no random numbers drawn
+    export_hf(GPT(GPTConfig(**TINY)), tmp_path / "gpt2", {"tokenizer": "bytes"})  # GPT-2's loader too
+    assert load_pretrained(str(tmp_path / "gpt2"), dtype=torch.bfloat16)[0].head.weight.dtype == torch.bfloat16

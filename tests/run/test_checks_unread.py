@@ -36,6 +36,15 @@ def test_values_that_change_no_shape_reach_the_trained_model_and_its_checkpoint(
     assert info.model_config.drop_rate == 0.1 and info.model_config.context_length == 48
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32)])
+def test_a_run_that_trains_in_bf16_starts_from_bf16_weights(tmp_path, base_ckpt, precision, dtype):
+    """bf16-true trains the weights themselves in bf16: loaded straight into it; mixed precision keeps float32."""
+    cfg = compose(["finetune=instruct", f"init_from={base_ckpt}", f"trainer.precision={precision}"], tmp_path)
+    run = resolve_run(cfg)
+    assert run.precision == precision
+    assert {p.dtype for p in start_model(cfg, run).parameters()} == {dtype}
+
+
 REFUSED = [
     ([*TINY, "data=text", "data.path=books.txt", "data.subset=wikitext"],
      "data.subset='wikitext' names a configuration of a Hub dataset, but this run reads data.source=text"),
