@@ -174,8 +174,7 @@ class GPT(nn.Module):
         The head has no bias, as GPT-2's own classifier (transformers' GPT2ForSequenceClassification.score) has
         none, so that the model exports to it unchanged; the final LayerNorm's shift, which only the head reads,
         can play a bias's part when it trains."""
-        w = self.tok_emb.weight
-        head = nn.Linear(self.config.emb_dim, num_classes, bias=False, device=w.device, dtype=w.dtype)
+        head = nn.Linear(self.config.emb_dim, num_classes, bias=False).to(self.tok_emb.weight)  # its device, dtype
         nn.init.normal_(head.weight, mean=0.0, std=0.02)
         self.head = head
 
