@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_datamodule, run_cli, write_checkpoint
+from conftest import compose, make_datamodule, run_cli, write_checkpoint
 
 from llmtrain.data.chat_template import chat_tokenizer
 from llmtrain.errors import UserError
@@ -97,18 +97,31 @@ def test_a_grown_vocabulary_starts_its_new_rows_at_the_mean_row(tie):
         grow_vocab(model, 259)
 
 
+def test_a_chat_run_adds_the_templates_tokens_and_grows_the_starting_model(tmp_path):
+    from llmtrain.run.resolve import resolve_run
+    from llmtrain.run.train import start_model
+
+    ckpt = write_checkpoint(tmp_path / "pre.ckpt")
+    run = resolve_run(compose(["finetune=chat", f"init_from={ckpt}", "trainer.accelerator=cpu"], tmp_path / "r"))
+    assert run.tokenizer == CHATML_BYTES and run.model_config.vocab_size == 259
+    cfg = compose(["finetune=chat", f"init_from={ckpt}"], tmp_path / "r")
+    assert start_model(cfg, run).tok_emb.weight.shape == (259, 32)
+    alpaca = resolve_run(compose(["finetune=chat", f"init_from={ckpt}", "data.chat_template=alpaca"], tmp_path / "a"))
+    assert alpaca.tokenizer == "bytes" and alpaca.model_config.vocab_size == 257  # nothing to add
+
+
 @pytest.mark.slow
 def test_chat_fine_tuning_from_the_command_line(tmp_path):
     """A bytes checkpoint fine-tuned on the shipped conversations in ChatML: the tokens are added, the model grows,
     the assistant-token loss falls, and the checkpoint records the tokenizer with its added tokens."""
     ckpt = write_checkpoint(tmp_path / "pre.ckpt")
     args = ["finetune=chat", f"init_from={ckpt}", "trainer.accelerator=cpu", "trainer.precision=32-true",
-            "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.limit_val_batches=4",
+            "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=3",
             "callbacks.progress_bar=null", "data.batch_size=4", "optimizer.lr=3e-3", f"hydra.run.dir={tmp_path / 'c'}"]
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     before = float(result.stdout.split("before fine-tuning: val/loss ")[1].split()[0].rstrip(","))
-    after = float(result.stdout.split("done: 8 steps, val/loss ")[1].split(",")[0])
+    after = float(result.stdout.split("done: 4 steps, val/loss ")[1].split(",")[0])
     assert after < before
     saved = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["llmtrain"]["tokenizer"] == CHATML_BYTES and saved["llmtrain"]["stage"] == "chat"
