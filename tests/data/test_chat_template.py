@@ -62,6 +62,20 @@ def test_a_tokenizer_json_gains_what_it_lacks_and_keeps_what_it_has(llama_dir, t
     assert 265 not in tok.encode_ordinary("<|im_end|>")  # written in data, it stays text
 
 
+def test_a_name_with_added_tokens_keeps_them_wherever_its_file_is_found(llama_dir, tmp_path):
+    import shutil
+
+    from llmtrain.data.tokenizer import find_tokenizer, is_file_tokenizer, tokenizer_key, with_added
+
+    name = with_added(str(llama_dir / "tokenizer.json"), ["<|im_start|>"])
+    assert is_file_tokenizer(name) and tokenizer_key(name) != tokenizer_key(str(llama_dir / "tokenizer.json"))
+    assert tokenizer_key(name).endswith(' + ["<|im_start|>"]')
+    shutil.copy(llama_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    moved = with_added("/gone/tokenizer.json", ["<|im_start|>"])
+    assert find_tokenizer(moved, tmp_path) == with_added(str(tmp_path / "tokenizer.json"), ["<|im_start|>"])
+    assert not is_file_tokenizer(with_added("gpt2", ["<|im_start|>"]))
+
+
 def assistant_text(template: ChatTemplate, messages: list[dict]) -> list[str]:
     """The runs of consecutive assistant-marked targets, decoded."""
     ids, labels, assistant = template.encode_conversation(messages, 10_000)
