@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -160,3 +161,55 @@ def build_script():
 def trainable_names(model) -> set[str]:
     """The names of a model's parameters that train."""
     return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---- chat: templates and conversations shared by the data, stage and export tests ----
+
+# Llama 3 Instruct's template (BOS written by the template, turns closed by <|eot_id|>)
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+          "{% endif %}")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def conversation(*turns: str, system: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return messages + [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+
+
+CONVERSATIONS = [
+    conversation("Hi", "Hello"),
+    conversation("Hi", "Hello", system="Be brief."),
+    conversation("Define \"foo\".", "A metasyntactic variable.", "And bar?", "Its companion.", system="Jargon."),
+    conversation("naïve café ☕?", "日本語 👍🏽, déjà vu"),
+    conversation("a", "b", "c", "d", "e", "f"),
+    conversation("Hi", "  spaced  \n\n", system=""),
+    conversation("line\nbreaks\n", "more\n\nlines"),
+    conversation("Hi", "Hello", "And then?"),
+    conversation("<b>html & \"quotes\"</b>", "{{ not jinja }} {% raw %}"),
+    conversation("x" * 50, "y" * 50, system="S" * 20),
+]
+
+
+def write_llama3_tokenizer(folder: Path) -> Path:
+    """A tiny Llama-3-style tokenizer.json in folder (byte-level BPE, its specials, a post-processor adding
+    <|begin_of_text|>) and a tokenizer_config.json holding the template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from llmtrain.data.tokenizer import byte_decoder
+
+    table = {b: c for c, b in byte_decoder().items()}
+    vocab = {table[b]: b for b in range(256)} | {"Ġt": 256, "he": 257, "Ġthe": 258}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t"), ("h", "e"), ("Ġt", "he")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(LLAMA3_SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                      special_tokens=[("<|begin_of_text|>", 259)])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

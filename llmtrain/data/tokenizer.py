@@ -11,6 +11,10 @@ A tokenizer is named by a string, which checkpoints, exports and the token cache
   with the `tokenizers` library. Its end-of-text id comes from the `tokenizer_config.json` or `config.json` beside
   it. A run copies such a file into its run dir and its exports, so that they do not depend on where it came from.
 
+Any of them may carry added special tokens (a chat template's `<|im_start|>`, `<|im_end|>`): the name is then the
+base name, ADDED and the tokens as a JSON list, e.g. 'gpt2 + ["<|im_start|>", "<|im_end|>"]'; they take the ids after
+the vocabulary's, in that order (data/added_tokens.py).
+
 hf_tokenizer.py writes any of them as Hugging Face tokenizer files, for exports.
 """
 
@@ -27,6 +31,7 @@ from pathlib import Path
 import tiktoken
 from tokenizers import Tokenizer, decoders
 
+from llmtrain.data.added_tokens import add_tokens
 from llmtrain.errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -38,6 +43,22 @@ TOKENIZER_FILE = "tokenizer.json"
 CHOOSE = f"one of {', '.join(TOKENIZERS)}, or the path of a {TOKENIZER_FILE}"
 # end-of-text tokens of common tokenizer.json files, tried when no config beside the file names one
 END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+ADDED = " + "  # between a tokenizer's name and the JSON list of the special tokens added to it
+
+
+def split_added(name: str) -> tuple[str, list[str]]:
+    """(the base tokenizer's name, the tokens added to it) of a tokenizer name (see the module docstring)."""
+    base, sep, tokens = name.rpartition(ADDED + "[")
+    if not sep or not name.endswith("]"):
+        return name, []
+    return base, json.loads("[" + tokens)
+
+
+def with_added(name: str, tokens: list[str]) -> str:
+    """The name of tokenizer `name` with `tokens` added after the ones it already has (no tokens: name itself)."""
+    base, before = split_added(name)
+    tokens = [*before, *(t for t in tokens if t not in before)]
+    return f"{base}{ADDED}{json.dumps(tokens, ensure_ascii=False)}" if tokens else base
 
 
 def _load_ranks(data: bytes) -> dict[bytes, int]:
@@ -68,6 +89,8 @@ def build_tokenizer(name: str | None) -> tiktoken.Encoding | JSONTokenizer:
     if name is None:  # what a Hugging Face folder without tokenizer.json says
         raise UserError("the model comes without a tokenizer (no tokenizer.json beside its config.json): copy in the "
                         "tokenizer.json it was trained with")
+    if (added := split_added(name))[1]:
+        return add_tokens(build_tokenizer(added[0]), name, added[1])
     if name in TOKENIZERS:
         ranks, specials = ranks_and_specials(name)
         return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials,
@@ -91,7 +114,7 @@ def continuation_text(tok, ids: list[int]) -> str:
 
 def tokenizer_path(name: str | Path) -> Path:
     """The tokenizer.json that name points at (the file, or a folder holding it), absolute."""
-    path = Path(name).expanduser()
+    path = Path(split_added(str(name))[0]).expanduser()
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():
@@ -101,14 +124,15 @@ def tokenizer_path(name: str | Path) -> Path:
 
 def is_file_tokenizer(name: str | None) -> bool:
     """Whether name is a tokenizer.json (rather than a built-in name or nothing)."""
-    return name is not None and name not in TOKENIZERS
+    return name is not None and split_added(name)[0] not in TOKENIZERS
 
 
 def tokenizer_key(name: str) -> str:
     """What identifies a tokenizer's ids, for caches: the name of a built-in one, the content digest of a file."""
     if not is_file_tokenizer(name):
         return name
-    return "sha256:" + hashlib.sha256(tokenizer_path(name).read_bytes()).hexdigest()
+    digest = "sha256:" + hashlib.sha256(tokenizer_path(name).read_bytes()).hexdigest()
+    return with_added(digest, split_added(name)[1])
 
 
 def same_tokenizer(a: str, b: str) -> bool:
@@ -127,8 +151,9 @@ def find_tokenizer(name: str, beside: Path) -> str:
     run dir moved elsewhere). Unfound files are returned as recorded (opening them reports it)."""
     if not is_file_tokenizer(name):
         return name
+    name, added = split_added(name)
     candidates = [Path(name).expanduser(), beside / name, beside / TOKENIZER_FILE, beside.parent / TOKENIZER_FILE]
-    return str(next((p.resolve() for p in candidates if p.is_file()), name))
+    return with_added(str(next((p.resolve() for p in candidates if p.is_file()), name)), added)
 
 
 def byte_decoder() -> dict[str, int]:
@@ -235,4 +260,4 @@ def _vocab_size(tok: Tokenizer, path: Path) -> int:
 
 
 def _open_json_tokenizer(name: str, key: str) -> JSONTokenizer:
-    return JSONTokenizer(tokenizer_path(name))
+    return build_tokenizer(name)

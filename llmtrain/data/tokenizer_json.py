@@ -29,6 +29,7 @@ from llmtrain.data.tokenizer import (
     byte_decoder,
     is_file_tokenizer,
     ranks_and_specials,
+    split_added,
     tokenizer_path,
 )
 
@@ -77,7 +78,8 @@ def _vocab_and_merges(name: str) -> tuple[str, str]:
     return json.dumps(vocab, ensure_ascii=False), "\n".join(merges) + "\n"
 
 
-def tokenizer_files(name: str, context_length: int, pad: bool = False) -> dict[str, str]:
+def tokenizer_files(name: str, context_length: int, pad: bool = False, chat_template: str | None = None
+                    ) -> dict[str, str]:
     """file name -> text of the Hugging Face files of tokenizer `name`: GPT-2's vocab.json and merges.txt for gpt2
     and bytes; a tokenizer.json (a copy) for a tokenizer that is one.
 
@@ -85,13 +87,15 @@ def tokenizer_files(name: str, context_length: int, pad: bool = False) -> dict[s
     batches with it); a language model leaves it unset, as GPT-2 does, so that training code that drops padding
     from the loss keeps the end-of-text targets.
     """
-    if is_file_tokenizer(name):
+    if is_file_tokenizer(name) or split_added(name)[1]:  # one tokenizer.json, holding any added tokens
         tok = build_tokenizer(name)
         eot_text = tok.decode([tok.eot_token])
-        bos_text = eot_text if tok.bos_token is None else tok.decode([tok.bos_token])
+        bos = getattr(tok, "bos_token", None)  # a tiktoken Encoding has none
+        bos_text = eot_text if bos is None else tok.decode([bos])
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
                   "bos_token": bos_text, "eos_token": eot_text, "pad_token": eot_text if pad else None,
-                  "add_bos_token": tok.add_bos}
+                  "add_bos_token": getattr(tok, "add_bos", False)}
+        config |= {"chat_template": chat_template} if chat_template else {}
         return {TOKENIZER_FILE: tokenizer_json(name), "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
     vocab, merges = _vocab_and_merges(name)
     eot = build_tokenizer(name).eot_token
@@ -106,7 +110,13 @@ def tokenizer_files(name: str, context_length: int, pad: bool = False) -> dict[s
 
 def tokenizer_json(name: str) -> str:
     """The tokenizer as the text of a Hugging Face tokenizer.json: a file tokenizer's own text, or for the built-in
-    ones a byte-level BPE with their merges and pre-tokenisation pattern (the same ids as tiktoken gives)."""
+    ones a byte-level BPE with their merges and pre-tokenisation pattern (the same ids as tiktoken gives); added
+    special tokens (a chat template's) after the vocabulary, as build_tokenizer adds them."""
+    base, added = split_added(name)
+    if added:
+        tok = Tokenizer.from_str(tokenizer_json(base))
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+        return tok.to_str(pretty=True)
     if is_file_tokenizer(name):
         return tokenizer_path(name).read_text()
     ranks, specials = ranks_and_specials(name)

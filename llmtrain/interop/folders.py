@@ -138,6 +138,13 @@ def is_hf_export(path: str | Path) -> bool:
 # --- out --------------------------------------------------------------------------------------------------------
 
 
+def stop_ids(meta: dict, eot: int) -> int | list[int]:
+    """generation_config's eos_token_id: a chat model stops at its end-of-turn token (as llmtrain's chat does) and
+    at the end of text."""
+    turn = meta.get("end_of_turn")
+    return eot if turn is None or turn == eot else [turn, eot]
+
+
 def record_text(gpt: GPT, meta: dict, tokenizer: str, num_classes: int | None) -> str:
     """llmtrain.json's text: the run's record (`meta`: stage, label_names, prompt_template, init_from, step, ...),
     the tokenizer (a tokenizer.json as the copy in the folder, found wherever the folder goes), the model's exact

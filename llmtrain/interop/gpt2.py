@@ -37,6 +37,7 @@ from llmtrain.interop.folders import (
     read_record,
     read_safetensors,
     record_text,
+    stop_ids,
     write_export,
 )
 from llmtrain.interop.lora import plain_gpt
@@ -171,10 +172,11 @@ def export_gpt2(model: nn.Module, out_dir: str | Path, meta: dict, overwrite: bo
     eot = build_tokenizer(tokenizer).eot_token
     files = {CONFIG: gpt2_config(gpt, eot, labels)}
     if not classifier:
-        files[GENERATION] = {"bos_token_id": eot, "eos_token_id": eot}
+        files[GENERATION] = {"bos_token_id": eot, "eos_token_id": stop_ids(meta, eot)}
     texts = {name: json.dumps(value, indent=1) + "\n" for name, value in files.items()}  # fails before any file
     texts[LLMTRAIN_JSON] = record_text(gpt, meta, tokenizer, len(labels) if labels else None)
-    texts |= tokenizer_files(tokenizer, gpt.config.context_length, pad=classifier)
+    texts |= tokenizer_files(tokenizer, gpt.config.context_length, pad=classifier,
+                             chat_template=meta.get("chat_template"))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in gpt2_state_dict(gpt, classifier).items()}
     return write_export(Path(out_dir), tensors, texts, overwrite)
 

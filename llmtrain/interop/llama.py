@@ -41,6 +41,7 @@ from llmtrain.interop.folders import (
     read_record,
     read_safetensors,
     record_text,
+    stop_ids,
     write_export,
 )
 from llmtrain.interop.lora import plain_gpt
@@ -260,9 +261,10 @@ def export_llama(model: nn.Module, tokenizer: str, out_dir: str | Path, meta: di
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.decode([bos]),
                         "eos_token": tok.decode([eot]), "model_max_length": c.context_length,
                         "add_bos_token": bool(getattr(tok, "add_bos", False)),
-                        "add_eos_token": False}
+                        "add_eos_token": False} | ({"chat_template": meta["chat_template"]}
+                                                   if meta and meta.get("chat_template") else {})
     texts = {CONFIG: json.dumps(config, indent=2) + "\n",
-             GENERATION: json.dumps({"bos_token_id": bos, "eos_token_id": eot}) + "\n",
+             GENERATION: json.dumps({"bos_token_id": bos, "eos_token_id": stop_ids(meta or {}, eot)}) + "\n",
              TOKENIZER_FILE: tokenizer_json(tokenizer),
              "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n"}
     if meta is not None:

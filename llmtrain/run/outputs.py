@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer
+from llmtrain.data.tokenizer import TOKENIZER_FILE, is_file_tokenizer, split_added, with_added
 from llmtrain.errors import UserError
 from llmtrain.files import write_atomic
 from llmtrain.interop.adapters import export_hf_adapter, hf_adapter_layout
@@ -46,6 +46,7 @@ def keep_tokenizer(tokenizer: str, run_dir: Path, write: bool = True) -> str:
     run dir (when `write`: on the launching rank), so that the run keeps working wherever its source goes."""
     if not is_file_tokenizer(tokenizer):
         return tokenizer
+    tokenizer, added = split_added(tokenizer)
     kept = run_dir / TOKENIZER_FILE
     if write and Path(tokenizer).resolve() != kept.resolve():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,8 @@ def keep_tokenizer(tokenizer: str, run_dir: Path, write: bool = True) -> str:
         os.close(fd)
         shutil.copyfile(tokenizer, tmp)
         os.replace(tmp, kept)
-    return str(kept.resolve())
+    kept_name = str(kept.resolve())
+    return with_added(kept_name, added)
 
 
 def write_outputs(module, trainer, datamodule, cfg: DictConfig, meta: dict) -> list[str]:

@@ -11,13 +11,21 @@ here (its config, never its weights).
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from llmtrain.data.tokenizer import CHOOSE, is_file_tokenizer, same_tokenizer, tokenizer_path
+from llmtrain.data.chat_template import chat_tokenizer
+from llmtrain.data.tokenizer import (
+    CHOOSE,
+    build_tokenizer,
+    is_file_tokenizer,
+    same_tokenizer,
+    split_added,
+    tokenizer_path,
+)
 from llmtrain.errors import UserError
 from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.interop.gpt2 import GPT2_NAMES
@@ -52,6 +60,9 @@ def resolve_run(cfg: DictConfig) -> ResolvedRun:
     start = describe(str(cfg.init_from)) if cfg.init_from else None
     model_config = effective_model_config(OmegaConf.to_container(cfg.model), start, cfg.init_from, problems)
     tokenizer = effective_tokenizer(cfg.data.tokenizer, start, cfg.init_from, problems)
+    if tokenizer and "chat_template" in cfg.data and not problems:  # the special tokens the template needs
+        tokenizer = chat_tokenizer(tokenizer, cfg.data.chat_template)
+        model_config = with_vocabulary(model_config, tokenizer)
     stage_class, stage = build_stage(cfg.finetune, problems)
     context_length = model_config.context_length if model_config else 1
     if cfg.data.get("context_length") is not None:  # a window shorter than the model's (text data)
@@ -97,6 +108,14 @@ def build_stage(node: DictConfig, problems: list[str]) -> tuple[type[Stage] | No
             problems.append(str(e.__cause__))
             return cls, None
         raise
+
+
+def with_vocabulary(config: GPTConfig | None, tokenizer: str) -> GPTConfig | None:
+    """The model config with room for the special tokens added to its tokenizer (its embedding and head grow)."""
+    n_vocab = build_tokenizer(tokenizer).n_vocab
+    if config is None or not split_added(tokenizer)[1] or n_vocab <= config.vocab_size:
+        return config
+    return replace(config, vocab_size=n_vocab)
 
 
 def effective_model_config(node: dict, start: ModelInfo | None, init_from: str | None,

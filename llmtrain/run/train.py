@@ -24,6 +24,7 @@ from llmtrain.interop.checkpoints import read_info, resolve_ckpt_path
 from llmtrain.interop.lora import format_trainable
 from llmtrain.interop.pretrained import load_pretrained
 from llmtrain.model.gpt import GPT
+from llmtrain.model.vocab import grow_vocab
 from llmtrain.run.board import log_hparams, run_hparams
 from llmtrain.run.checks import check_resume, resume_changes
 from llmtrain.run.distributed import ddp_job_of_a_sweep, is_launch_rank, wait_for
@@ -139,6 +140,8 @@ def start_model(cfg: DictConfig, run: ResolvedRun) -> GPT:
         model.crop_context(run.model_config.context_length)
     if run.model_config.drop_rate != model.config.drop_rate:
         model.set_drop_rate(run.model_config.drop_rate)
+    if run.model_config.vocab_size > model.config.vocab_size:  # special tokens added to the tokenizer
+        grow_vocab(model, run.model_config.vocab_size)
     return model
 
 

@@ -17,11 +17,12 @@ from llmtrain.stages.base import Stage, inner_gpt
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy over the labelled tokens, their number). With `chunk`, the head is applied to the final
     hidden states a chunk of tokens at a time inside the loss (a head that LoRA adapted takes the plain path)."""
-    gpt, segments = inner_gpt(model), batch.get("segments")  # segments: packed records (data/packing.py)
+    gpt = inner_gpt(model)
+    packed = {"segments": batch["segments"]} if "segments" in batch else {}  # packed records (data/packing.py)
     if chunk and type(gpt.head) is nn.Linear and gpt.head.bias is None:
-        hidden = gpt.hidden(batch["input_ids"], segments=segments)  # (B, T, C)
+        hidden = gpt.hidden(batch["input_ids"], **packed)  # (B, T, C)
         return chunked_lm_loss_sum(hidden, gpt.head.weight, batch["labels"], chunk)
-    return lm_loss_sum(model(batch["input_ids"], segments=segments), batch["labels"])
+    return lm_loss_sum(model(batch["input_ids"], **packed), batch["labels"])
 
 
 class Pretrain(Stage):

@@ -54,6 +54,14 @@ def make_files(tmp_path: Path) -> Path:
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(
         {"prompt": f"q{i}", "chosen": [{"role": "assistant", "content": "yes"}],
          "rejected": [{"role": "assistant", "content": "no"}]}) for i in range(20)))
+    user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    for name, bad in (("role", {"messages": [user, {"role": "bot", "content": "a"}]}),
+                      ("empty", {"messages": [user, {"role": "assistant", "content": ""}]}),
+                      ("unanswered", {"conversations": [{"from": "system", "value": "s"},
+                                                        {"from": "human", "value": "q"}]}),
+                      ("order", {"messages": [answer, user]})):  # row 5 of 20 answered conversations
+        rows = [{"messages": [user, answer]}] * 5 + [bad] + [{"messages": [user, answer]}] * 14
+        (tmp_path / f"chat_{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = (tmp_path / "other.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50257, "n_positions": 128,
