@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="a subset of the variants")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. trainer.max_steps=20")
+    parser.add_argument("--keep", type=Path, help="keep the first round's run dirs in this folder (e.g. to evaluate)")
     args = parser.parse_args()
     names = args.only or list(VARIANTS)
     results: dict[str, list[dict]] = {name: [] for name in names}
@@ -76,7 +77,8 @@ def main() -> None:
              "trainer.limit_val_batches=1"], Path(tmp) / "warm-up")
         for r in range(args.rounds):
             for name in names:  # alternating: round r runs every variant once, in the same order
-                results[name].append(run([*VARIANTS[name], *args.extra], Path(tmp) / f"{name}-{r}"))
+                where = args.keep / name if args.keep and r == 0 else Path(tmp) / f"{name}-{r}"
+                results[name].append(run([*VARIANTS[name], *args.extra], where))
                 print(f"round {r + 1}/{args.rounds} {name}: {results[name][-1]}", file=sys.stderr)
     print(f"{cpu_name()}, torch {torch_version()}; {args.rounds} alternating rounds; overrides: "
           f"{' '.join(args.extra) or '(make train defaults)'}\n")
