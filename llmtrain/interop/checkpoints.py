@@ -42,6 +42,7 @@ class ModelInfo:
     step: int | None = None
     extra: dict = field(default_factory=dict)  # e.g. hub_name, model_name for a Hub download
     config: dict | None = None  # the effective config of the run that wrote it (what a resume compares)
+    chat_template: str | None = None  # the Jinja source a chat stage trained with (None: not a chat model)
 
     @classmethod
     def from_meta(cls, kind: str, path: str | Path, meta: dict, what: str) -> ModelInfo:
@@ -58,7 +59,7 @@ class ModelInfo:
                    prompt_template=meta.get("prompt_template"),
                    num_classes=meta.get("num_classes") or (len(labels) if labels else None),
                    init_from=meta.get("init_from"), init_from_digest=meta.get("init_from_digest"),
-                   step=meta.get("step"), config=meta.get("config"))
+                   step=meta.get("step"), config=meta.get("config"), chat_template=meta.get("chat_template"))
 
 
 def safe_load(path: str | Path, what: str, hint: str = "", mmap: bool = False) -> dict:
