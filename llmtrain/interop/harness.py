@@ -12,8 +12,9 @@ equals `lm_eval --model hf` on the same weights (tests/interop/test_harness.py h
 - generate_until: greedy decoding with the KV cache, one request at a time, stopped at the first stop string or
   the end-of-text id; the context keeps its last context_length - max_gen_toks tokens.
 
-Text is encoded as llmtrain trains on it: no BOS added, special tokens written in the text read as such (as
-Hugging Face's tokenizers read them). An empty context is the tokenizer's BOS if it has one, else its end-of-text id
+Text is encoded as llmtrain trains on it: a BOS first where the tokenizer starts every text with one (Llama's, as
+Hugging Face's tokenizer does for HFLM), special tokens written in the text read as such (as Hugging Face's tokenizers
+read them). An empty context is the tokenizer's BOS if it has one, else its end-of-text id
 (HFLM's rule). Only evaluation imports this module: training never loads lm_eval.
 """
 
@@ -27,7 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llmtrain.data.tokenizer import continuation_text
+from llmtrain.data.tokenizer import bos_prefix, continuation_text
 from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT, KVCache
 
@@ -62,7 +63,9 @@ class GPTHarnessLM(TemplateLM):
         return str(getattr(self.tokenizer, "name", "tokenizer")).replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, allowed_special="all")
+        ids = self.tokenizer.encode(string, allowed_special="all")
+        bos = bos_prefix(self.tokenizer) if add_special_tokens is not False else []  # HFLM: the tokenizer's own
+        return (bos if ids[:1] != bos else []) + ids  # BOS, once (a text that writes it keeps its own)
 
     # --- scoring ----------------------------------------------------------------------------------------------
 

@@ -101,6 +101,34 @@ def test_scores_equal_lm_evals_own_hugging_face_backend(folders):
     assert len({s["resps"][0][0] for s in ours["samples"]["tiny_generate"]}) > 2
 
 
+def test_a_tokenizer_that_starts_texts_with_bos_scores_as_lm_evals_backend_does(tmp_path):
+    """A Llama-3-style tokenizer puts <|begin_of_text|> before every text: llmtrain trains so, and HFLM encodes so
+    (its tokenizer's own add_bos_token); the log-likelihoods agree on a Llama-layout export."""
+    from conftest import write_llama3_tokenizer
+    from lm_eval.models.huggingface import HFLM
+
+    from llmtrain.interop.llama import export_llama
+
+    tokenizer = str(write_llama3_tokenizer(tmp_path) / "tokenizer.json")
+    tok = build_tokenizer(tokenizer)
+    assert tok.add_bos
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, context_length=1024, emb_dim=32, n_heads=2, n_layers=2,
+                          pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_weights=True)).eval()
+    out = export_llama(model, tokenizer, tmp_path / "hf")
+    names = ["llmtrain_definitions", "llmtrain_perplexity"]
+    ours = run_tasks(GPTHarnessLM(model, tok, batch_size=3), load_tasks(names), limit=4, log_samples=True)
+    theirs = run_tasks(HFLM(pretrained=str(out), device="cpu", batch_size=1, dtype="float32"), load_tasks(names),
+                       limit=4, log_samples=True)
+    for task in names:
+        for x, y in zip(ours["samples"][task], theirs["samples"][task], strict=True):
+            for (r,), (s,) in zip(x["resps"], y["resps"], strict=True):
+                assert (r[0] if isinstance(r, (list, tuple)) else r) == pytest.approx(
+                    s[0] if isinstance(s, (list, tuple)) else s, abs=1e-4)
+    assert GPTHarnessLM(model, tok).tok_encode("the")[:1] == [tok.bos_token]
+    assert GPTHarnessLM(model, tok).tok_encode("the", add_special_tokens=False)[:1] != [tok.bos_token]
+
+
 class Request:  # what the model class reads of an lm_eval Instance
     def __init__(self, *args) -> None:
         self.args = args
