@@ -67,6 +67,7 @@ def evaluate_with(lm, tasks_dir: Path) -> dict:
     return run_tasks(lm, loaded, limit=LIMIT, log_samples=True)
 
 
+@pytest.mark.slow  # lm_eval's HF backend: transformers' model and tokenizer loaded, both tasks run twice
 def test_scores_equal_lm_evals_own_hugging_face_backend(folders):
     from lm_eval.models.huggingface import HFLM
 
@@ -101,6 +102,7 @@ def test_scores_equal_lm_evals_own_hugging_face_backend(folders):
     assert len({s["resps"][0][0] for s in ours["samples"]["tiny_generate"]}) > 2
 
 
+@pytest.mark.slow  # lm_eval's HF backend: transformers' model and tokenizer loaded, both tasks run twice
 def test_a_tokenizer_that_starts_texts_with_bos_scores_as_lm_evals_backend_does(tmp_path):
     """A Llama-3-style tokenizer puts <|begin_of_text|> before every text: llmtrain trains so, and HFLM encodes so
     (its tokenizer's own add_bos_token); the log-likelihoods agree on a Llama-layout export."""
