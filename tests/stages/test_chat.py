@@ -137,7 +137,8 @@ def test_chat_fine_tuning_from_the_command_line(tmp_path):
     ckpt = write_checkpoint(tmp_path / "pre.ckpt")
     args = ["finetune=chat", f"init_from={ckpt}", "trainer.accelerator=cpu", "trainer.precision=32-true",
             "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=3",
-            "callbacks.progress_bar=null", "data.batch_size=4", "optimizer.lr=3e-3", f"hydra.run.dir={tmp_path / 'c'}"]
+            "callbacks.progress_bar=null", "data.batch_size=4", "optimizer.lr=3e-3", f"hydra.run.dir={tmp_path / 'c'}",
+            "data.max_dropped_fraction=1.0"]  # a context of 64 bytes: most conversations lose their answers
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     before = float(result.stdout.split("before fine-tuning: val/loss ")[1].split()[0].rstrip(","))
