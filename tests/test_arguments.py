@@ -122,6 +122,7 @@ def test_each_entry_point_lists_its_schema_in_its_help(module, capsys):
         assert " ".join(note.split()[:4]) in " ".join(out.split()), name
 
 
+@pytest.mark.slow  # a process of each command
 def test_the_real_commands_answer_a_mistake_in_one_line():
     """A wrong type, an unknown key, a missing value: exit 2, one line on stderr, no traceback."""
     env = subprocess_env()

@@ -48,6 +48,7 @@ def model(ckpt) -> GPT:
 TOK = build_tokenizer("bytes")
 
 
+@pytest.mark.slow  # two processes of the command line
 def test_command_line_greedy_is_deterministic_and_matches_generate_text(ckpt, model):
     """fp32 gives the trained weights' own tokens; the default (int8 weight-only on a CPU) those of the
     quantized weights."""

@@ -183,6 +183,7 @@ def test_ddp_two_cpu_ranks_through_the_command_line(tmp_path):
     assert not (tmp_path / "outputs").exists()  # rank 1 shared the rank-0 run dir
 
 
+@pytest.mark.slow  # a process of the command line
 def test_python_m_llmtrain_works_from_another_directory(tmp_path):
     result = run_cli(["--cfg", "job", "model=gpt124m"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
