@@ -104,6 +104,12 @@ def bos_prefix(tok) -> list[int]:
     return [tok.bos_token] if getattr(tok, "add_bos", False) else []
 
 
+def with_bos(tok, ids: list[int]) -> list[int]:
+    """ids with the tokenizer's begin-of-text id first (bos_prefix), once: ids starting with it are kept as is."""
+    bos = bos_prefix(tok)
+    return ids if ids[:len(bos)] == bos else bos + ids
+
+
 def continuation_text(tok, ids: list[int]) -> str:
     """Generated ids as text: up to the first end-of-text id (which need not be the last id of the vocabulary, as
     GPT-2's is); ids past the tokenizer's vocabulary (a model vocabulary padded beyond it) dropped, not raising."""

@@ -28,7 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llmtrain.data.tokenizer import bos_prefix, continuation_text
+from llmtrain.data.tokenizer import continuation_text, with_bos
 from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT, KVCache
 
@@ -64,8 +64,7 @@ class GPTHarnessLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         ids = self.tokenizer.encode(string, allowed_special="all")
-        bos = bos_prefix(self.tokenizer) if add_special_tokens is not False else []  # HFLM: the tokenizer's own
-        return (bos if ids[:1] != bos else []) + ids  # BOS, once (a text that writes it keeps its own)
+        return ids if add_special_tokens is False else with_bos(self.tokenizer, ids)  # HFLM: the tokenizer's own
 
     # --- scoring ----------------------------------------------------------------------------------------------
 

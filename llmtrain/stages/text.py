@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llmtrain.data.tokenizer import ENDOFTEXT, bos_prefix, continuation_text
+from llmtrain.data.tokenizer import ENDOFTEXT, bos_prefix, continuation_text, with_bos
 from llmtrain.model.gpt import GPT
 from llmtrain.stages.base import evaluating
 
@@ -14,9 +14,8 @@ def encode_prompt(gpt: GPT, tokenizer, prompt: str) -> torch.Tensor:
     """prompt -> token ids (1, T) on the model's device; an empty prompt starts from <|endoftext|>, as GPT-2's
     unconditional samples do; a prompt longer than the context keeps its last context_length tokens. A tokenizer
     that starts every text with a begin-of-text token (Llama's) gets it first, once, also when the prompt is cut."""
-    ids = tokenizer.encode(prompt, allowed_special={ENDOFTEXT})
     bos = bos_prefix(tokenizer)
-    body = ids[len(bos):] if bos and ids[:1] == bos else ids  # a prompt that writes <|begin_of_text|> itself
+    body = with_bos(tokenizer, tokenizer.encode(prompt, allowed_special={ENDOFTEXT}))[len(bos):]
     body = body or ([] if bos else [tokenizer.eot_token])
     ids = bos + body[-(gpt.config.context_length - len(bos)):]
     return torch.tensor([ids], dtype=torch.long, device=next(gpt.parameters()).device)
