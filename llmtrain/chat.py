@@ -30,7 +30,7 @@ from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.errors import UserError, one_line_errors
 from llmtrain.generate import load_model
 from llmtrain.model.gpt import GPT, KVCache, sample_next
-from llmtrain.run.decoding import PRECISIONS, decode_precision, prepare_for_decoding, resolve_device
+from llmtrain.run.decoding import PRECISIONS, decode_precision, precision_note, prepare_for_decoding, resolve_device
 from llmtrain.stages.base import evaluating
 
 
@@ -143,7 +143,9 @@ def run(args: ChatArgs, lines: Iterator[str] | None = None, out=sys.stdout) -> C
         else info.chat_template
     template = ChatTemplate(source, tok)
     stop = {template.end_of_turn(), tok.eot_token}
-    model = prepare_for_decoding(model, decode_precision(args.precision, device), device)
+    chosen = decode_precision(args.precision, device)
+    print(precision_note(args.precision, chosen, device), file=sys.stderr)
+    model = prepare_for_decoding(model, chosen, device)
     conversation = Conversation(template, args.system)
     interactive = lines is None and not args.stdin and sys.stdin.isatty()
     if lines is None:

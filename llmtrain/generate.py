@@ -32,7 +32,7 @@ from llmtrain.interop.digest import changed_weights
 from llmtrain.interop.lora import ADAPTER_META, load_adapter, merge
 from llmtrain.interop.pretrained import describe, load_pretrained
 from llmtrain.model.gpt import GPT
-from llmtrain.run.decoding import PRECISIONS, decode_precision, prepare_for_decoding, resolve_device
+from llmtrain.run.decoding import PRECISIONS, decode_precision, precision_note, prepare_for_decoding, resolve_device
 from llmtrain.run.memory import check_loading
 from llmtrain.stages.text import encode_prompt, generate_text
 
@@ -212,7 +212,9 @@ def run(args: GenerateArgs) -> str:
     model, info = load_model(args.ckpt_path, args.base, args.max_new_tokens)
     tokenizer = build_tokenizer(info.tokenizer)
     prompt = build_prompt(info.prompt_template, args.prompt, args.instruction, args.input, args.raw)
-    model = prepare_for_decoding(model, decode_precision(args.precision, device), device)
+    chosen = decode_precision(args.precision, device)
+    print(precision_note(args.precision, chosen, device), file=sys.stderr)
+    model = prepare_for_decoding(model, chosen, device)
     if args.show_top is not None:
         return format_candidates(top_candidates(model, tokenizer, prompt, args.show_top))
     text = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

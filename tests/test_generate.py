@@ -308,3 +308,16 @@ def test_a_hostile_config_json_is_refused_before_anything_is_allocated(tmp_path,
     with pytest.raises(SystemExit):
         main([f"ckpt_path={ckpt}", "prompt=hi", "max_new_tokens=1000000"])
     assert "to load and generate" in capsys.readouterr().err
+
+
+def test_the_command_says_on_stderr_how_it_decodes(ckpt, capsys):
+    """What precision=auto chose, and how to get the fp32 model's exact tokens, on stderr, never in the text."""
+    import llmtrain.generate as gen
+
+    args = [f"ckpt_path={ckpt}", "prompt=Hello", "max_new_tokens=2", "temperature=0", "device=cpu"]
+    text = gen.run(parse_args(args))
+    err = capsys.readouterr().err
+    assert "decoding with int8 weight-only weights (precision=auto on this CPU" in err
+    assert "precision=fp32 gives its exact tokens" in err and "decoding" not in text
+    gen.run(parse_args([*args, "precision=fp32"]))
+    assert capsys.readouterr().err.startswith("decoding in fp32 (precision=fp32)")

@@ -65,6 +65,16 @@ def decode_precision(precision: str, device: torch.device) -> str:
     return "int8" if device.type == "cpu" and int8_available() else "fp32"
 
 
+def precision_note(requested: str, chosen: str, device: torch.device) -> str:
+    """The one line a decoding command prints on stderr: the weights' format, why, and how to get exact tokens."""
+    why = f"precision={requested}" + (f" on this {device.type.upper()}" if requested == "auto" else "")
+    if chosen == "fp32":
+        return f"decoding in fp32 ({why}): the exact tokens of the trained weights"
+    what = "int8 weight-only weights" if chosen == "int8" else "bf16 weights"
+    return (f"decoding with {what} ({why}, faster than fp32): greedy tokens can differ from the fp32 model's; "
+            "precision=fp32 gives its exact tokens")
+
+
 def prepare_for_decoding(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
     """model on device with its weights in the decode precision (fp32 | bf16 | int8)."""
     if precision == "int8" and not int8_available():

@@ -100,3 +100,13 @@ def test_int8_decoding_of_the_llama_shaped_options(options):
         assert attn.q_norm.weight.dtype == torch.float32
     assert (approx - exact).abs().max() < 0.1 * exact.std()
     assert quantized.generate(x[:1, :5], 10, temperature=0).shape == (1, 15)
+
+
+def test_the_note_names_the_format_and_how_to_get_exact_tokens():
+    cpu = torch.device("cpu")
+    assert decoding.precision_note("fp32", "fp32", cpu) == (
+        "decoding in fp32 (precision=fp32): the exact tokens of the trained weights")
+    note = decoding.precision_note("auto", "int8", cpu)
+    assert note.startswith("decoding with int8 weight-only weights (precision=auto on this CPU")
+    assert note.endswith("precision=fp32 gives its exact tokens")
+    assert "bf16 weights" in decoding.precision_note("bf16", "bf16", cpu)
