@@ -76,6 +76,10 @@ def check_run(cfg: DictConfig, model_config: GPTConfig | None, tokenizer: str | 
     if not 0 <= cfg.scheduler.min_lr_ratio <= 1:
         problems.append(f"scheduler.min_lr_ratio must lie in [0, 1] (the lr at the end as a share of the peak), "
                         f"got {cfg.scheduler.min_lr_ratio}")
+    cooldown = cfg.scheduler.cooldown_fraction
+    if cooldown is not None and not 0 < cooldown <= 1:
+        problems.append(f"scheduler.cooldown_fraction must lie in (0, 1] (the share of trainer.max_steps over which "
+                        f"the lr decays at the end), got {cooldown}")
     if cfg.checkpoint_every is None or cfg.checkpoint_every < 1:
         problems.append(f"checkpoint_every must be a positive number of optimizer steps, got {cfg.checkpoint_every}")
     if "overfit_batches" in cfg.trainer:

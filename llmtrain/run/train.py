@@ -82,7 +82,8 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
     module = LanguageModel(
         model, stage, optimizer=build(cfg.optimizer, **fused_where_supported(cfg)),
         warmup_steps=cfg.scheduler.warmup_steps, max_steps=cfg.trainer.max_steps,
-        min_lr_ratio=cfg.scheduler.min_lr_ratio, tokenizer=run.tokenizer, checkpoint_info=meta,
+        min_lr_ratio=cfg.scheduler.min_lr_ratio, cooldown_fraction=cfg.scheduler.cooldown_fraction,
+        tokenizer=run.tokenizer, checkpoint_info=meta,
         max_nonfinite_steps=cfg.max_nonfinite_steps,
         new_optimizer_settings=any(str(k).startswith("optimizer.") for k in cfg.resume.apply),
     )

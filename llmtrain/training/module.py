@@ -44,6 +44,7 @@ class LanguageModel(L.LightningModule):
         warmup_steps: int,
         max_steps: int,
         min_lr_ratio: float,
+        cooldown_fraction: float | None = None,
         tokenizer: str = "gpt2",
         checkpoint_info: dict | None = None,
         max_nonfinite_steps: int = 0,
@@ -53,6 +54,7 @@ class LanguageModel(L.LightningModule):
         self.model, self.stage = model, stage
         self.optimizer_factory = optimizer
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+        self.cooldown_fraction = cooldown_fraction
         self.tokenizer_name = tokenizer
         self.checkpoint_info = checkpoint_info or {}
         self.guard = NonFiniteGuard(max_nonfinite_steps)
@@ -184,7 +186,8 @@ class LanguageModel(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.model))
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
+            optimizer, lambda step: lr_factor(step, self.warmup_steps, self.max_steps, self.min_lr_ratio,
+                                             self.cooldown_fraction)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

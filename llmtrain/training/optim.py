@@ -16,12 +16,19 @@ from llmtrain.training.hardware import native_bf16
 ROLES = ("matrix", "embedding", "head", "scalar")
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_ratio of the peak at max_steps."""
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float,
+              cooldown_fraction: float | None = None) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_ratio of the peak at max_steps. With a
+    cooldown_fraction (warmup-stable-decay): the peak held after the warmup, then a linear decay to min_ratio over
+    that share of max_steps at the end."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if step >= max_steps:
         return min_ratio
+    if cooldown_fraction is not None:
+        cooldown = max(1, round(cooldown_fraction * max_steps))
+        left = max_steps - step  # steps before the end, this one included
+        return 1.0 if left > cooldown else min_ratio + (1.0 - min_ratio) * left / cooldown
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
 

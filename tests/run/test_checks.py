@@ -84,10 +84,12 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(tmp_path, base_ckpt):
 def test_problems_are_reported_together(tmp_path):
     with pytest.raises(UserError) as e:
         resolve_run(compose([*TINY, "model.n_heads=3", "data.batch_size=0", "trainer.max_steps=0",
-                              "scheduler.min_lr_ratio=2", "checkpoint_every=0"], tmp_path))
+                              "scheduler.min_lr_ratio=2", "scheduler=wsd", "scheduler.cooldown_fraction=0",
+                              "checkpoint_every=0"], tmp_path))
     parts = str(e.value).split("; ")
     assert [p.split(" ")[0].split("=")[0] for p in parts] == [
-        "model.emb_dim", "data.batch_size", "trainer.max_steps", "scheduler.min_lr_ratio", "checkpoint_every"]
+        "model.emb_dim", "data.batch_size", "trainer.max_steps", "scheduler.min_lr_ratio",
+        "scheduler.cooldown_fraction", "checkpoint_every"]
 
 
 # ---- every refusal the checks can make is a row of docs/errors.md, which tests/test_errors.py runs ----

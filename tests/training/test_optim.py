@@ -40,6 +40,15 @@ def test_warmup_then_cosine_to_min():
     assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
 
 
+def test_warmup_stable_then_linear_cooldown_to_min():
+    f = [lr_factor(s, warmup_steps=10, max_steps=110, min_ratio=0.0, cooldown_fraction=0.2) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in f[10:88])  # held at the peak until the last 22 steps
+    assert f[88] == pytest.approx(1.0) and f[89] == pytest.approx(21 / 22) and f[109] == pytest.approx(1 / 22)
+    assert all(a > b for a, b in zip(f[88:110], f[89:111]))  # then linear, down to min_ratio at max_steps
+    assert f[110] == 0.0 and f[119] == 0.0
+
+
 def test_groups_by_role_and_weight_decay_on_matrices_only():
     m = tiny(tie_weights=False)
     groups = {g["name"]: g for g in param_groups(m)}
