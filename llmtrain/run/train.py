@@ -113,7 +113,7 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
 
     if module.validated_at_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the returned loss is of the final weights
-    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "eval/"))}
     if stage.test_after_fit():
         final |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
     summary = f"done: {trainer.global_step} steps, {stage.summary(final, datamodule)}"
@@ -154,6 +154,8 @@ def build_trainer(cfg: DictConfig, run: ResolvedRun) -> L.Trainer:
         if isinstance(node, DictConfig) and "_target_" in node:
             kwargs[key] = build(node)
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
+    if cfg.eval.tasks:  # benchmark tasks during training (conf/eval/)
+        callbacks.append(build(cfg.eval, tokenizer=run.tokenizer))
     # a progress bar or model summary set to null in cfg.callbacks means none, not Lightning's default one
     kwargs.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
     kwargs.setdefault("enable_model_summary", False)  # ours (callbacks.model_summary) prints without it
