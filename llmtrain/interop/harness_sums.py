@@ -90,6 +90,17 @@ def metrics_of(sums: Sums, aggregations: dict[str, str]) -> dict[str, float]:
     return out
 
 
+def chance_levels(tasks: list[Task], limit: int | float | None) -> dict[str, float]:
+    """The accuracy of a uniform guess on each multiple-choice task's first `limit` documents (the mean of one over
+    their number of choices): what an accuracy is read against."""
+    levels = {}
+    for task in tasks:
+        if task.OUTPUT_TYPE == "multiple_choice":
+            docs = list(task.eval_docs)[: get_sample_size(task, limit)]
+            levels[task.config.task] = sum(1 / len(task.doc_to_choice(d)) for d in docs) / max(len(docs), 1)
+    return levels
+
+
 def aggregations_of(tasks: list[Task]) -> dict[str, str]:
     """"<task>/<metric>" -> the name of the aggregation its task gives it (mean, weighted_perplexity, ...)."""
     return {f"{t.config.task}/{m}": f.__name__ for t in tasks for m, f in t.aggregation().items()}

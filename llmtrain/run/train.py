@@ -34,6 +34,7 @@ from llmtrain.run.outputs import keep_tokenizer, run_meta, write_outputs
 from llmtrain.run.resolve import ResolvedRun, resolve_run
 from llmtrain.run.trackers import finish_runs
 from llmtrain.training.callbacks import AtomicCheckpointIO, newest_checkpoint
+from llmtrain.training.evaluation import TaskEvaluation
 from llmtrain.training.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.training.logs import quiet_lightning
 from llmtrain.training.module import LanguageModel
@@ -117,6 +118,8 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
     if stage.test_after_fit():
         final |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
     summary = f"done: {trainer.global_step} steps, {stage.summary(final, datamodule)}"
+    for evaluation in (cb for cb in trainer.callbacks if isinstance(cb, TaskEvaluation) and cb.summary(final)):
+        summary += f", {evaluation.summary(final)}"  # benchmark accuracies beside the loss
     written = write_outputs(module, trainer, datamodule, cfg, meta)  # every rank: FSDP gathers the weights
     if trainer.is_global_zero:
         write_metrics(run_dir, {"step": trainer.global_step, **final})  # what a sweep's summary table reads

@@ -34,7 +34,7 @@ class TaskEvaluation(Callback):
         """The tasks and their data loaded once, before training starts: a name that does not load stops the run
         here, not at the first validation."""
         from llmtrain.data.tokenizer import build_tokenizer
-        from llmtrain.interop.harness_sums import aggregations_of, unreducible
+        from llmtrain.interop.harness_sums import aggregations_of, chance_levels, unreducible
         from llmtrain.interop.harness_tasks import load_tasks
 
         if hasattr(self, "_tasks"):
@@ -44,6 +44,7 @@ class TaskEvaluation(Callback):
         if problems:
             raise UserError("; ".join(problems))
         self._tasks, self._aggregations = items, aggregations_of(items)
+        self.chance = chance_levels(items, self.limit)  # multiple-choice task -> a uniform guess's accuracy
         self._tokenizer = build_tokenizer(self.tokenizer_name)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
@@ -64,6 +65,12 @@ class TaskEvaluation(Callback):
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         rank_zero_info(f"eval at step {trainer.global_step}: {shown} ({self.seconds[-1]:.1f} s per evaluation)")
         return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def summary(self, final: dict[str, float]) -> str:
+        """The final line's part for the multiple-choice tasks: each accuracy against the chance level."""
+        shown = [f"{task} acc {final[f'eval/{task}/acc']:.4f} (chance {level:.2f})"
+                 for task, level in self.chance.items() if f"eval/{task}/acc" in final]
+        return ", ".join(shown)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         final = trainer.global_step >= trainer.max_steps or trainer.state.fn == "validate"

@@ -47,6 +47,9 @@ def test_the_callback_scores_what_evaluate_scores_and_leaves_the_model_training(
     assert sorted(metrics) == sorted(expected) and len(metrics) == 5  # acc, acc_norm and the three of perplexity
     assert metrics == pytest.approx(expected, rel=1e-9)
     assert callback.evaluated_at == 0 and len(callback.seconds) == 1
+    assert callback.chance == {"llmtrain_definitions": 0.25}  # four choices each; the perplexity task has none
+    acc = metrics["eval/llmtrain_definitions/acc"]
+    assert callback.summary(metrics) == f"llmtrain_definitions acc {acc:.4f} (chance 0.25)"
 
 
 def test_two_ranks_shares_add_up_to_the_scores_of_one(gpt):
