@@ -9,6 +9,7 @@ Only a run with eval.tasks imports lm_eval.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -39,6 +40,7 @@ class TaskEvaluation(Callback):
 
         if hasattr(self, "_tasks"):
             return
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its lines per task and evaluation: ours is one
         items, _ = load_tasks(self.tasks, self.tasks_dir, key="eval.tasks")
         problems = unreducible(items)
         if problems:
