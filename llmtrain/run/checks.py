@@ -109,7 +109,7 @@ def eval_problems(node: DictConfig, trainer: DictConfig, stage: type[Stage] | No
                         "cannot score it: set eval=none")
     if is_sharded(trainer.get("strategy")):
         problems.append("eval.tasks with an FSDP strategy: evaluation during training runs each rank's share of the "
-                        "documents on its own, which sharded weights cannot do; set eval=none and run python -m "
+                        "documents on its own, which sharded weights cannot do: set eval=none and run python -m "
                         "llmtrain.evaluate on the run dir after training")
     return problems
 
