@@ -23,8 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-train: install  ## pretrain the default tiny GPT on the embedded corpus (ARGS='key=value ...' to override)
-	$(BIN)/python -m llmtrain $(ARGS)
+train: install  ## pretrain the default tiny GPT on the embedded corpus, scored on the shipped tasks (eval=quick) as it trains (ARGS='key=value ...' to override)
+	$(BIN)/python -m llmtrain eval=quick $(ARGS)
 
 test: install  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)

@@ -86,20 +86,28 @@ def test_results_need_a_place_outside_a_run_dir(tmp_path, capsys, monkeypatch):
 
 
 def test_lm_eval_stays_out_of_training():
-    """Only the two harness modules import lm_eval and only the evaluate command imports them: `python -m llmtrain`
-    never pays for lm_eval's imports (tests/test_imports.py checks that importing llmtrain.evaluate does not either)."""
+    """Only the harness modules import lm_eval, and only the evaluate command and the training callback import them,
+    the callback inside its methods: `python -m llmtrain` pays for lm_eval's imports only with eval.tasks
+    (tests/test_imports.py checks that importing llmtrain.evaluate does not either)."""
     package = ROOT / "llmtrain"
-    importers = {}
+    harness = {"llmtrain.interop.harness", "llmtrain.interop.harness_tasks", "llmtrain.interop.harness_sums"}
+
+    def imported(nodes) -> set[str]:
+        return {n.module if isinstance(n, ast.ImportFrom) else a.name
+                for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in (n.names if isinstance(n, ast.Import) else [n]) if (n.module if isinstance(
+                    n, ast.ImportFrom) else a.name)}
+
+    importers, at_top = {}, {}
     for path in package.rglob("*.py"):
-        names = {n.module if isinstance(n, ast.ImportFrom) else a.name
-                 for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))
-                 for a in (n.names if isinstance(n, ast.Import) else [n]) if (n.module if isinstance(
-                     n, ast.ImportFrom) else a.name)}
-        importers[path.relative_to(package).as_posix()] = names
+        tree = ast.parse(path.read_text())
+        importers[path.relative_to(package).as_posix()] = imported(ast.walk(tree))
+        at_top[path.relative_to(package).as_posix()] = imported(tree.body)
     assert {p for p, names in importers.items() if any(n.split(".")[0] == "lm_eval" for n in names)} == {
-        "interop/harness.py", "interop/harness_tasks.py"}
-    assert {p for p, names in importers.items() if names & {"llmtrain.interop.harness",
-                                                           "llmtrain.interop.harness_tasks"}} == {"evaluate.py"}
+        "interop/harness.py", "interop/harness_tasks.py", "interop/harness_sums.py"}
+    outside = {p for p, names in importers.items() if names & harness and not p.startswith("interop/harness")}
+    assert outside == {"evaluate.py", "training/evaluation.py"}
+    assert not at_top["training/evaluation.py"] & harness  # imported when a run evaluates, not when training starts
 
 
 def test_the_definitions_task_asks_about_held_out_headwords_with_four_distinct_choices_of_their_book():

@@ -17,12 +17,13 @@ from llmtrain.interop.checkpoints import ModelInfo
 from llmtrain.interop.digest import changed_weights
 from llmtrain.model.gpt import GPTConfig
 from llmtrain.stages.base import Stage
-from llmtrain.training.hardware import hardware_problems
+from llmtrain.training.hardware import hardware_problems, is_sharded
 
 # model keys a checkpoint's weights do not fix: the run's value replaces the checkpoint's. rope_theta and norm_eps
 # change no weight's shape either, but the function the weights were trained for: like shapes, they are refused.
 FREE_KEYS = ("drop_rate",)
-UNCOMPARED = ("run_dir", "ckpt_path", "resume", "logger", "callbacks")  # where a run is, how it started and is watched
+UNCOMPARED = ("run_dir", "ckpt_path", "resume", "logger", "callbacks", "eval")  # where a run is, how it started and
+# is watched
 # What a resume compares with the checkpoint's run: changing these makes it another run (refused, with the keys) ...
 OTHER_RUN = ("model.", "data.tokenizer", "data.path", "data.source", "data.revision", "data.name", "data.config",
              "data.split", "data.text_column", "data.label_column", "data.context_length", "data.val_fraction",
@@ -85,7 +86,36 @@ def check_run(cfg: DictConfig, model_config: GPTConfig | None, tokenizer: str | 
     if "overfit_batches" in cfg.trainer:
         problems.append("trainer.overfit_batches is not supported (llmtrain's loaders keep their place for exact "
                         "resume): to train on a small subset, set data.max_documents=N")
-    return problems + hardware_problems(cfg.trainer) + tracker_problems(cfg.get("logger"))
+    return (problems + hardware_problems(cfg.trainer) + tracker_problems(cfg.get("logger"))
+            + eval_problems(cfg.eval, cfg.trainer, stage))
+
+
+def eval_problems(node: DictConfig, trainer: DictConfig, stage: type[Stage] | None) -> list[str]:
+    """The values of conf/eval/ out of range, and the runs it cannot evaluate (the task names themselves are
+    checked when the callback loads them, which reads their data)."""
+    problems = []
+    if not isinstance(node.tasks, ListConfig):
+        return [f"eval.tasks must be a list of lm_eval task names, got {node.tasks!r}: e.g. eval.tasks=[hellaswag]"]
+    if node.every_n_steps is not None and (not isinstance(node.every_n_steps, int) or node.every_n_steps < 1):
+        problems.append(f"eval.every_n_steps must be a positive number of optimizer steps or null (at each "
+                        f"validation), got {node.every_n_steps!r}")
+    if node.limit is not None and not node.limit > 0:
+        problems.append(f"eval.limit must be positive (N documents per task, or a share below 1) or null (all of "
+                        f"them), got {node.limit!r}")
+    if node.batch_size < 1:
+        problems.append(f"eval.batch_size must be at least 1, got {node.batch_size}")
+    if not node.tasks:
+        return problems
+    if not installed("lm_eval"):
+        problems.append("eval.tasks needs lm-evaluation-harness: pip install 'llmtrain[eval]' (or eval=none)")
+    if stage is not None and not stage.predicts_tokens:
+        problems.append(f"eval.tasks: the {stage.name} stage's model predicts classes, not tokens, so lm_eval tasks "
+                        "cannot score it: set eval=none")
+    if is_sharded(trainer.get("strategy")):
+        problems.append("eval.tasks with an FSDP strategy: evaluation during training runs each rank's share of the "
+                        "documents on its own, which sharded weights cannot do: set eval=none and run python -m "
+                        "llmtrain.evaluate on the run dir after training")
+    return problems
 
 
 def tracker_problems(logger: DictConfig | None) -> list[str]:

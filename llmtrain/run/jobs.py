@@ -9,8 +9,8 @@ builds the callbacks below before the first job starts.
   `optimizer.lr=0.0003`, so that TensorBoard names the job's run by them rather than by the job's number;
   `${run_name:${run_dir}}` the same, or the run dir's name outside a multirun (MLflow's and W&B's run names).
 - `write_metrics`: `<run_dir>/metrics.json`, the final metrics of a finished run.
-- `SweepSummary` (hydra.callbacks): at the end of a multirun, its jobs best first, printed and written to
-  `<sweep dir>/summary.md`.
+- `SweepSummary` (hydra.callbacks): at the end of a multirun, its jobs best first (by val/loss, or the metric
+  hydra.callbacks.sweep_summary.rank_by names), printed and written to `<sweep dir>/summary.md`.
 - `DiscardRunDir` (debug=fast): removes what the job wrote once it is over (run/rundir.py says what that is).
 """
 
@@ -27,6 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from llmtrain.errors import UserError
 from llmtrain.files import write_atomic
 from llmtrain.run.distributed import in_multirun
 from llmtrain.run.rundir import discard
@@ -120,9 +121,10 @@ def write_metrics(run_dir: str | Path, metrics: dict[str, float]) -> Path:
     return write_atomic(path, json.dumps(metrics, indent=1) + "\n")  # a sweep summary reads it
 
 
-def read_jobs(sweep_dir: Path, keys: set[str]) -> list[dict]:
+def read_jobs(sweep_dir: Path, keys: set[str], rank_by: str = "val/loss", mode: str = "min") -> list[dict]:
     """Every job folder of a sweep (one with .hydra/overrides.yaml) with its label and final metrics (empty
-    when the job did not finish), best val/loss first, unfinished jobs last."""
+    when the job did not finish), best `rank_by` first (the lowest with mode min, the highest with max), jobs
+    without it next, a NaN last."""
     jobs = []
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
@@ -131,19 +133,22 @@ def read_jobs(sweep_dir: Path, keys: set[str]) -> list[dict]:
         overrides = list(OmegaConf.load(overrides_file))
         jobs.append({"job": job_dir.name, "overrides": job_label(overrides, keys), "metrics": metrics,
                      "run_dir": str(job_dir)})
-    loss = lambda j: j["metrics"].get("val/loss", math.inf)  # noqa: E731
-    return sorted(jobs, key=lambda j: (math.isnan(loss(j)), loss(j), j["job"]))
+    sign = -1 if mode == "max" else 1
+    value = lambda j: sign * j["metrics"].get(rank_by, sign * math.inf)  # noqa: E731
+    return sorted(jobs, key=lambda j: (math.isnan(value(j)), value(j), j["job"]))
 
 
 def cell(metrics: dict, name: str) -> str:
     if name not in metrics:
         return "-" if metrics else "not finished"
-    return f"{metrics[name]:.2f}" if name.endswith("ppl") else f"{metrics[name]:.4f}"
+    return f"{metrics[name]:.2f}" if name.endswith(("ppl", "perplexity")) else f"{metrics[name]:.4f}"
 
 
-def format_table(jobs: list[dict]) -> str:
-    """The jobs as a Markdown table (aligned, so that it reads in a terminal too)."""
-    metrics = [m for m in ("val/loss", "val/ppl", "val/acc", "val/f1", "test/acc")
+def format_table(jobs: list[dict], rank_by: str = "val/loss") -> str:
+    """The jobs as a Markdown table (aligned, so that it reads in a terminal too): the metric they are ranked by,
+    the stage's and the benchmark tasks' (eval/)."""
+    evals = sorted({m for j in jobs for m in j["metrics"] if m.startswith("eval/")})
+    metrics = [m for m in dict.fromkeys((rank_by, "val/loss", "val/ppl", "val/acc", "val/f1", "test/acc", *evals))
                if any(m in j["metrics"] for j in jobs)]
     header = ["rank", "job", "overrides", *metrics, "run dir"]
     rows = [[str(i), j["job"], j["overrides"] or "(none)",
@@ -155,22 +160,30 @@ def format_table(jobs: list[dict]) -> str:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: the jobs ranked by their final val/loss (what the sweepers minimise), with
+    """At the end of a multirun: the jobs ranked by a final metric of their metrics.json (`rank_by`, val/loss by
+    default: what the sweepers minimise; `mode` max for an accuracy, e.g. eval/llmtrain_definitions/acc), with
     their overrides, metrics and run dirs, printed and written to `<sweep dir>/summary.md`.
 
     The jobs are read back from their folders (metrics.json, .hydra/overrides.yaml), so the table is the same
     whichever launcher ran them (in this process, SLURM, ...)."""
 
+    def __init__(self, rank_by: str = "val/loss", mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            raise UserError(f"hydra.callbacks.sweep_summary.mode must be min or max (max for an accuracy), "
+                            f"got {mode!r}")
+        self.rank_by, self.mode = rank_by, mode
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         keys = swept_keys(list(config.hydra.overrides.task), OmegaConf.select(config, "hydra.sweeper.params"))
-        jobs = read_jobs(sweep_dir, keys)
+        jobs = read_jobs(sweep_dir, keys, self.rank_by, self.mode)
         if not jobs:
             return
-        table = format_table(jobs)
+        table = format_table(jobs, self.rank_by)
         path = sweep_dir / SUMMARY_FILE
-        write_atomic(path, f"# Sweep summary: {len(jobs)} jobs, best val/loss first\n\n{table}\n")
-        print(f"sweep summary, best val/loss first (also in {path}):\n{table}\n"
+        order = f"best {self.rank_by} first ({'highest' if self.mode == 'max' else 'lowest'})"
+        write_atomic(path, f"# Sweep summary: {len(jobs)} jobs, {order}\n\n{table}\n")
+        print(f"sweep summary, {order} (also in {path}):\n{table}\n"
               f"compare the jobs in TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)
 
 

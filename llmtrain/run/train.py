@@ -34,6 +34,7 @@ from llmtrain.run.outputs import keep_tokenizer, run_meta, write_outputs
 from llmtrain.run.resolve import ResolvedRun, resolve_run
 from llmtrain.run.trackers import finish_runs
 from llmtrain.training.callbacks import AtomicCheckpointIO, newest_checkpoint
+from llmtrain.training.evaluation import TaskEvaluation
 from llmtrain.training.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.training.logs import quiet_lightning
 from llmtrain.training.module import LanguageModel
@@ -114,10 +115,12 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
 
     if module.validated_at_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the returned loss is of the final weights
-    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "eval/"))}
     if stage.test_after_fit():
         final |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
     summary = f"done: {trainer.global_step} steps, {stage.summary(final, datamodule)}"
+    for evaluation in (cb for cb in trainer.callbacks if isinstance(cb, TaskEvaluation) and cb.summary(final)):
+        summary += f", {evaluation.summary(final)}"  # benchmark accuracies beside the loss
     written = write_outputs(module, trainer, datamodule, cfg, meta)  # every rank: FSDP gathers the weights
     if trainer.is_global_zero:
         write_metrics(run_dir, {"step": trainer.global_step, **final})  # what a sweep's summary table reads
@@ -155,6 +158,8 @@ def build_trainer(cfg: DictConfig, run: ResolvedRun) -> L.Trainer:
         if isinstance(node, DictConfig) and "_target_" in node:
             kwargs[key] = build(node)
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
+    if cfg.eval.tasks:  # benchmark tasks during training (conf/eval/)
+        callbacks.append(build(cfg.eval, tokenizer=run.tokenizer))
     # a progress bar or model summary set to null in cfg.callbacks means none, not Lightning's default one
     kwargs.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
     kwargs.setdefault("enable_model_summary", False)  # ours (callbacks.model_summary) prints without it

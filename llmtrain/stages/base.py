@@ -83,6 +83,7 @@ class Stage(nn.Module):
     progress_metric: ClassVar[str] = "loss"  # the one shown in the progress bar
     counts_vary: ClassVar[bool] = True  # micro-batches of different ranks sum over different numbers of units
     outputs: ClassVar[tuple[str, ...]] = ()  # what write_files adds to the run dir, in words (skipped under FSDP)
+    predicts_tokens: ClassVar[bool] = True  # its model ends in the LM head (lm_eval tasks can score it)
     sequences_per_item: ClassVar[int] = 1  # sequences a batch holds per item of data.batch_size (DPO: 2, a pair)
 
     def __init__(self, train_blocks: str | int, lora: dict | None, loss_chunk: int | None = None,

@@ -23,6 +23,7 @@ class Classify(Stage):
     data_presets = "data=classify_embedded or data=sms_spam"
     metrics = ("loss", "acc", "f1")
     progress_metric = "acc"
+    predicts_tokens = False  # a head over the classes
     counts_vary = False  # sequences: the loaders give every rank equal shares, batch by batch
 
     def __init__(self, train_blocks: str | int, lora: dict | None) -> None:

@@ -92,6 +92,21 @@ def test_problems_are_reported_together(tmp_path):
         "scheduler.cooldown_fraction", "checkpoint_every"]
 
 
+def test_the_eval_keys_are_checked_and_a_classifier_or_fsdp_refuses_eval_tasks(tmp_path):
+    assert resolve_run(compose([*TINY, "eval=quick", "eval.every_n_steps=5", "eval.limit=0.5"], tmp_path))
+    with pytest.raises(UserError) as e:
+        resolve_run(compose(["finetune=classify", "data=classify_embedded", "model=gpt_tiny", "data.tokenizer=gpt2",
+                             "trainer.strategy=fsdp", "eval=quick", "eval.every_n_steps=0", "eval.limit=0",
+                             "eval.batch_size=0"], tmp_path))
+    assert [p.split(" ")[0] for p in str(e.value).split("; ")] == [
+        "eval.every_n_steps", "eval.limit", "eval.batch_size", "eval.tasks:", "eval.tasks"]
+    assert "classify stage's model predicts classes" in str(e.value) and "FSDP strategy" in str(e.value)
+    with pytest.raises(UserError, match=r"^eval.tasks must be a list of lm_eval task names, got 'hellaswag'"):
+        resolve_run(compose([*TINY, "eval.tasks=hellaswag"], tmp_path))
+    assert resolve_run(compose(["finetune=classify", "data=classify_embedded", "model=gpt_tiny",  # no tasks: fine
+                                "data.tokenizer=gpt2", "eval.every_n_steps=3"], tmp_path))
+
+
 # ---- every refusal the checks can make is a row of docs/errors.md, which tests/test_errors.py runs ----
 
 def refusal_patterns(path) -> list[tuple[int, str]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from llmtrain.errors import UserError
 from llmtrain.run.jobs import (
     ConsoleFormatter,
     SweepSummary,
@@ -81,6 +82,24 @@ def test_a_classifier_sweep_shows_accuracy(tmp_path, capsys):
     SweepSummary().on_multirun_end(config)
     table = (tmp_path / "summary.md").read_text()
     assert "val/acc" in table and "0.9100" in table and "val/ppl" not in table
+
+
+def test_a_sweep_ranks_by_a_benchmark_metric_highest_first_and_shows_every_eval_column(tmp_path, capsys):
+    acc, bpb = "eval/llmtrain_definitions/acc", "eval/llmtrain_perplexity/bits_per_byte"
+    make_job(tmp_path, "0", ["optimizer.lr=0.001"], {"val/loss": 3.0, acc: 0.31, bpb: 2.5})
+    make_job(tmp_path, "1", ["optimizer.lr=0.01"], {"val/loss": 4.0, acc: 0.42, bpb: 2.9})
+    make_job(tmp_path, "2", ["optimizer.lr=0.1"], {"val/loss": 2.0})  # evaluated nothing: after the others
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": []}}})
+    SweepSummary(rank_by=acc, mode="max").on_multirun_end(config)
+    table = (tmp_path / "summary.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[2].strip() for r in rows] == ["1", "0", "2"]
+    header = [c.strip() for c in table.splitlines()[2].split("|")]
+    assert header[4:7] == [acc, "val/loss", bpb]  # the ranking metric first
+    assert "0.4200" in rows[0] and f"best {acc} first (highest)" in table
+    assert [j["job"] for j in read_jobs(tmp_path, set(), acc, "min")] == ["0", "1", "2"]
+    with pytest.raises(UserError, match="sweep_summary.mode must be min or max"):
+        SweepSummary(mode="maximize")
 
 
 @pytest.mark.parametrize("level, shown", [(logging.INFO, "hello"), (logging.WARNING, "WARNING: hello")])

@@ -230,7 +230,8 @@ def test_every_config_option_composes_and_validates(tmp_path):
     from_scratch = ["model=gpt_tiny", "data.tokenizer=gpt2"]  # a stage without init_from needs a model and tokenizer
     needs_path = ("text", "json", "parquet", "preference_json", "preference_parquet", "chat_json",
                   "chat_parquet")  # their data.path is ???
-    for group in ("model", "data", "optimizer", "scheduler", "finetune", "trainer", "logger", "callbacks"):
+    for group in ("model", "data", "optimizer", "scheduler", "finetune", "trainer", "logger", "callbacks",
+                  "eval"):
         for option in sorted(Path(CONF_DIR, group).glob("*.yaml")):
             extra = [f"data.path={tmp_path / 'x.txt'}"] if option.stem in needs_path else []
             if group == "data":
