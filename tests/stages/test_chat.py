@@ -39,13 +39,20 @@ def test_conversations_without_an_assistant_token_after_truncation_are_left_out(
     assert sum(len(datamodule.sets[s]) for s in ("train", "val", "test")) == 39
 
 
-def test_a_malformed_row_of_a_file_is_named_by_its_row(tmp_path):
+def test_a_malformed_row_of_a_file_is_named_by_its_row_or_skipped_and_counted(tmp_path, capsys):
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 20
     rows[7] = {"messages": [{"role": "user", "content": "q"}]}
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     dm = make_datamodule("chat_json", path=str(tmp_path / "c.jsonl"), tokenizer=CHATML_BYTES)
     with pytest.raises(UserError, match=r"^data.path row 7 \(train record 6\): messages has no assistant turn"):
         dm.setup("fit")
+    skipping = make_datamodule("chat_json", path=str(tmp_path / "c.jsonl"), tokenizer=CHATML_BYTES,
+                               on_bad_record="skip")  # data.on_bad_record=skip: left out and counted in one line
+    skipping.setup("fit")
+    assert sum(len(skipping.conversations[s]) for s in ("train", "val", "test")) == 19
+    out = capsys.readouterr().out
+    assert out.count("malformed") == 1 and ("data: 1 of 20 conversations are malformed and left out "
+                                            "(data.on_bad_record=skip), the first: data.path row 7") in out
 
 
 def test_a_batch_marks_the_assistant_targets_and_pads_with_ignore(datamodule):
