@@ -55,6 +55,25 @@ def test_a_malformed_row_of_a_file_is_named_by_its_row_or_skipped_and_counted(tm
                                             "(data.on_bad_record=skip), the first: data.path row 7") in out
 
 
+def test_the_hub_preset_reads_a_dataset_of_the_shape_it_names(tmp_path):
+    """data=chat_hub names a Hub dataset and a config of it; a local folder in the Hub's layout (a README whose
+    configs list the files, extra columns, train and test splits) goes through the same loading."""
+    hub = tmp_path / "smoltalk"
+    (hub / "data").mkdir(parents=True)
+    (hub / "README.md").write_text("---\nconfigs:\n- config_name: everyday-conversations\n  data_files:\n"
+                                   "  - split: train\n    path: data/train.jsonl\n"
+                                   "  - split: test\n    path: data/test.jsonl\n---\n")
+    for split, n in (("train", 60), ("test", 5)):
+        rows = [{"full_topic": "t", "messages": [{"role": "user", "content": f"Q{i}?"},
+                                                 {"role": "assistant", "content": f"A{i}."}]} for i in range(n)]
+        (hub / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = make_datamodule("chat_hub", path=str(hub), tokenizer=CHATML_BYTES)
+    assert (dm.source, dm.subset) == ("hub", "everyday-conversations")
+    dm.setup("fit")
+    questions = [c[0]["content"] for s in ("train", "val", "test") for c in dm.conversations[s]]
+    assert sorted(questions) == sorted(f"Q{i}?" for i in range(60))  # the Hub's train split, divided
+
+
 def test_a_batch_marks_the_assistant_targets_and_pads_with_ignore(datamodule):
     batch = datamodule.collate([datamodule.sets["train"][i] for i in range(4)])
     labels, assistant, lengths = batch["labels"], batch["assistant"], batch["lengths"]
