@@ -5,7 +5,9 @@
 
 A conversation is an optional system message, then user and assistant turns alternating, starting with the user,
 with at least one assistant turn. A record that is not one is a UserError naming the record (its row in the file, or
-its split and number) and the field, so that a bad line of a file of thousands is found at once.
+its split and number) and the field, so that a bad line of a file of thousands is found at once; or, with
+data.on_bad_record=skip, is left out and counted (`read_records`). Preference records of messages (DPO's) are read
+into a prompt and the two final assistant turns by `read_preference`.
 """
 
 from __future__ import annotations
