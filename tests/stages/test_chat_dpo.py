@@ -1,6 +1,6 @@
-"""DPO on conversations from the command line: a tiny chat model (ChatML tokens in its tokenizer) trained on
-preference records of messages prefers the chosen turns of held-out prompts, and its checkpoint records the chat
-template as a chat run's does."""
+"""DPO on conversations: the stage records the chat template the pairs were rendered with (and none on text pairs);
+from the command line, a tiny chat model (ChatML tokens in its tokenizer) trained on preference records of messages
+prefers the chosen turns of held-out prompts, and its checkpoint and export carry the template as a chat run's do."""
 
 import json
 from dataclasses import asdict
@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_scalars, run_cli
+from conftest import make_datamodule, read_scalars, run_cli
 from test_dpo import STAGE
 
 from llmtrain.data.chat_template import CHATML, chat_tokenizer
 from llmtrain.model.gpt import GPT, GPTConfig
+from llmtrain.stages.dpo import DPO
 
 CHATML_BYTES = chat_tokenizer("bytes", "chatml")
 
@@ -37,6 +38,24 @@ def write_conversation_pairs(path: Path, n: int = 240) -> Path:
              "rejected": f"No. {i % 7 + 1} kg."} for i in range(n)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+def test_the_stage_records_the_template_of_conversation_pairs_and_none_of_text_pairs(tmp_path):
+    rows = [{"prompt": f"Q{i}?", "chosen": f"A{i}.", "rejected": "No."} for i in range(40)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recorded = {}
+    for name, path in (("messages", write_conversation_pairs(tmp_path / "chat.jsonl", 40)),
+                       ("text", tmp_path / "text.jsonl")):
+        dm = make_datamodule("preference_json", path=str(path), tokenizer=CHATML_BYTES, context_length=256)
+        dm.setup()
+        stage = DPO(train_blocks="all", lora=None, beta=0.1, num_samples=2, sample_tokens=8)
+        stage.setup(dm)
+        recorded[name] = (stage.record(), len(stage.sample_prompts))
+    assert recorded["messages"][0] | {"stage": "dpo"} == recorded["messages"][0]
+    assert (recorded["messages"][0]["chat_template"], recorded["messages"][0]["end_of_turn"]) == (CHATML, 258)
+    assert recorded["messages"][0]["prompt_template"] is None and recorded["messages"][1] == 0  # no samples
+    assert recorded["text"][0]["prompt_template"] == "alpaca" and "chat_template" not in recorded["text"][0]
+    assert recorded["text"][1] == 2
 
 
 @pytest.mark.slow
