@@ -8,14 +8,12 @@ padding), `assistant` (B, T) True where the target belongs to an assistant turn 
 
 from __future__ import annotations
 
-from itertools import count, islice
-
 import torch
 
 from llmtrain.data.chat_template import ChatTemplate, template_source
-from llmtrain.data.conversations import read_conversation
+from llmtrain.data.conversations import read_conversation, read_records
 from llmtrain.data.packing import pack, packed_batch
-from llmtrain.data.sources import SPLITS, weyl
+from llmtrain.data.sources import SPLITS
 from llmtrain.data.tables import ListDataset, TableDataModule, keep_answered, pad_batch
 
 Item = tuple[list[int], list[int], list[bool]]
@@ -26,10 +24,11 @@ class ChatDataModule(TableDataModule):
 
     embedded_prefix = "chat"
 
-    def __init__(self, *, chat_template: str | None, max_dropped_fraction: float, packing: bool, **table) -> None:
+    def __init__(self, *, chat_template: str | None, max_dropped_fraction: float, packing: bool, on_bad_record: str,
+                 **table) -> None:
         super().__init__(**table)
         self.chat_template = chat_template  # null | chatml | alpaca | a file (chat_template.template_source)
-        self.max_dropped, self.packing = max_dropped_fraction, packing
+        self.max_dropped, self.packing, self.on_bad_record = max_dropped_fraction, packing, on_bad_record
         self.conversations: dict[str, list[list[dict]]] = {}
 
     @property
@@ -40,8 +39,7 @@ class ChatDataModule(TableDataModule):
         if self.sets:
             return
         rows = self.load_rows()
-        self.conversations = {s: [read_conversation(r, self.where(s, n)) for n, r in enumerate(rows[s])]
-                              for s in SPLITS}
+        self.conversations = read_records(rows, read_conversation, self.where, self.on_bad_record, "conversation")
         template = self.template
         for s in SPLITS:
             items = [template.encode_conversation(c, self.max_length) for c in self.conversations[s]]
@@ -50,15 +48,6 @@ class ChatDataModule(TableDataModule):
         self.limit_train()
         if self.packing:  # each item becomes a row of whole conversations, up to the context's length
             self.sets = {s: ListDataset(pack(d.items, self.context_length)) for s, d in self.sets.items()}
-
-    def where(self, split: str, number: int) -> str:
-        """A record as a user finds it: the row of a local file (split by index, sources.weyl), else its split's."""
-        if self.source in ("embedded", "hub"):
-            return f"{split} record {number}"
-        bounds = {"val": (0, self.val_fraction), "test": (self.val_fraction, self.val_fraction + self.test_fraction),
-                  "train": (self.val_fraction + self.test_fraction, 1)}[split]
-        rows = (i for i in count() if bounds[0] <= weyl(i) < bounds[1])
-        return f"data.path row {next(islice(rows, number, None))} ({split} record {number})"
 
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         if self.packing:  # rows of packed conversations: the assistant marks of a row run one after another

@@ -142,12 +142,14 @@ class ChatTemplate:
             spans.append((len(prompt), len(turn)))
         return spans
 
-    def encode_conversation(self, messages: list[dict], max_length: int) -> tuple[list[int], list[int], list[bool]]:
+    def encode_conversation(self, messages: list[dict], max_length: int, last_turn_only: bool = False
+                            ) -> tuple[list[int], list[int], list[bool]]:
         """(input_ids, labels, assistant) of a conversation, at most max_length each: labels are the next ids,
-        `assistant` whether that next token belongs to an assistant turn."""
+        `assistant` whether that next token belongs to an assistant turn (the last one only: DPO's answer)."""
         text = self.render(messages)
         ids = self.encode(text)[: max_length + 1]
-        spans = [(len(text[:s].encode()), len(text[:e].encode())) for s, e in self.assistant_spans(messages)]
+        turns = self.assistant_spans(messages)[-1:] if last_turn_only else self.assistant_spans(messages)
+        spans = [(len(text[:s].encode()), len(text[:e].encode())) for s, e in turns]
         assistant, k = [], 0
         for start in byte_starts(self.tok, ids, text.encode()):
             while k < len(spans) and start >= spans[k][1]:

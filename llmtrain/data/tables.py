@@ -11,6 +11,7 @@ Rows come from `sources.load_table_splits` (shipped splits, local tables, Hub da
 from __future__ import annotations
 
 import random
+from itertools import count, islice
 
 import lightning as L
 import torch
@@ -20,7 +21,7 @@ from llmtrain.data.choice import TABLE_SOURCES, choose_source
 from llmtrain.data.loaders import ResumableLoader, eval_loader, trainer_batches_done
 from llmtrain.data.packing import pack, packed_batch
 from llmtrain.data.prompts import record_prompt
-from llmtrain.data.sources import SPLITS, load_table_splits
+from llmtrain.data.sources import SPLITS, load_table_splits, weyl
 from llmtrain.data.tokenizer import bos_prefix, build_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.model.losses import IGNORE_INDEX
@@ -116,6 +117,15 @@ class TableDataModule(L.LightningDataModule):
                 raise UserError(f"data.path={self.path!r}: the {s} split is empty: add rows or raise data.{s}_fraction"
                                 if s != "train" else f"data.path={self.path!r} holds no rows")
         return rows
+
+    def where(self, split: str, number: int) -> str:
+        """A record as a user finds it: the row of a local file (split by index, sources.weyl), else its split's."""
+        if self.source in ("embedded", "hub"):
+            return f"{split} record {number}"
+        bounds = {"val": (0, self.val_fraction), "test": (self.val_fraction, self.val_fraction + self.test_fraction),
+                  "train": (self.val_fraction + self.test_fraction, 1)}[split]
+        rows = (i for i in count() if bounds[0] <= weyl(i) < bounds[1])
+        return f"data.path row {next(islice(rows, number, None))} ({split} record {number})"
 
     def limit_train(self) -> None:
         """data.max_train_samples: keep the first N training records (e.g. one batch for debug=overfit)."""

@@ -60,10 +60,10 @@ def resolve_run(cfg: DictConfig) -> ResolvedRun:
     start = describe(str(cfg.init_from)) if cfg.init_from else None
     model_config = effective_model_config(OmegaConf.to_container(cfg.model), start, cfg.init_from, problems)
     tokenizer = effective_tokenizer(cfg.data.tokenizer, start, cfg.init_from, problems)
-    if tokenizer and "chat_template" in cfg.data and not problems:  # the special tokens the template needs
-        tokenizer = chat_tokenizer(tokenizer, cfg.data.chat_template)
-        model_config = with_vocabulary(model_config, tokenizer)
     stage_class, stage = build_stage(cfg.finetune, problems)
+    if tokenizer and stage_class is not None and stage_class.adds_template_tokens and not problems:
+        tokenizer = chat_tokenizer(tokenizer, cfg.data.chat_template)  # the special tokens the template needs
+        model_config = with_vocabulary(model_config, tokenizer)
     context_length = model_config.context_length if model_config else 1
     if cfg.data.get("context_length") is not None:  # a window shorter than the model's (text data)
         context_length = cfg.data.context_length

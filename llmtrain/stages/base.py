@@ -85,6 +85,7 @@ class Stage(nn.Module):
     outputs: ClassVar[tuple[str, ...]] = ()  # what write_files adds to the run dir, in words (skipped under FSDP)
     predicts_tokens: ClassVar[bool] = True  # its model ends in the LM head (lm_eval tasks can score it)
     sequences_per_item: ClassVar[int] = 1  # sequences a batch holds per item of data.batch_size (DPO: 2, a pair)
+    adds_template_tokens: ClassVar[bool] = False  # the special tokens data.chat_template writes join the tokenizer
 
     def __init__(self, train_blocks: str | int, lora: dict | None, loss_chunk: int | None = None,
                  sample_tokens: int = 0) -> None:

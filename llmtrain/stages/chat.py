@@ -24,6 +24,7 @@ class Chat(Pretrain):
     data_module = "ChatDataModule"
     data_presets = "data=chat_embedded, data=chat_json or data=chat_parquet"
     counts_vary = True  # assistant tokens per conversation differ
+    adds_template_tokens = True  # ChatML's <|im_start|>, <|im_end|> for GPT-2's BPE: the model grows to match
 
     def __init__(self, train_blocks: str | int, lora: dict | None, loss_chunk: int | None, train_on: str) -> None:
         super().__init__(train_blocks, lora, loss_chunk, sample_prompt=None, sample_tokens=0)

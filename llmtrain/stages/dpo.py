@@ -2,7 +2,8 @@
 Secretly a Reward Model"): the stage, its loss, the implicit rewards and the reference model.
 
 A batch of B preference pairs holds 2B sequences (data/preferences.py): rows [0, B) are prompt + chosen response,
-rows [B, 2B) the same prompts + rejected response, with labels IGNORE_INDEX on the prompt and the padding. The
+rows [B, 2B) the same prompts + rejected response, with labels IGNORE_INDEX on the prompt and the padding (the
+prompt in the instruct template, or a conversation in a chat template whose final assistant turn is the response). The
 log-probability of a response, log π(y|x), is the sum over its tokens (the sequence likelihood of eq. 7, not a
 mean). The loss of a pair is eq. 7 of the paper,
 
@@ -89,10 +90,24 @@ class DPO(Stage):
                              f"is usual), got {beta}")
         self.beta, self.num_samples = float(beta), num_samples
         self.reference: nn.Module | None = None
+        self.chat_template: str | None = None  # the Jinja source conversation records were rendered with (setup)
+        self.end_of_turn: int | None = None
 
     def setup(self, datamodule) -> None:
+        if datamodule.conversational:  # no samples: they are written in the instruct template
+            template = datamodule.template
+            self.chat_template, self.end_of_turn = template.source, template.end_of_turn()
+            return
         self.sample_prompts = [format_prompt(r["prompt"], template=self.prompt_template)
                                for r in datamodule.records["val"][: self.num_samples]]
+
+    def record(self) -> dict:
+        """A DPO run on conversations records its chat template and end-of-turn id as a chat run does (exports,
+        python -m llmtrain.chat); one on text its prompt template."""
+        if self.chat_template is None:
+            return super().record()
+        return super().record() | {"prompt_template": None, "chat_template": self.chat_template,
+                                   "end_of_turn": self.end_of_turn}
 
     def build_model(self, gpt: GPT) -> nn.Module:
         policy = super().build_model(gpt)

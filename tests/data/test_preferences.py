@@ -107,7 +107,7 @@ def test_json_parquet_and_hub_presets_read_the_prompt_chosen_rejected_columns(tm
     assert sizes["truthy_dpo"]["val"] < sizes["preference_json"]["val"]  # its preset holds out 5%, not 10%
 
 
-def test_other_column_names_and_conversations(tmp_path):
+def test_other_column_names(tmp_path):
     rows = pairs(30)
     renamed = {"question": rows["prompt"], "good": rows["chosen"], "bad": rows["rejected"]}
     datasets.Dataset.from_dict(renamed).to_parquet(str(tmp_path / "orca.parquet"))
@@ -118,12 +118,6 @@ def test_other_column_names_and_conversations(tmp_path):
                          prompt_column="question", chosen_column="good", rejected_column="bad")
     dm.setup()
     assert dm.records["train"][0]["prompt"].startswith("Name the number")
-
-    chat = {"prompt": rows["prompt"], "chosen": [[{"role": "assistant", "content": c}] for c in rows["chosen"]],
-            "rejected": [[{"role": "assistant", "content": c}] for c in rows["rejected"]]}
-    datasets.Dataset.from_dict(chat).to_parquet(str(tmp_path / "chat.parquet"))
-    with pytest.raises(UserError, match="data.chosen_column='chosen' holds list values, not text"):
-        make_datamodule("preference_parquet", path=str(tmp_path / "chat.parquet"), tokenizer="gpt2").setup()
 
 
 def test_the_build_script_pairs_each_entry_with_another_of_its_own_split():

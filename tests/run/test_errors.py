@@ -51,9 +51,10 @@ def make_files(tmp_path: Path) -> Path:
         (tmp_path / name / "config.json").write_text(json.dumps(llama | change))
     dpo = {"model_config": pretrain, "stage": "dpo", "tokenizer": "gpt2", "init_from": "runs/instruct"}
     torch.save({"state_dict": {}, "llmtrain": dpo}, tmp_path / "dpo.ckpt")
-    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(
-        {"prompt": f"q{i}", "chosen": [{"role": "assistant", "content": "yes"}],
-         "rejected": [{"role": "assistant", "content": "no"}]}) for i in range(20)))
+    pairs = [{"prompt": f"q{i}", "chosen": [{"role": "assistant", "content": "yes"}],
+              "rejected": [{"role": "assistant", "content": "no"}]} for i in range(20)]
+    pairs[5]["chosen"].append({"role": "user", "content": "and?"})  # the answer is not the last message
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
     user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
     for name, bad in (("role", {"messages": [user, {"role": "bot", "content": "a"}]}),
                       ("empty", {"messages": [user, {"role": "assistant", "content": ""}]}),

@@ -9,8 +9,9 @@ import datasets
 import pytest
 import torch
 import transformers
-from conftest import ROOT, TINY, compose, read_scalars
+from conftest import ROOT, TINY, compose, read_scalars, write_checkpoint
 
+from llmtrain.data.chat_template import CHATML, chat_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.run.resolve import resolve_run
 from llmtrain.run.train import train
@@ -39,15 +40,64 @@ def stand_ins(tmp_path_factory) -> dict[str, str]:
     records = [{"instruction": f"Add {i} and 2.", "input": "", "output": f"{i + 2}"} for i in range(80)]
     alpaca = datasets.Dataset.from_list([r | {"text": f"{r['instruction']} {r['output']}"} for r in records])
     alpaca.to_parquet(root / "alpaca" / "data" / "train-00000-of-00001.parquet")
-    return {"init_from": str(root / "gpt2"), "spam": str(root / "sms_spam"), "alpaca": str(root / "alpaca")}
+    return {"init_from": str(root / "gpt2"), "spam": str(root / "sms_spam"), "alpaca": str(root / "alpaca"),
+            "pretrain": str(write_checkpoint(root / "pretrain.ckpt")), "smollm": str(save_smollm(root / "smollm")),
+            "smoltalk": str(save_smoltalk(root / "smoltalk"))}
+
+
+# SmolLM-Instruct's kind of template: ChatML with a system message of its own when the conversation has none
+SMOLLM_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+                   "'<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}{{ "
+                   "'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def save_smollm(folder: Path) -> Path:
+    """SmolLM-135M-Instruct's shape, tiny: a random tied LlamaForCausalLM with grouped key/value heads, a byte-level
+    tokenizer.json whose special tokens are SmolLM's (<|endoftext|>, <|im_start|>, <|im_end|>) and a
+    tokenizer_config.json with its chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from llmtrain.data.tokenizer import byte_decoder
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=259, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    table = {b: c for c, b in byte_decoder().items()}
+    tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": SMOLLM_TEMPLATE}))
+    return folder
+
+
+def save_smoltalk(folder: Path) -> Path:
+    """SmolTalk's layout: a README naming the config everyday-conversations and its files, messages and a topic."""
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: everyday-conversations\n  data_files:\n"
+                                      "  - split: train\n    path: data/train.jsonl\n---\n")
+    rows = [{"full_topic": "numbers", "messages": [{"role": "user", "content": f"What comes after {i}?"},
+                                                   {"role": "assistant", "content": f"{i + 1}."}]} for i in range(80)]
+    (folder / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
 
 
 def local(experiment: str, stand_ins: dict[str, str]) -> list[str]:
-    """The overrides that point a recipe at the local stand-ins instead of the Hub."""
+    """The overrides that point a recipe at the local stand-ins instead of the Hub (and at a pretraining
+    checkpoint where the recipe takes one)."""
     if experiment in ("spam_gpt2", "lora_spam"):
         return [f"init_from={stand_ins['init_from']}", f"data.path={stand_ins['spam']}"]
     if experiment == "alpaca_gpt2_medium":  # its benchmarks read the Hub too
         return [f"init_from={stand_ins['init_from']}", f"data.path={stand_ins['alpaca']}", "eval.tasks=[]"]
+    if experiment == "chat_from_pretrain":  # a bytes checkpoint of context 64: most answers are cut off
+        return [f"init_from={stand_ins['pretrain']}", "data.max_dropped_fraction=1.0"]
+    if experiment == "smollm_chat":
+        return [f"init_from={stand_ins['smollm']}", f"data.path={stand_ins['smoltalk']}"]
     return []
 
 
@@ -55,7 +105,9 @@ def local(experiment: str, stand_ins: dict[str, str]) -> list[str]:
 def test_every_recipe_composes_and_passes_the_checks(experiment, stand_ins, tmp_path):
     cfg = compose([f"experiment={experiment}", *local(experiment, stand_ins)], tmp_path)
     eff = resolve_run(cfg)
-    assert cfg.trainer.max_steps > 0 and eff.tokenizer == "gpt2"
+    tokenizer = {"chat_from_pretrain": chat_tokenizer("bytes", "chatml"),
+                 "smollm_chat": str(Path(stand_ins["smollm"], "tokenizer.json").resolve())}.get(experiment, "gpt2")
+    assert cfg.trainer.max_steps > 0 and eff.tokenizer == tokenizer
 
 
 @pytest.mark.parametrize("preset", DEBUG)
@@ -116,6 +168,21 @@ def test_the_hub_recipes_run_on_local_stand_ins(experiment, stand_ins, tmp_path)
     assert metrics["step"] == 3
     assert ("test/acc" in metrics) == (experiment != "alpaca_gpt2_medium")
     assert (tmp_path / "adapter").is_dir() == (experiment == "lora_spam")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["chat_from_pretrain", "smollm_chat"])
+def test_the_chat_recipes_run_on_a_pretraining_checkpoint_and_a_local_smollm(experiment, stand_ins, tmp_path):
+    """chat_from_pretrain adds ChatML's tokens to the checkpoint's tokenizer and grows it; smollm_chat keeps the
+    model's own template and vocabulary. The export carries the template either way."""
+    cfg = compose([f"experiment={experiment}", *local(experiment, stand_ins), "debug=fast", "trainer.accelerator=cpu",
+                   "callbacks.progress_bar=null", "trainer.precision=32-true"], tmp_path)
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 3 and 0 < metrics["val/loss"] < 20
+    exported = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"]
+    vocab = json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"]
+    assert (exported, vocab) == ((CHATML, 259) if experiment == "chat_from_pretrain" else (SMOLLM_TEMPLATE, 259))
 
 
 @pytest.mark.slow

@@ -39,13 +39,39 @@ def test_conversations_without_an_assistant_token_after_truncation_are_left_out(
     assert sum(len(datamodule.sets[s]) for s in ("train", "val", "test")) == 39
 
 
-def test_a_malformed_row_of_a_file_is_named_by_its_row(tmp_path):
+def test_a_malformed_row_of_a_file_is_named_by_its_row_or_skipped_and_counted(tmp_path, capsys):
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 20
     rows[7] = {"messages": [{"role": "user", "content": "q"}]}
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     dm = make_datamodule("chat_json", path=str(tmp_path / "c.jsonl"), tokenizer=CHATML_BYTES)
     with pytest.raises(UserError, match=r"^data.path row 7 \(train record 6\): messages has no assistant turn"):
         dm.setup("fit")
+    skipping = make_datamodule("chat_json", path=str(tmp_path / "c.jsonl"), tokenizer=CHATML_BYTES,
+                               on_bad_record="skip")  # data.on_bad_record=skip: left out and counted in one line
+    skipping.setup("fit")
+    assert sum(len(skipping.conversations[s]) for s in ("train", "val", "test")) == 19
+    out = capsys.readouterr().out
+    assert out.count("malformed") == 1 and ("data: 1 of 20 conversations are malformed and left out "
+                                            "(data.on_bad_record=skip), the first: data.path row 7") in out
+
+
+def test_the_hub_preset_reads_a_dataset_of_the_shape_it_names(tmp_path):
+    """data=chat_hub names a Hub dataset and a config of it; a local folder in the Hub's layout (a README whose
+    configs list the files, extra columns, train and test splits) goes through the same loading."""
+    hub = tmp_path / "smoltalk"
+    (hub / "data").mkdir(parents=True)
+    (hub / "README.md").write_text("---\nconfigs:\n- config_name: everyday-conversations\n  data_files:\n"
+                                   "  - split: train\n    path: data/train.jsonl\n"
+                                   "  - split: test\n    path: data/test.jsonl\n---\n")
+    for split, n in (("train", 60), ("test", 5)):
+        rows = [{"full_topic": "t", "messages": [{"role": "user", "content": f"Q{i}?"},
+                                                 {"role": "assistant", "content": f"A{i}."}]} for i in range(n)]
+        (hub / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = make_datamodule("chat_hub", path=str(hub), tokenizer=CHATML_BYTES)
+    assert (dm.source, dm.subset) == ("hub", "everyday-conversations")
+    dm.setup("fit")
+    questions = [c[0]["content"] for s in ("train", "val", "test") for c in dm.conversations[s]]
+    assert sorted(questions) == sorted(f"Q{i}?" for i in range(60))  # the Hub's train split, divided
 
 
 def test_a_batch_marks_the_assistant_targets_and_pads_with_ignore(datamodule):
