@@ -37,7 +37,7 @@ from llmtrain.training.callbacks import AtomicCheckpointIO, newest_checkpoint
 from llmtrain.training.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.training.logs import quiet_lightning
 from llmtrain.training.module import LanguageModel
-from llmtrain.training.preemption import cluster_plugins, ignore_hpc_checkpoints, stopping_signal
+from llmtrain.training.preemption import cluster_plugins, ignore_hpc_checkpoints, stale_hpc_warning, stopping_signal
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is not a valid batch size.*|.*Trying to infer the `batch_size`.*")
@@ -52,6 +52,8 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
     quiet_lightning()
     run_dir, stage = Path(cfg.run_dir), run.stage
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    if is_launch_rank() and (stale := stale_hpc_warning(run_dir)):
+        print(stale, file=sys.stderr, flush=True)
     if ckpt_path is not None:  # that it loads and fits: not deep inside fit
         info = read_info(ckpt_path, f"ckpt_path={ckpt_path}", hint="; pass another one (ckpt_path=auto "
                          "hydra.run.dir=<its run dir> takes the newest one that loads)")

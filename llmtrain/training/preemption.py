@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from types import FrameType
 
 import lightning as L
@@ -103,3 +104,13 @@ def requeue_slurm_job() -> str | None:
 def stopping_signal(trainer: L.Trainer) -> str:
     """The signal that stopped fit, for the run's last line."""
     return getattr(trainer._signal_connector, "received", None) or "SIGTERM"
+
+
+def stale_hpc_warning(run_dir: Path) -> str | None:
+    """The line to print when the run dir holds hpc_ckpt_N.ckpt (written by Lightning's auto-requeue, e.g. by an
+    earlier version): they are not resumed from."""
+    found = sorted(p.name for p in Path(run_dir).glob("hpc_ckpt_*.ckpt"))
+    if not found:
+        return None
+    return (f"warning: {run_dir} holds {', '.join(found)} from Lightning's SLURM auto-requeue: llmtrain does not "
+            f"resume from it (it would skip the resume checks); ckpt_path=auto resumes from checkpoints/last.ckpt")

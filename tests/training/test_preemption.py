@@ -96,3 +96,7 @@ def test_a_stale_hpc_checkpoint_is_never_resumed_from_under_slurm(tmp_path, monk
     assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue is False
     connector = trainer._checkpoint_connector
     assert connector._parse_ckpt_path(TrainerFn.FITTING, None, model_provided=True, model_connected=True) is None
+    assert preemption.stale_hpc_warning(tmp_path) == (
+        f"warning: {tmp_path} holds hpc_ckpt_3.ckpt from Lightning's SLURM auto-requeue: llmtrain does not resume "
+        f"from it (it would skip the resume checks); ckpt_path=auto resumes from checkpoints/last.ckpt")
+    assert preemption.stale_hpc_warning(tmp_path / "checkpoints") is None
