@@ -133,6 +133,16 @@ def test_a_sigterm_on_one_rank_saves_and_stops_every_rank(tmp_path):
     assert trainer.saved == [(tmp_path / "last.ckpt", 4)] and trainer.received_sigterm  # Lightning stops now
 
 
+def test_a_signal_inside_an_accumulation_window_waits_for_the_window_to_end(tmp_path):
+    trainer, cb = StubTrainer(max_steps=100), LastCheckpoint(str(tmp_path), every_n_steps=50)
+    cb.on_train_start(trainer, None)
+    trainer._signal_connector.received = "SIGTERM"
+    cb.on_train_batch_end(trainer, None, None, None, 0)  # a micro-batch that ends no window: no step
+    assert trainer.saved == [] and not trainer.received_sigterm
+    trainer.step(cb, 1)
+    assert trainer.saved == [(tmp_path / "last.ckpt", 1)] and trainer.received_sigterm
+
+
 def test_last_ckpt_is_saved_every_n_steps_and_at_the_final_steps_batch_end(tmp_path):
     """At the end of the final step's batch, as every other save: a checkpoint saved later, at train end, would
     hold the loops' state after the epoch ended rather than the data position in the form a resume reads."""
