@@ -41,3 +41,25 @@ class KillDuringSave(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
         torch.save = half_then_die  # the checkpoint writer calls torch.save(checkpoint, file) next
+
+
+class SignalAt(L.Callback):
+    """Sends `signal_name` to its own process on global rank `rank` only: at the start of training batch `batch`,
+    or (validation=true) at the start of the first batch of the first validation inside fit after that batch."""
+
+    def __init__(self, signal_name: str, batch: int, rank: int = 0, validation: bool = False) -> None:
+        self.signum, self.batch, self.rank, self.validation = signal.Signals[signal_name], batch, rank, validation
+
+    def _send(self, trainer) -> None:
+        if trainer.global_rank == self.rank:
+            os.kill(os.getpid(), self.signum)
+        self.batch = None  # once
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.validation and trainer.fit_loop.total_batch_idx == self.batch:
+            self._send(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if (self.validation and self.batch is not None and not trainer.sanity_checking
+                and trainer.fit_loop.total_batch_idx >= self.batch and batch_idx == 0):
+            self._send(trainer)

@@ -38,6 +38,7 @@ from llmtrain.training.evaluation import TaskEvaluation
 from llmtrain.training.hardware import allow_tf32, fused_optimizer, on_cuda
 from llmtrain.training.logs import quiet_lightning
 from llmtrain.training.module import LanguageModel
+from llmtrain.training.preemption import cluster_plugins, ignore_hpc_checkpoints, stale_hpc_warning, stopping_signal
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is not a valid batch size.*|.*Trying to infer the `batch_size`.*")
@@ -52,6 +53,8 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
     quiet_lightning()
     run_dir, stage = Path(cfg.run_dir), run.stage
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    if is_launch_rank() and (stale := stale_hpc_warning(run_dir)):
+        print(stale, file=sys.stderr, flush=True)
     if ckpt_path is not None:  # that it loads and fits: not deep inside fit
         info = read_info(ckpt_path, f"ckpt_path={ckpt_path}", hint="; pass another one (ckpt_path=auto "
                          "hydra.run.dir=<its run dir> takes the newest one that loads)")
@@ -108,7 +111,7 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         if trainer.is_global_zero:
-            print(f"stopped by SIGTERM at step {trainer.global_step}; newest checkpoint: "
+            print(f"stopped by {stopping_signal(trainer)} at step {trainer.global_step}; newest checkpoint: "
                   f"{newest_checkpoint(trainer) or 'none'}. "
                   f"Resume with: python -m llmtrain <same overrides> hydra.run.dir={run_dir} ckpt_path=auto")
         sys.exit(0)
@@ -151,7 +154,8 @@ def start_model(cfg: DictConfig, run: ResolvedRun) -> GPT:
 
 def build_trainer(cfg: DictConfig, run: ResolvedRun) -> L.Trainer:
     """lightning.Trainer from cfg.trainer, with the resolved precision and accumulation, the callbacks and logger
-    as the config builds them, and checkpoints written atomically."""
+    as the config builds them, checkpoints written atomically, and under SLURM without Lightning's auto-requeue
+    (llmtrain's LastCheckpoint saves and requeues instead)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs |= {"precision": run.precision, "accumulate_grad_batches": run.accumulate}
     for key, node in cfg.trainer.items():  # objects: a strategy (FSDP with its wrap policy), a profiler
@@ -163,7 +167,9 @@ def build_trainer(cfg: DictConfig, run: ResolvedRun) -> L.Trainer:
     # a progress bar or model summary set to null in cfg.callbacks means none, not Lightning's default one
     kwargs.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
     kwargs.setdefault("enable_model_summary", False)  # ours (callbacks.model_summary) prints without it
-    return L.Trainer(**kwargs, logger=build_loggers(cfg.logger), callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    trainer = L.Trainer(**kwargs, logger=build_loggers(cfg.logger), callbacks=callbacks,
+                        plugins=[AtomicCheckpointIO(), *cluster_plugins()])
+    return ignore_hpc_checkpoints(trainer)
 
 
 def build_loggers(node: DictConfig | None) -> list:

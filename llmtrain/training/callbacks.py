@@ -1,5 +1,5 @@
-"""Callbacks of our own (throughput, last.ckpt) and the atomic checkpoint writer; the stock ones (best
-checkpoint by val/loss, LR monitor, progress bar) come from Lightning."""
+"""Callbacks of our own (throughput, last.ckpt and the save on preemption) and the atomic checkpoint writer; the
+stock ones (best checkpoint by val/loss, LR monitor, progress bar) come from Lightning."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from llmtrain.files import saving
 from llmtrain.training.flops import TrainingFlops, attention_width, peak_flops, training_flops
+from llmtrain.training.preemption import PreemptionSignals, requeue_slurm_job, take_over_signals
 
 
 class TokenCounts:
@@ -141,12 +141,13 @@ def peak_memory_gib(device: torch.device) -> float:
 class LastCheckpoint(L.Callback):
     """Keeps `checkpoints/last.ckpt` at a state a run can resume from exactly, and says where it is.
 
-    It saves every `every_n_steps` optimizer steps, at the final step, and when SIGTERM arrives (what SLURM
-    and cloud schedulers send before they stop a job), always right after an optimizer step: between the
-    micro-batches of a gradient-accumulation window the summed gradients would be lost. A SIGTERM in the middle
-    of a window is held back until the window ends; then the state is saved on every rank (rank zero writes)
-    and Lightning stops the run. Saving inside `fit` at the end of a batch means that each checkpoint holds
-    the data position in the same form (see resume.py).
+    It saves every `every_n_steps` optimizer steps, at the final step, and when SIGTERM or SIGUSR1 arrives (what
+    SLURM and cloud schedulers send before they stop a job), always right after an optimizer step: between the
+    micro-batches of a gradient-accumulation window the summed gradients would be lost. The signal handlers only
+    note a signal (preemption.py); at the next window end, or at the end of a validation run at one, the ranks
+    agree (any rank signalled is enough), all save (rank zero writes), rank zero requeues a SLURM job after
+    SIGUSR1, and Lightning stops the run on every rank. Saving inside `fit` at the end of a batch means that
+    each checkpoint holds the data position in the same form (see resume.py).
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 100) -> None:
@@ -155,7 +156,9 @@ class LastCheckpoint(L.Callback):
         self.saved_step: int | None = None
         self._last_step = 0  # global_step after the previous batch: it grows when a batch ends a window
         self._at_window_end = True  # no accumulated gradients outstanding
-        self._sigterm = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        take_over_signals(trainer)  # Lightning registers the signal handlers right after this hook
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = self.saved_step = trainer.global_step  # a resumed run does not re-save its start
@@ -165,30 +168,35 @@ class LastCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
         self._at_window_end = stepped
-        if trainer.received_sigterm and not stepped:  # finish the accumulation window first
-            self._sigterm = True
-            _set_received_sigterm(trainer, False)
-        if not stepped:
+        if not stepped:  # finish the accumulation window first
             return
-        stop = trainer.strategy.reduce_boolean_decision(self._sigterm or trainer.received_sigterm, all=False)
         step = trainer.global_step
-        if stop or step % self.every_n_steps == 0 or step >= trainer.max_steps:
+        if step % self.every_n_steps == 0 or step >= trainer.max_steps:
             self._save(trainer)
-        if stop:
-            rank_zero_info(f"SIGTERM: saved {self.saved_path} at step {step}")
-            _set_received_sigterm(trainer, True)  # Lightning raises SIGTERMException at the end of this batch
+        self._stop_if_signalled(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._at_window_end:
+            self._stop_if_signalled(trainer)  # a signal during validation: stop when it ends
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.saved_step != trainer.global_step:  # stopped early, e.g. by trainer.should_stop
             self._save(trainer)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """SIGTERM that Lightning raised elsewhere (during a validation inside fit): save if at a window end."""
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        """At a window end on every rank: if any rank was signalled, save, requeue after SIGUSR1, and stop."""
+        signals = trainer._signal_connector
+        if not isinstance(signals, PreemptionSignals):
             return
-        if self._at_window_end and self.saved_step != trainer.global_step:
-            self._save(trainer)
-            rank_zero_info(f"SIGTERM: saved {self.saved_path} at step {trainer.global_step}")
+        if not trainer.strategy.reduce_boolean_decision(signals.received is not None, all=False):
+            return
+        self._save(trainer)
+        usr1 = trainer.strategy.reduce_boolean_decision(signals.received == "SIGUSR1", all=False)
+        signals.received = "SIGUSR1" if usr1 else "SIGTERM"  # the same name on every rank, for the last line
+        rank_zero_info(f"{signals.received}: saved {self.saved_path} at step {trainer.global_step}")
+        if usr1 and trainer.is_global_zero and (requeued := requeue_slurm_job()):
+            rank_zero_info(requeued)
+        signals.received_sigterm = True  # Lightning raises SIGTERMException next, on every rank
 
     def _save(self, trainer: L.Trainer) -> None:
         if self.saved_step == trainer.global_step and self.saved_path is not None:
@@ -196,12 +204,6 @@ class LastCheckpoint(L.Callback):
         self.saved_path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(self.saved_path, weights_only=False)  # the full state: an exact resume
         self.saved_step = trainer.global_step
-
-
-def _set_received_sigterm(trainer: L.Trainer, value: bool) -> None:
-    # Trainer.received_sigterm is a read-only view of the flag that Lightning's SIGTERM handler sets and its
-    # loops check at every batch end; holding a signal back until a window ends means setting the flag itself
-    trainer._signal_connector.received_sigterm = value
 
 
 def newest_checkpoint(trainer: L.Trainer) -> str | None:

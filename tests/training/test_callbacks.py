@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llmtrain.training.callbacks import AtomicCheckpointIO, LastCheckpoint
+from llmtrain.training.preemption import PreemptionSignals
 
 
 class Payload:
@@ -98,12 +99,12 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_the_previous_c
 
 
 class StubTrainer(SimpleNamespace):
-    """What LastCheckpoint reads of a Trainer, on one of two ranks (the other never receives SIGTERM); it records
+    """What LastCheckpoint reads of a Trainer, on one of two ranks (the other never receives a signal); it records
     the saves as (path, step)."""
 
     def __init__(self, max_steps: int) -> None:
-        super().__init__(global_step=0, max_steps=max_steps, ckpt_path=None, saved=[],
-                         _signal_connector=SimpleNamespace(received_sigterm=False))
+        super().__init__(global_step=0, max_steps=max_steps, ckpt_path=None, saved=[], is_global_zero=False)
+        self._signal_connector = PreemptionSignals(self)
         other_rank = False
         self.strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: (
             (decision and other_rank) if all else (decision or other_rank)))
@@ -127,9 +128,19 @@ def test_a_sigterm_on_one_rank_saves_and_stops_every_rank(tmp_path):
     trainer, cb = StubTrainer(max_steps=100), LastCheckpoint(str(tmp_path), every_n_steps=50)
     cb.on_train_start(trainer, None)
     trainer.step(cb, 3)
-    trainer._signal_connector.received_sigterm = True  # arrives here only
+    trainer._signal_connector.received = "SIGTERM"  # arrives here only, as the handler notes it
     trainer.step(cb, 4)
     assert trainer.saved == [(tmp_path / "last.ckpt", 4)] and trainer.received_sigterm  # Lightning stops now
+
+
+def test_a_signal_inside_an_accumulation_window_waits_for_the_window_to_end(tmp_path):
+    trainer, cb = StubTrainer(max_steps=100), LastCheckpoint(str(tmp_path), every_n_steps=50)
+    cb.on_train_start(trainer, None)
+    trainer._signal_connector.received = "SIGTERM"
+    cb.on_train_batch_end(trainer, None, None, None, 0)  # a micro-batch that ends no window: no step
+    assert trainer.saved == [] and not trainer.received_sigterm
+    trainer.step(cb, 1)
+    assert trainer.saved == [(tmp_path / "last.ckpt", 1)] and trainer.received_sigterm
 
 
 def test_last_ckpt_is_saved_every_n_steps_and_at_the_final_steps_batch_end(tmp_path):
