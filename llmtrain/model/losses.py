@@ -30,10 +30,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     The gradients are computed in the forward pass, chunk by chunk, from each chunk's softmax (what the plain
     path's backward computes from the stored logits): d loss / d logits = softmax - onehot. The backward pass
     scales them by the incoming gradient. The same three matmuls as the plain path, none recomputed.
-
-    Each (n, V) chunk is passed over as few times as the math allows: its logits are read once for the
-    log-sum-exp and once to become the softmax, written in the matmuls' dtype (bf16 under autocast) by the exp
-    itself, and unlabelled rows are masked in the small (n, C) tensors rather than in the (n, V) one.
     """
 
     @staticmethod
@@ -46,25 +42,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.size(0), chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]  # (n, C), (n,)
-            product = h @ weight.t()  # (n, V), in the matmul's dtype: bf16 under autocast
-            logits = product.float()
+            logits = (h @ weight.t()).float()  # (n, V)
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             valid = y != IGNORE_INDEX
             target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
             total += torch.where(valid, lse - target, 0.0).sum()
             if needs_hidden or needs_weight:
-                # the softmax, written straight into the matmuls' dtype (in place where that is fp32), minus the
-                # one-hot target; rows without a label are masked below, in the (n, C) tensors: no nonzero() or
-                # boolean indexing, which would wait for the device to learn how many rows there are
-                dlogits = torch.exp(logits.sub_(lse[:, None]), out=product if product.dtype != torch.float32
-                                    else logits)
-                dlogits.scatter_add_(1, y.clamp(min=0)[:, None], torch.full_like(y[:, None], -1, dtype=dlogits.dtype))
-                keep = valid[:, None].to(h.dtype)  # (n, 1)
-                if needs_hidden:  # under autocast the matmul casts the weight (once, cached); else to dlogits'
-                    w = weight if torch.is_autocast_enabled(h.device.type) else weight.to(dlogits.dtype)
-                    grad_hidden[start : start + chunk] = (dlogits @ w).to(h.dtype) * keep
+                probs = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+                # minus the one-hot target, and no gradient from unlabelled rows: without nonzero() or boolean
+                # indexing, which would wait for the device to learn how many rows there are
+                probs.scatter_add_(1, y.clamp(min=0)[:, None], -valid[:, None].to(probs.dtype))
+                probs.mul_(valid[:, None])
+                dlogits = probs.to(h.dtype)
+                if needs_hidden:
+                    grad_hidden[start : start + chunk] = dlogits @ weight.to(h.dtype)
                 if needs_weight:
-                    grad_weight += (dlogits.t() @ (h * keep).to(dlogits.dtype)).float()
+                    grad_weight += (dlogits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
