@@ -11,10 +11,14 @@ alternate, and the rate is tokens per second over the steps after --warmup (nano
 `time ...ms` lines; llmtrain: the same stamps from a callback, as benchmarks/throughput.py takes them).
 
 Rows:
-- equal settings: fp32, no compile, AdamW, each program's vocabulary (nanoGPT pads 50,257 to 50,304) and its
+- fp32 at equal settings: no compile, AdamW, each program's vocabulary (nanoGPT pads 50,257 to 50,304) and its
   loss path (llmtrain: its default chunked head + loss; nanoGPT: the full logits);
+- bf16 at equal settings: the same with bf16 autocast on both sides (llmtrain: trainer.precision=bf16-mixed;
+  nanoGPT: --dtype=bfloat16 through a copy of its train.py, train_cpu_autocast.py, whose one change is to apply
+  its autocast on a CPU too: train.py itself uses autocast only on CUDA). Meaningful where the CPU has native
+  bf16 (avx512_bf16 or amx_bf16); the script says whether this one has;
 - llmtrain's defaults (trainer.precision=auto: bf16 where the CPU has native bf16; pretraining's Muon) against
-  nanoGPT's CPU recipe (its train.py on a CPU always runs fp32: it uses autocast only on CUDA).
+  nanoGPT's CPU recipe (fp32).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from model_options import cpu_name
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -59,13 +65,26 @@ def prepare_tokens(nanogpt: Path) -> None:
         shutil.copyfile(dm.cache.dir / f"{split}.bin", target / f"{split}.bin")
 
 
-def run_nanogpt(nanogpt: Path, steps: int, warmup: int) -> float:
+CPU_AUTOCAST = "train_cpu_autocast.py"
+
+
+def write_cpu_autocast_copy(nanogpt: Path) -> None:
+    """nanoGPT's train.py with its autocast applied on a CPU too (the only line changed)."""
+    source = (nanogpt / "train.py").read_text()
+    cuda_only = "nullcontext() if device_type == 'cpu' else "
+    if source.count(cuda_only) != 1:
+        raise SystemExit(f"{nanogpt / 'train.py'}: its autocast line has changed; cannot run it in bf16 on a CPU")
+    (nanogpt / CPU_AUTOCAST).write_text(source.replace(cuda_only, ""))
+
+
+def run_nanogpt(nanogpt: Path, steps: int, warmup: int, dtype: str = "float32") -> float:
+    script = "train.py" if dtype == "float32" else CPU_AUTOCAST
     args = [f"--{k}={v}" for k, v in SHAPE.items()] + [
-        "--device=cpu", "--compile=False", "--dtype=float32", f"--dataset={DATASET}", "--dropout=0.0", "--bias=True",
+        "--device=cpu", "--compile=False", f"--dtype={dtype}", f"--dataset={DATASET}", "--dropout=0.0", "--bias=True",
         "--gradient_accumulation_steps=1", f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--eval_iters=1",
         "--eval_interval=100000", "--log_interval=1", "--always_save_checkpoint=False", "--wandb_log=False",
         f"--out_dir={tempfile.mkdtemp(prefix='nanogpt-out-')}"]
-    result = subprocess.run([sys.executable, "train.py", *args], cwd=nanogpt, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, script, *args], cwd=nanogpt, capture_output=True, text=True)
     times = [float(ms) for ms in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", result.stdout, flags=re.M)]
     if result.returncode or len(times) < steps:
         raise SystemExit(f"nanoGPT's train.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
@@ -115,6 +134,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", nargs="*", choices=["fp32", "bf16", "defaults"], help="a subset of the rows")
     p.add_argument("--llmtrain-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="32-true", help=argparse.SUPPRESS)
     p.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
@@ -125,10 +145,15 @@ def main() -> None:
     if args.nanogpt is None or not (args.nanogpt / "train.py").is_file():
         p.error("--nanogpt must point at a checkout of karpathy/nanoGPT (with train.py)")
     prepare_tokens(args.nanogpt)
-    runs: dict[str, list[float]] = {"nanoGPT fp32": [], "llmtrain fp32": [], "llmtrain defaults": []}
+    write_cpu_autocast_copy(args.nanogpt)
     makers = {"nanoGPT fp32": lambda: run_nanogpt(args.nanogpt, args.steps, args.warmup),
               "llmtrain fp32": lambda: run_llmtrain(args.steps, args.warmup, "32-true", "adamw"),
+              "nanoGPT bf16": lambda: run_nanogpt(args.nanogpt, args.steps, args.warmup, "bfloat16"),
+              "llmtrain bf16": lambda: run_llmtrain(args.steps, args.warmup, "bf16-mixed", "adamw"),
               "llmtrain defaults": lambda: run_llmtrain(args.steps, args.warmup, "auto", "default")}
+    if args.only:
+        makers = {name: make for name, make in makers.items() if name.split()[-1] in args.only}
+    runs: dict[str, list[float]] = {name: [] for name in makers}
     for i in range(args.repeats):
         for name in (list(makers) if i % 2 == 0 else list(makers)[::-1]):
             runs[name].append(makers[name]())
@@ -138,9 +163,13 @@ def main() -> None:
           f"left out; median of {args.repeats}")
     for name, r in runs.items():
         print(f"  {name:18s} {med[name]:8,.0f} tokens/s (min {min(r):,.0f}, max {max(r):,.0f})")
-    nano = med["nanoGPT fp32"]
-    print(f"  llmtrain / nanoGPT at equal settings (fp32, no compile): {med['llmtrain fp32'] / nano:.2f}x")
-    print(f"  llmtrain's defaults / nanoGPT's CPU recipe: {med['llmtrain defaults'] / nano:.2f}x")
+    print(f"  CPU: {cpu_name()}")
+    for dtype in ("fp32", "bf16"):
+        if f"nanoGPT {dtype}" in med and f"llmtrain {dtype}" in med:
+            print(f"  llmtrain / nanoGPT at equal settings ({dtype}, no compile): "
+                  f"{med[f'llmtrain {dtype}'] / med[f'nanoGPT {dtype}']:.2f}x")
+    if "nanoGPT fp32" in med and "llmtrain defaults" in med:
+        print(f"  llmtrain's defaults / nanoGPT's CPU recipe: {med['llmtrain defaults'] / med['nanoGPT fp32']:.2f}x")
 
 
 if __name__ == "__main__":
