@@ -122,8 +122,8 @@ def train(cfg: DictConfig, run: ResolvedRun | None = None) -> float:
     if stage.test_after_fit():
         final |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
     summary = f"done: {trainer.global_step} steps, {stage.summary(final, datamodule)}"
-    for evaluation in (cb for cb in trainer.callbacks if isinstance(cb, TaskEvaluation) and cb.summary(final)):
-        summary += f", {evaluation.summary(final)}"  # benchmark accuracies beside the loss
+    scores = [cb.summary(final) for cb in trainer.callbacks if isinstance(cb, TaskEvaluation)]
+    summary += "".join(f", {score}" for score in scores if score)  # benchmark accuracies beside the loss
     written = write_outputs(module, trainer, datamodule, cfg, meta)  # every rank: FSDP gathers the weights
     if trainer.is_global_zero:
         write_metrics(run_dir, {"step": trainer.global_step, **final})  # what a sweep's summary table reads

@@ -89,14 +89,12 @@ def requeue_slurm_job() -> str | None:
         return None
     try:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        why = None if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
     except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"warning: could not requeue SLURM job {job} (scontrol requeue {job}: {e}); resubmit it with the same "
+        why = str(e)
+    if why is not None:
+        print(f"warning: could not requeue SLURM job {job} (scontrol requeue {job}: {why}); resubmit it with the same "
               f"overrides and ckpt_path=auto", file=sys.stderr, flush=True)
-        return None
-    if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        print(f"warning: could not requeue SLURM job {job} (scontrol requeue {job}: {why}); resubmit it with the "
-              f"same overrides and ckpt_path=auto", file=sys.stderr, flush=True)
         return None
     return f"requeued SLURM job {job}: it resumes from last.ckpt with ckpt_path=auto"
 
