@@ -140,3 +140,28 @@ def test_entry_points_do_not_import_lightning_or_peft():
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+LEAN_CHECK = """
+import sys
+import {module}
+from lightning_utilities.core.imports import RequirementCache, package_available
+loaded = sorted(m for m in ('transformers', 'scipy') if m in sys.modules)
+import peft, torchmetrics  # peft needs transformers: the user's and peft's imports still find it
+print(loaded, bool(RequirementCache('transformers')), package_available('transformers'),
+      torchmetrics.package_available('transformers'), 'transformers' in sys.modules)
+"""
+
+
+def test_the_recipe_starts_without_transformers_and_scipy():
+    """torchmetrics (imported by Lightning) would import transformers and scipy on every start; lean_imports keeps
+    them out of the recipe, and only out of torchmetrics: afterwards the availability checks answer as before and
+    peft imports transformers. LLMTRAIN_LEAN_IMPORTS=0 brings torchmetrics' imports back."""
+    def run(module: str, **env: str) -> str:
+        out = subprocess.run([sys.executable, "-c", LEAN_CHECK.format(module=module)], capture_output=True,
+                             text=True, cwd=ROOT, timeout=180, env={**subprocess_env(), **env})
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert run("llmtrain.run.train") == "[] True True True True"
+    assert run("llmtrain, torchmetrics", LLMTRAIN_LEAN_IMPORTS="0") == "['scipy', 'transformers'] True True True True"
