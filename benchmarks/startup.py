@@ -8,7 +8,8 @@ cache is built once first, as a second `make train` finds it):
 - `python -c pass`, `import llmtrain.cli` (what a config error or --help pays) and `import llmtrain.run.train`
   (the recipe: Lightning, datasets, TensorBoard), each in its own process;
 - the default run up to the end of its first optimizer step, with the recipe's steps stamped from inside:
-  resolve_run, the data module (prepare + setup), the model, the Trainer, and fit up to the first step.
+  resolve_run, the data module (prepare + setup), the model, the Trainer, fit up to the first step's start, and
+  the first step itself.
 With --importtime, the heaviest imports of `import llmtrain.run.train` as `python -X importtime` reports them.
 """
 
@@ -46,12 +47,15 @@ def wrap(name, fn):
     return timed
 
 class FirstStep(L.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        stamp("first step begins")
+
     def on_train_batch_end(self, trainer, *args):
         stamp("first optimizer step")
         raise SystemExit(0)
 
 recipe.resolve_run = wrap("config checked", recipe.resolve_run)
-recipe.build_model = wrap("model built", recipe.build_model)
+recipe.start_model = wrap("model built", recipe.start_model)
 recipe.build_trainer = wrap("Trainer built", recipe.build_trainer)
 real_build = recipe.build
 def build(node, **kwargs):
@@ -63,7 +67,7 @@ recipe.build = build
 with tempfile.TemporaryDirectory() as run_dir:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["+callbacks.first._target_=__main__.FirstStep", f"run_dir={run_dir}",
-                                            "callbacks.progress_bar=null"])
+                                            "callbacks.progress_bar=null", "eval=quick"])  # as make train
     stamp("config composed")
     try:
         recipe.train(cfg)
