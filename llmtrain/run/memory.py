@@ -226,7 +226,7 @@ def preflight(cfg: DictConfig, run: ResolvedRun) -> Estimate:
     found = limit(cfg)
     if found is not None and est.total > found[0]:
         raise UserError(f"the run needs about {est} but {found[1]}: {', '.join(levers(cfg, run))}")
-    n = ranks(cfg)
+    n = ranks(cfg) // cfg.trainer.num_nodes  # the processes on this machine
     if not on_cuda(cfg.trainer.accelerator) and n > 1 and is_launch_rank():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"warning: trainer.devices={n} without a GPU starts {n} processes that share this machine's {cores} CPU "

@@ -132,6 +132,8 @@ def test_cpu_processes_sharing_the_cores_are_warned_about(tmp_path, capsys):
                                                "this machine's")
     memory.preflight(*checked(TINY, tmp_path))
     assert capsys.readouterr().err == ""
+    memory.preflight(*checked([*TINY, "trainer.num_nodes=2"], tmp_path))  # one process on each of two machines
+    assert capsys.readouterr().err == ""
 
 
 @pytest.fixture
