@@ -37,15 +37,21 @@ from llmtrain.model.losses import IGNORE_INDEX
 Pair = tuple[list[int], list[int], list[int], list[int]]  # chosen input_ids, labels; rejected input_ids, labels
 
 
+FORMATS = ("auto", "instruct", "chat")  # data.format: auto = chat for records of messages, instruct for text
+
+
 class PreferenceDataModule(TableDataModule):
     """Preference records -> batches of (chosen, rejected) pairs for the DPO loss."""
 
     embedded_prefix = "preference"
 
     def __init__(self, *, prompt_column: str, chosen_column: str, rejected_column: str, chat_template: str | None,
-                 on_bad_record: str, max_dropped_fraction: float, **table) -> None:
+                 format: str, system: str | None, on_bad_record: str, max_dropped_fraction: float, **table) -> None:
         super().__init__(**table)
+        if format not in FORMATS:
+            raise UserError(f"data.format={format!r} is not one of {', '.join(FORMATS)}")
         self.max_dropped, self.chat_template, self.on_bad_record = max_dropped_fraction, chat_template, on_bad_record
+        self.format, self.system = format, system
         self.columns = {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}
         self.records: dict[str, list[dict]] = {}  # {prompt, chosen, rejected} per split, for samples and tools
         self.conversational = False  # records of messages, rendered by the chat template
@@ -59,7 +65,8 @@ class PreferenceDataModule(TableDataModule):
             return
         rows = self.load_rows()
         first = rows["train"][0]
-        self.conversational = any(not isinstance(first.get(c), str) for c in self.columns.values() if c in first)
+        self.conversational = self.format == "chat" or (self.format == "auto" and any(
+            not isinstance(first.get(c), str) for c in self.columns.values() if c in first))
         needed = [c for k, c in self.columns.items() if k != "prompt" or not self.conversational or c in first]
         require_columns(rows, needed, "set data.prompt_column, data.chosen_column and data.rejected_column to the "
                                       "table's columns")
@@ -81,6 +88,9 @@ class PreferenceDataModule(TableDataModule):
         return record
 
     def read_messages(self, record: dict, where: str) -> dict:
+        if isinstance(record.get("prompt"), str):  # a text request (data.format=chat): the user's turn
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            record = {**record, "prompt": [*system, {"role": "user", "content": record["prompt"]}]}
         prompt, chosen, rejected = read_preference(record, where)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 

@@ -117,3 +117,21 @@ def test_text_records_stay_in_the_instruct_template_and_a_mixed_table_is_refused
     with pytest.raises(UserError, match=r"^data.path row 7 \(train record 6\): data.chosen_column='chosen' holds "
                                         r"dict, not text, where the table's first record holds text"):
         setup(write(tmp_path / "t.jsonl", rows))
+
+
+def test_text_pairs_with_format_chat_are_the_conversation_of_one_user_turn(tmp_path):
+    """data.format=chat renders a text prompt as the user's turn (after data.system) and each text response as the
+    assistant's, through the chat template: the pairs of the same records written as messages. format=auto keeps
+    text in the instruct template; an unknown format is one line."""
+    text = [{"prompt": f"Define item {i}.", "chosen": f"A box of {i} kg.", "rejected": f"No. {i}."} for i in range(40)]
+    messages = [{"prompt": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": r["prompt"]}],
+                 "chosen": r["chosen"], "rejected": r["rejected"]} for r in text]
+    as_chat = setup(write(tmp_path / "text.jsonl", text), format="chat", system="Be exact.")
+    as_messages = setup(write(tmp_path / "messages.jsonl", messages))
+    assert as_chat.conversational and as_chat.records["val"] == as_messages.records["val"]
+    assert as_chat.sets["train"].items == as_messages.sets["train"].items
+    assert not setup(str(tmp_path / "text.jsonl")).conversational  # auto: text goes into the Alpaca template
+    no_system = setup(str(tmp_path / "text.jsonl"), format="chat")
+    assert [m["role"] for m in no_system.records["val"][0]["prompt"]] == ["user"]
+    with pytest.raises(UserError, match=r"^data.format='dialog' is not one of auto, instruct, chat$"):
+        setup(str(tmp_path / "text.jsonl"), format="dialog")
