@@ -113,8 +113,34 @@ def load_checkpoint(path: str | Path, what: str, hint: str = "",
     model = empty_gpt(info.model_config, dtype)
     if info.num_classes:  # a classifier: the head the classify stage made
         model.replace_head(info.num_classes)
-    load_state(model, strip_prefixes(checkpoint["state_dict"]), what)
+    load_state(model, merged_state(strip_prefixes(checkpoint["state_dict"]), info.config, what), what)
     return model.eval(), info
+
+
+def merged_state(state_dict: dict, config: dict | None, what: str) -> dict:
+    """A LoRA run's checkpoint state (names without wrapper prefixes) -> the plain model's, each adapted weight
+    W + (B @ A) * alpha / r as peft's merge computes it, and each fully trained copy (modules_to_save, a classifier's
+    head) in place of the frozen original. A state without adapters is returned as it is. config: the run's
+    effective config (the checkpoint records it), whose finetune.lora gives r and alpha."""
+    if not any(".lora_A." in k for k in state_dict):
+        return state_dict
+    lora = ((config or {}).get("finetune") or {}).get("lora") or {}
+    if not lora.get("r") or lora.get("alpha") is None:
+        raise UserError(f"{what}: the checkpoint holds LoRA adapters but records no finetune.lora r and alpha to "
+                        f"merge them with: use the run's merged export (<run>/hf) instead")
+    scaling = lora["alpha"] / lora["r"]
+    out = {}
+    for key, value in state_dict.items():
+        if ".lora_A." in key or ".lora_B." in key or ".original_module." in key:
+            continue
+        if ".base_layer." in key:
+            module, _, param = key.partition(".base_layer.")
+            if param == "weight":
+                a, b = state_dict[f"{module}.lora_A.default.weight"], state_dict[f"{module}.lora_B.default.weight"]
+                value = (value.float() + (b.float() @ a.float()) * scaling).to(value.dtype)
+            key = f"{module}.{param}"
+        out[key.replace(".modules_to_save.default.", ".")] = value
+    return out
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

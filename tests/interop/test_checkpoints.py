@@ -61,6 +61,41 @@ def test_a_classifier_checkpoint_rebuilds_its_head(tmp_path):
         torch.testing.assert_close(model(ids(97)), original(ids(97)), atol=0, rtol=0)
 
 
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_a_lora_runs_checkpoint_loads_merged_as_peft_merges_it(tmp_path, classifier):
+    """generate, evaluate, export and init_from read a LoRA run's checkpoint (its adapters and, for a classifier,
+    the trained copy of the head) as the plain model peft's merge gives, with r and alpha from the run's config;
+    without them, one line."""
+    from llmtrain.interop.lora import apply_lora, merge
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(**TINY, tie_weights=not classifier))
+    if classifier:
+        base.replace_head(3)
+    wrapped = apply_lora(base, r=4, alpha=12, target_modules=["attn.qkv", "mlp.fc1"],
+                         modules_to_save=["head"] if classifier else None)
+    with torch.no_grad():  # trained adapters: lora_B starts at zero, which would merge to nothing
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    meta = {"config": {"finetune": {"lora": {"r": 4, "alpha": 12}}}}
+    if classifier:
+        meta |= {"num_classes": 3, "stage": "classify", "label_names": ["a", "b", "c"]}
+    state = {"model." + k: v for k, v in wrapped.state_dict().items()}
+    record = {"model_config": asdict(base.config), "tokenizer": "bytes"} | meta
+    torch.save({"state_dict": state, "llmtrain": record}, tmp_path / "lora.ckpt")
+    merged = merge(wrapped).eval()
+
+    model, _ = load_checkpoint(tmp_path / "lora.ckpt", "ckpt_path=lora.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids(97)), merged(ids(97)), atol=1e-6, rtol=0)
+    record["config"] = {}
+    torch.save({"state_dict": state, "llmtrain": record}, tmp_path / "bare.ckpt")
+    with pytest.raises(UserError, match="holds LoRA adapters but records no finetune.lora r and alpha"):
+        load_checkpoint(tmp_path / "bare.ckpt", "ckpt_path=bare.ckpt")
+
+
 def test_read_info_reads_no_weights(tmp_path, monkeypatch):
     """The record alone, memory-mapped: what the config checks read before a run builds anything."""
     torch.manual_seed(0)
