@@ -63,3 +63,29 @@ class SignalAt(L.Callback):
         if (self.validation and self.batch is not None and not trainer.sanity_checking
                 and trainer.fit_loop.total_batch_idx >= self.batch and batch_idx == 0):
             self._send(trainer)
+
+
+class Phase(L.Callback):
+    """Writes what the run is doing into the file `path` as it goes (tests/faults.py reads it after a kill)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _write(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._write("starting to train (restoring a checkpoint, the first validation)")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._write(f"training: step {trainer.global_step + 1}")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._write(f"validating after step {trainer.global_step}")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._write(f"saving the checkpoint of step {trainer.global_step}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write("after training: the export and the final line")
