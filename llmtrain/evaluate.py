@@ -43,6 +43,11 @@ class EvaluateArgs:
     out_dir: str | None = None  # where the results JSON goes; default: <run dir>/eval
     seed: int = 1234  # lm_eval's seeds (few-shot sampling, ...)
     bootstrap_iters: int = 1000  # resamples for the standard errors of metrics without a closed form (0: none)
+    apply_chat_template: bool = False  # a chat model: each request as a conversation through its chat template (the
+    # user's turn, few-shot examples as earlier turns), as lm_eval's --apply_chat_template does
+    chat_template: str | None = None  # with apply_chat_template: null = the model's own; chatml | alpaca | a Jinja
+    # file | a tokenizer_config.json
+    system_instruction: str | None = None  # with apply_chat_template: a system message before each request
 
 
 def parse_args(argv: list[str]) -> EvaluateArgs:
@@ -58,6 +63,8 @@ def parse_args(argv: list[str]) -> EvaluateArgs:
         problems.append(f"max_gen_toks must be at least 1, got {args.max_gen_toks}")
     if args.bootstrap_iters < 0:
         problems.append(f"bootstrap_iters must be >= 0, got {args.bootstrap_iters}")
+    if not args.apply_chat_template and (args.chat_template or args.system_instruction):
+        problems.append("chat_template and system_instruction apply to chat models only: add apply_chat_template=true")
     if problems:
         raise UserError("; ".join(problems))
     return args
@@ -93,14 +100,24 @@ def run(args: EvaluateArgs) -> str:
     device = resolve_device(args.device)
     loaded = load_tasks(args.tasks, args.tasks_dir)  # before the weights: a task that cannot load stops early
     model, info = load_model(args.ckpt_path, args.base)
-    lm = GPTHarnessLM(model.to(device), build_tokenizer(info.tokenizer), batch_size=args.batch_size,
-                      max_gen_toks=args.max_gen_toks, name=str(args.ckpt_path))
+    tok, template = build_tokenizer(info.tokenizer), None
+    if args.apply_chat_template:  # the template the chat command would use
+        from llmtrain.data.chat_template import ChatTemplate, template_source
+
+        source = template_source(args.chat_template, info.tokenizer) if args.chat_template or not info.chat_template \
+            else info.chat_template
+        template = ChatTemplate(source, tok)
+    lm = GPTHarnessLM(model.to(device), tok, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks,
+                      name=str(args.ckpt_path), template=template)
     start = time.perf_counter()
-    results = run_tasks(lm, loaded, limit=args.limit, bootstrap_iters=args.bootstrap_iters, seed=args.seed)
+    results = run_tasks(lm, loaded, limit=args.limit, bootstrap_iters=args.bootstrap_iters, seed=args.seed,
+                        apply_chat_template=args.apply_chat_template, system_instruction=args.system_instruction)
     seconds = time.perf_counter() - start
     results["config"]["model"] = str(args.ckpt_path)
     results["config"]["llmtrain"] = {"ckpt_path": str(args.ckpt_path), "model_path": info.path,
-                                     "tokenizer": info.tokenizer, "step": info.step, "seconds": round(seconds, 1)}
+                                     "tokenizer": info.tokenizer, "step": info.step, "seconds": round(seconds, 1),
+                                     "chat_template": template and template.source,
+                                     "system_instruction": args.system_instruction}
     file = out / f"results_{time.strftime('%Y-%m-%dT%H-%M-%S')}.json"
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(file, results_json(results))

@@ -67,6 +67,8 @@ def test_a_checkpoint_file_writes_into_its_run_dir_and_a_task_folder_reads_files
                  marks=pytest.mark.slow),  # reads lm_eval's whole task index (~10 s on a quiet machine)
     (["tasks=[]"], "tasks is empty"),
     (["limit=0"], "limit must be positive"),
+    (["chat_template=chatml"], "chat_template and system_instruction apply to chat models only: add "
+                               "apply_chat_template=true"),
 ])
 def test_mistakes_are_one_line(run_dir, tmp_path, args, words, capsys, monkeypatch):
     monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
@@ -75,6 +77,33 @@ def test_mistakes_are_one_line(run_dir, tmp_path, args, words, capsys, monkeypat
         main([f"ckpt_path={run_dir}", f"tasks_dir={tmp_path}", *args])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and words in err, err
+
+
+
+def test_a_chat_model_is_asked_each_question_as_a_conversation_through_its_template(run_dir, capsys):
+    """apply_chat_template=true: lm_eval builds each request as turns (the system instruction, the question) and the
+    model's class renders them with the chat template, the answer continuing after the assistant's header; the
+    results JSON records the template and the instruction."""
+    from llmtrain.data.chat_template import CHATML, ChatTemplate
+    from llmtrain.data.tokenizer import build_tokenizer
+    from llmtrain.interop.harness import GPTHarnessLM
+    from llmtrain.interop.harness_tasks import load_tasks, run_tasks
+
+    tok = build_tokenizer("bytes")
+    lm = GPTHarnessLM(GPT(TINY).eval(), tok, batch_size=4, template=ChatTemplate(CHATML, tok))
+    results = run_tasks(lm, load_tasks(["llmtrain_definitions"]), limit=2, log_samples=True, bootstrap_iters=0,
+                        apply_chat_template=True, system_instruction="Be brief.")
+    sample = results["samples"]["llmtrain_definitions"][0]
+    context = sample["arguments"][0][0]
+    question = sample["doc"]
+    assert context.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHeadword: ")
+    assert context.endswith("<|im_end|>\n<|im_start|>assistant\n") and question["term"] in context
+
+    main([f"ckpt_path={run_dir}", "tasks=[llmtrain_definitions]", "limit=2", "apply_chat_template=true",
+          "chat_template=chatml", "system_instruction=Be brief."])
+    file = Path(capsys.readouterr().out.split("results written to ")[1].strip())
+    written = json.loads(file.read_text())["config"]["llmtrain"]
+    assert written["chat_template"] == CHATML and written["system_instruction"] == "Be brief."
 
 
 def test_results_need_a_place_outside_a_run_dir(tmp_path, capsys, monkeypatch):

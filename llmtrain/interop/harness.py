@@ -39,9 +39,10 @@ class GPTHarnessLM(TemplateLM):
     """An lm_eval model over a GPT in memory and its tokenizer (anything llmtrain.data.tokenizer builds)."""
 
     def __init__(self, model: GPT, tokenizer, batch_size: int = 16, max_gen_toks: int = 256,
-                 name: str = "llmtrain") -> None:
+                 name: str = "llmtrain", template=None) -> None:
         super().__init__()
         self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
+        self.template = template  # a data.chat_template.ChatTemplate: what apply_chat_template renders with
         self._max_gen_toks = max_gen_toks
         self._device = next(model.parameters()).device
 
@@ -61,6 +62,16 @@ class GPTHarnessLM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name", "tokenizer")).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.template.source if chat_template and self.template is not None else ""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """A request as a conversation (lm_eval builds the turns: system, few-shot examples, the question), rendered
+        as the model was trained on it; the answer continues after the assistant's header."""
+        if self.template is None:
+            raise UserError("this model was given no chat template to render requests with")
+        return self.template.render(chat_history, add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         ids = self.tokenizer.encode(string, allowed_special="all")

@@ -108,12 +108,15 @@ def _unreadable(name: str, manager: TaskManager, error: Exception) -> str:
 
 
 def run_tasks(lm: LM, loaded: tuple[list, TaskManager], limit: int | float | None = None,
-              bootstrap_iters: int = 1000, seed: int = 1234, log_samples: bool = False) -> dict:
-    """lm_eval's results dict (results, configs, versions, n-samples, config, ...) for what load_tasks loaded."""
+              bootstrap_iters: int = 1000, seed: int = 1234, log_samples: bool = False,
+              apply_chat_template: bool = False, system_instruction: str | None = None) -> dict:
+    """lm_eval's results dict (results, configs, versions, n-samples, config, ...) for what load_tasks loaded; with
+    apply_chat_template, each request rendered by the model's chat template (lm.apply_chat_template)."""
     items, manager = loaded
     return evaluator.simple_evaluate(model=lm, tasks=items, task_manager=manager, limit=limit, log_samples=log_samples,
                                      bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
-                                     torch_random_seed=seed, fewshot_random_seed=seed)
+                                     torch_random_seed=seed, fewshot_random_seed=seed,
+                                     apply_chat_template=apply_chat_template, system_instruction=system_instruction)
 
 
 def results_json(results: dict) -> str:
