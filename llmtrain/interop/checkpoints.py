@@ -122,7 +122,7 @@ def merged_state(state_dict: dict, config: dict | None, what: str) -> dict:
     W + (B @ A) * alpha / r as peft's merge computes it, and each fully trained copy (modules_to_save, a classifier's
     head) in place of the frozen original. A state without adapters is returned as it is. config: the run's
     effective config (the checkpoint records it), whose finetune.lora gives r and alpha."""
-    if not any(".lora_A." in k for k in state_dict):
+    if not any(".base_layer." in k for k in state_dict):  # peft wraps each adapted layer: base_layer, lora_A, lora_B
         return state_dict
     lora = ((config or {}).get("finetune") or {}).get("lora") or {}
     if not lora.get("r") or lora.get("alpha") is None:
