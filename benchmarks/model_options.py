@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -34,17 +35,6 @@ VARIANTS = {
     "qwen3-style": ["model=llama_tiny", "model.qk_norm=true"],
     "qwen2-style": ["model=llama_tiny", "model.qkv_bias=true"],
 }
-
-
-def cpu_name() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-        flags = Path("/proc/cpuinfo").read_text()
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-    bf16 = "native bf16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "no native bf16"
-    return f"{model} ({bf16})"
 
 
 def run(overrides: list[str], run_dir: Path) -> dict:

@@ -27,7 +27,6 @@ import argparse
 import gzip
 import json
 import math
-import platform
 import random
 import statistics
 import subprocess
@@ -36,18 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 ENTRIES = ROOT / "llmtrain" / "assets" / "data" / "entries.jsonl.gz"
-
-
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    bf16 = "native bf16" if ("avx512_bf16" in text or "amx_bf16" in text) else "no native bf16"
-    return f"{name} ({bf16})"
 
 
 def alpaca_shaped(path: Path, n: int, seed: int = 0) -> None:

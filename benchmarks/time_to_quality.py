@@ -15,7 +15,6 @@ compared).
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 import statistics
 import subprocess
@@ -24,19 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 CANDIDATE = ["model.tie_weights=false", "optimizer.embedding_lr=0.1"]  # the first sweep's best (docs/performance.md)
 DONE = re.compile(r"done: (\d+) steps, val/loss ([\d.]+), val/ppl ([\d.]+)")
 RATE = re.compile(r"throughput: ([\d,]+) tokens/s")
-
-
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    return f"{name} ({'native bf16' if 'avx512_bf16' in text or 'amx_bf16' in text else 'no native bf16'})"
 
 
 def run(overrides: list[str], work: Path) -> dict:
