@@ -25,7 +25,7 @@ import torch
 from omegaconf import MISSING
 
 from llmtrain.arguments import parse
-from llmtrain.data.chat_template import ChatTemplate, template_source
+from llmtrain.data.chat_template import ChatTemplate, model_template
 from llmtrain.data.tokenizer import build_tokenizer
 from llmtrain.errors import UserError, one_line_errors
 from llmtrain.generate import load_model
@@ -139,9 +139,7 @@ def run(args: ChatArgs, lines: Iterator[str] | None = None, out=sys.stdout) -> C
     device = resolve_device(args.device)
     model, info = load_model(args.ckpt_path, args.base, args.max_new_tokens)
     tok = build_tokenizer(info.tokenizer)
-    source = template_source(args.chat_template, info.tokenizer) if args.chat_template or not info.chat_template \
-        else info.chat_template
-    template = ChatTemplate(source, tok)
+    template = ChatTemplate(model_template(args.chat_template, info.tokenizer, info.chat_template), tok)
     stop = {template.end_of_turn(), tok.eot_token}
     chosen = decode_precision(args.precision, device)
     print(precision_note(args.precision, chosen, device), file=sys.stderr)

@@ -102,11 +102,9 @@ def run(args: EvaluateArgs) -> str:
     model, info = load_model(args.ckpt_path, args.base)
     tok, template = build_tokenizer(info.tokenizer), None
     if args.apply_chat_template:  # the template the chat command would use
-        from llmtrain.data.chat_template import ChatTemplate, template_source
+        from llmtrain.data.chat_template import ChatTemplate, model_template
 
-        source = template_source(args.chat_template, info.tokenizer) if args.chat_template or not info.chat_template \
-            else info.chat_template
-        template = ChatTemplate(source, tok)
+        template = ChatTemplate(model_template(args.chat_template, info.tokenizer, info.chat_template), tok)
     lm = GPTHarnessLM(model.to(device), tok, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks,
                       name=str(args.ckpt_path), template=template)
     start = time.perf_counter()

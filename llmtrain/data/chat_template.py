@@ -64,6 +64,12 @@ def compile_template(source: str) -> jinja2.Template:
         raise UserError(f"data.chat_template is not a valid Jinja template ({e}): fix it or choose chatml") from e
 
 
+def model_template(choice: str | None, tokenizer: str, own: str | None) -> str:
+    """The template to talk to a trained model with: `choice` (a chat_template= key) when given, else the one its
+    checkpoint or export carries (`own`), else the one template_source picks for its tokenizer."""
+    return own if choice is None and own else template_source(choice, tokenizer)
+
+
 def template_source(choice: str | None, tokenizer: str) -> str:
     """The Jinja source that data.chat_template chooses for `tokenizer` (see the module docstring)."""
     if choice is None:

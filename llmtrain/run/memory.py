@@ -169,16 +169,17 @@ def sequence_length(cfg: DictConfig, run: ResolvedRun) -> int:
     return run.context_length
 
 
-def ranks(cfg: DictConfig) -> int:
-    """Processes of the run: devices (a number, or all visible GPUs) x nodes."""
+def local_ranks(cfg: DictConfig) -> int:
+    """Processes of the run on one machine: devices (a number, or all visible GPUs)."""
     devices = cfg.trainer.devices
     if isinstance(devices, int) and devices > 0:
-        n = devices
-    elif on_cuda(cfg.trainer.accelerator):
-        n = torch.cuda.device_count()
-    else:
-        n = 1
-    return n * cfg.trainer.num_nodes
+        return devices
+    return torch.cuda.device_count() if on_cuda(cfg.trainer.accelerator) else 1
+
+
+def ranks(cfg: DictConfig) -> int:
+    """Processes of the run: devices x nodes."""
+    return local_ranks(cfg) * cfg.trainer.num_nodes
 
 
 def limit(cfg: DictConfig) -> tuple[float, str] | None:
@@ -186,8 +187,7 @@ def limit(cfg: DictConfig) -> tuple[float, str] | None:
     if cfg.perf.memory_gb:
         return cfg.perf.memory_gb * GIB, f"perf.memory_gb={cfg.perf.memory_gb} allows {cfg.perf.memory_gb} GiB"
     if on_cuda(cfg.trainer.accelerator):
-        local = ranks(cfg) // cfg.trainer.num_nodes
-        devices = range(min(local, torch.cuda.device_count()) or 1)
+        devices = range(min(local_ranks(cfg), torch.cuda.device_count()) or 1)
         total = min(torch.cuda.get_device_properties(i).total_memory for i in devices)
         return total, f"{torch.cuda.get_device_name()} has {total / GIB:.1f} GiB"
     if str(cfg.trainer.accelerator) not in ("cpu", "auto"):
@@ -195,7 +195,7 @@ def limit(cfg: DictConfig) -> tuple[float, str] | None:
     available = available_ram()
     if available is None:
         return None
-    n = ranks(cfg) // cfg.trainer.num_nodes
+    n = local_ranks(cfg)
     shared = f"the {n} processes of trainer.devices={n} share" if n > 1 else "this process has"
     return available / n, f"{shared} {available / GIB:.1f} GiB of available RAM"
 
@@ -226,7 +226,7 @@ def preflight(cfg: DictConfig, run: ResolvedRun) -> Estimate:
     found = limit(cfg)
     if found is not None and est.total > found[0]:
         raise UserError(f"the run needs about {est} but {found[1]}: {', '.join(levers(cfg, run))}")
-    n = ranks(cfg) // cfg.trainer.num_nodes  # the processes on this machine
+    n = local_ranks(cfg)
     if not on_cuda(cfg.trainer.accelerator) and n > 1 and is_launch_rank():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"warning: trainer.devices={n} without a GPU starts {n} processes that share this machine's {cores} CPU "
