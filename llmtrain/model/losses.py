@@ -30,6 +30,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     The gradients are computed in the forward pass, chunk by chunk, from each chunk's softmax (what the plain
     path's backward computes from the stored logits): d loss / d logits = softmax - onehot. The backward pass
     scales them by the incoming gradient. The same three matmuls as the plain path, none recomputed.
+
+    Under autocast the matmuls run in its dtype (bf16): the weight, the hidden states and each chunk's gradient
+    of the logits are cast once, not once per matmul that reads them (autocast would cast the logits' gradient
+    twice). The softmax is one exp per logit, in place.
     """
 
     @staticmethod
@@ -37,27 +41,32 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # hidden (N, C), weight (V, C), labels (N,)
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        h_all, w = hidden.to(dtype), weight.to(dtype)  # what the matmuls read: (N, C), (V, C)
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        grad_weight = None  # (V, C) in fp32, summed over the chunks
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.size(0), chunk):
-            h, y = hidden[start : start + chunk], labels[start : start + chunk]  # (n, C), (n,)
-            logits = (h @ weight.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            h, y = h_all[start : start + chunk], labels[start : start + chunk]  # (n, C), (n,)
+            logits = (h @ w.t()).float()  # (n, V)
             valid = y != IGNORE_INDEX
-            target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
-            total += torch.where(valid, lse - target, 0.0).sum()
+            target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]  # (n,)
+            peak = logits.amax(dim=-1)  # (n,)
+            probs = logits.sub_(peak[:, None]).exp_()  # unnormalised, in place of the logits
+            norm = probs.sum(dim=-1)  # (n,)
+            total += torch.where(valid, peak + norm.log() - target, 0.0).sum()  # log-sum-exp minus the target
             if needs_hidden or needs_weight:
-                probs = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
-                # minus the one-hot target, and no gradient from unlabelled rows: without nonzero() or boolean
-                # indexing, which would wait for the device to learn how many rows there are
+                # the softmax, with no gradient from unlabelled rows, minus the one-hot target: without nonzero()
+                # or boolean indexing, which would wait for the device to learn how many rows there are
+                probs.mul_((valid / norm)[:, None])
                 probs.scatter_add_(1, y.clamp(min=0)[:, None], -valid[:, None].to(probs.dtype))
-                probs.mul_(valid[:, None])
-                dlogits = probs.to(h.dtype)
+                dlogits = probs.to(dtype)
                 if needs_hidden:
-                    grad_hidden[start : start + chunk] = dlogits @ weight.to(h.dtype)
+                    grad_hidden[start : start + chunk] = dlogits @ w
                 if needs_weight:
-                    grad_weight += (dlogits.t() @ h).float()
+                    part = dlogits.t() @ h  # (V, C)
+                    grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmtrain.model.losses import IGNORE_INDEX, chunked_lm_loss_sum, last_token_logits, lm_loss_sum
 
@@ -88,3 +89,29 @@ def test_chunked_gradients_when_one_input_is_frozen(frozen):
     got = torch.autograd.grad(chunked, trained)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert got.abs().sum() > 0
+
+
+class _Casts(TorchDispatchMode):
+    """Records every dtype cast (aten::_to_copy) as (shape, from dtype, to dtype), below autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and (kwargs or {}).get("dtype") is not None:
+            self.seen.append((tuple(args[0].shape), args[0].dtype, kwargs["dtype"]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_bf16_autocast_the_weight_is_cast_once_and_each_chunks_logit_gradient_once():
+    """The head's weight is the step's largest cast (50,257 x width): once per step, not once per chunk and matmul;
+    each chunk's (n, V) gradient of the logits goes to bf16 once for the two matmuls that read it."""
+    V, C, N, chunk = 300, 16, 24, 8
+    hidden, weight, labels = inputs(B=1, T=N, C=C, V=V, masked=False)
+    with _Casts() as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = chunked_lm_loss_sum(hidden, weight, labels, chunk)
+    to_bf16 = [shape for shape, src, dst in casts.seen if dst == torch.bfloat16]
+    assert sorted(s for s in to_bf16 if V in s) == [(chunk, V)] * (N // chunk) + [(V, C)]
+    loss.backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
