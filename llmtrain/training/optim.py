@@ -47,13 +47,17 @@ def param_groups(model: nn.Module) -> list[dict]:
     """The trainable parameters in one group per role (named, so that the LR monitor names the curves).
 
     Weight decay applies to matrices (blocks, embeddings, head), not to gains and biases: the scalar group has
-    weight_decay 0, the others take the optimizer's. A tied head is its embedding and appears once.
+    weight_decay 0, the others take the optimizer's. A tied head is its embedding and appears once, in the
+    embedding group, which is then marked tied_to_head (MuonAdamW trains it at the head's rate).
     """
     groups: dict[str, list[torch.Tensor]] = {role: [] for role in ROLES}
     for name, p in model.named_parameters():  # shared (tied) parameters are yielded once
         if p.requires_grad:
             groups[role_of(name, p)].append(p)
+    heads = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if role_of(name, p) == "head"}
+    tied = any(id(p) in heads for p in groups["embedding"])
     return [{"params": params, "name": role} | ({"weight_decay": 0.0} if role == "scalar" else {})
+            | ({"tied_to_head": True} if role == "embedding" and tied else {})
             for role, params in groups.items() if params]
 
 
@@ -132,8 +136,11 @@ class MuonAdamW(torch.optim.Optimizer):
                  scalar_lr: float, adamw_betas: tuple[float, float], adamw_eps: float,
                  adamw_weight_decay: float) -> None:
         lrs = {"embedding": embedding_lr, "head": head_lr, "scalar": scalar_lr}
+        # a token table that is also the head (tied) is trained as a head: its gradient is dense, from every
+        # position's logits, where an untied table's rows move only where their token occurs
+        role = {id(g): "head" if g.get("tied_to_head") else g["name"] for g in params}
         muon = [dict(g, optimizer="muon") for g in params if g["name"] == "matrix"]
-        adamw = [dict(g, optimizer="adamw", lr=lrs[g["name"]]) for g in params if g["name"] != "matrix"]
+        adamw = [dict(g, optimizer="adamw", lr=lrs[role[id(g)]]) for g in params if g["name"] != "matrix"]
         self._muon = Muon(muon, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn) if muon else None
         self._adamw = torch.optim.AdamW(adamw, betas=tuple(adamw_betas), eps=adamw_eps,

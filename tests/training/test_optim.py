@@ -63,6 +63,18 @@ def test_groups_by_role_and_weight_decay_on_matrices_only():
 
     tied = {g["name"]: g for g in param_groups(tiny(tie_weights=True))}
     assert "head" not in tied  # the tied head is the token embedding, counted once
+    assert tied["embedding"]["tied_to_head"] and "tied_to_head" not in groups["embedding"]
+
+
+def test_muon_trains_an_untied_table_at_embedding_lr_and_a_tied_one_at_the_head_lr():
+    """An untied table's rows move only where their token occurs, and take a high rate (0.1 by default); a table
+    that is also the head gets a dense gradient from every position, and the head's rate."""
+    lrs = {}
+    for tie in (False, True):
+        opt = MuonAdamW(param_groups(tiny(tie_weights=tie)), **MUON)
+        lrs[tie] = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs[False] == {"matrix": 0.02, "embedding": 3e-3, "head": 2e-3, "scalar": 1e-3}
+    assert lrs[True] == {"matrix": 0.02, "embedding": 2e-3, "scalar": 1e-3}
 
 
 def test_frozen_parameters_are_left_out():
