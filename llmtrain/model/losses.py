@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # a label that carries no loss: masked prompts, padding (F.cross_entropy's default)
+PAD = 64  # the chunked loss pads the vocabulary to a multiple of this for its matmuls
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +34,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Under autocast the matmuls run in its dtype (bf16): the weight, the hidden states and each chunk's gradient
     of the logits are cast once, not once per matmul that reads them (autocast would cast the logits' gradient
-    twice). The softmax is one exp per logit, in place.
+    twice). The softmax is one exp per logit, in place. The matmuls see the vocabulary padded to a multiple of
+    64 with zero rows whose logits are set to -inf (no probability, no gradient): GPT-2's 50,257 rows make CPU
+    matmul kernels take a slow path (nanoGPT pads its vocabulary to 50,304 for the same reason).
     """
 
     @staticmethod
@@ -43,13 +46,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        h_all, w = hidden.to(dtype), weight.to(dtype)  # what the matmuls read: (N, C), (V, C)
+        V = weight.size(0)
+        h_all = hidden.to(dtype)  # what the matmuls read: (N, C) and the weight padded to (V_pad, C)
+        w = torch.empty(-(-V // PAD) * PAD, weight.size(1), dtype=dtype, device=weight.device)
+        w[:V].copy_(weight)
+        w[V:].zero_()
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = None  # (V, C) in fp32, summed over the chunks
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.size(0), chunk):
             h, y = h_all[start : start + chunk], labels[start : start + chunk]  # (n, C), (n,)
-            logits = (h @ w.t()).float()  # (n, V)
+            logits = (h @ w.t()).float()  # (n, V_pad)
+            logits[:, V:] = float("-inf")
             valid = y != IGNORE_INDEX
             target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]  # (n,)
             peak = logits.amax(dim=-1)  # (n,)
@@ -65,9 +73,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if needs_hidden:
                     grad_hidden[start : start + chunk] = dlogits @ w
                 if needs_weight:
-                    part = dlogits.t() @ h  # (V, C)
+                    part = dlogits.t() @ h  # (V_pad, C)
                     grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight[:V] if grad_weight is not None else None)
         return total
 
     @staticmethod

@@ -91,27 +91,35 @@ def test_chunked_gradients_when_one_input_is_frozen(frozen):
     assert got.abs().sum() > 0
 
 
-class _Casts(TorchDispatchMode):
-    """Records every dtype cast (aten::_to_copy) as (shape, from dtype, to dtype), below autocast."""
+class _Ops(TorchDispatchMode):
+    """Records, below autocast, every conversion to another dtype (aten::_to_copy, or copy_ between dtypes) as
+    (shape, to dtype), and the shapes of every matmul."""
 
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.casts, self.matmuls = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._to_copy.default and (kwargs or {}).get("dtype") is not None:
-            self.seen.append((tuple(args[0].shape), args[0].dtype, kwargs["dtype"]))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") not in (None, args[0].dtype):
+            self.casts.append((tuple(args[0].shape), kwargs["dtype"]))
+        if func is torch.ops.aten.copy_.default and args[0].dtype != args[1].dtype:
+            self.casts.append((tuple(args[1].shape), args[0].dtype))
+        if func is torch.ops.aten.mm.default:
+            self.matmuls.append((tuple(args[0].shape), tuple(args[1].shape)))
+        return func(*args, **kwargs)
 
 
 def test_under_bf16_autocast_the_weight_is_cast_once_and_each_chunks_logit_gradient_once():
     """The head's weight is the step's largest cast (50,257 x width): once per step, not once per chunk and matmul;
-    each chunk's (n, V) gradient of the logits goes to bf16 once for the two matmuls that read it."""
+    each chunk's (n, V) gradient of the logits goes to bf16 once for the two matmuls that read it. Every matmul
+    sees the vocabulary padded to a multiple of 64 (300 -> 320), the loss and gradients staying those of 300."""
     V, C, N, chunk = 300, 16, 24, 8
     hidden, weight, labels = inputs(B=1, T=N, C=C, V=V, masked=False)
-    with _Casts() as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+    with _Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = chunked_lm_loss_sum(hidden, weight, labels, chunk)
-    to_bf16 = [shape for shape, src, dst in casts.seen if dst == torch.bfloat16]
-    assert sorted(s for s in to_bf16 if V in s) == [(chunk, V)] * (N // chunk) + [(V, C)]
+    to_bf16 = [shape for shape, dst in ops.casts if dst == torch.bfloat16]
+    assert sorted(s for s in to_bf16 if V in s or 320 in s) == [(chunk, 320)] * (N // chunk) + [(V, C)]
+    assert len(ops.matmuls) == 3 * N // chunk and all(320 in a + b and V not in a + b for a, b in ops.matmuls)
     loss.backward()
-    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    assert weight.grad.shape == (V, C) and weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
