@@ -33,7 +33,7 @@ def test_without_init_from_the_model_node_is_the_config(tmp_path, monkeypatch):
     monkeypatch.delenv(llmtrain.training.hardware.CPU_BF16_ENV, raising=False)
     eff = resolve_run(compose(TINY, tmp_path))
     assert eff.model_config == GPTConfig(vocab_size=257, context_length=32, emb_dim=32, n_heads=2, n_layers=2,
-                                         tie_weights=True)
+                                         tie_weights=False)  # the default model, gpt_tiny_untied
     assert eff.start is None and eff.tokenizer == "bytes" and eff.context_length == 32 and eff.accumulate == 1
     assert eff.precision == "32-true"  # auto on a machine without a GPU or bf16
 

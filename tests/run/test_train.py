@@ -48,7 +48,8 @@ def test_tensorboard_holds_the_metrics_a_user_watches(short_run):
     lr, embedding_lr = dict(scalars["train/lr/matrix"]), dict(scalars["train/lr/embedding"])
     assert sorted(lr) == sorted(dict(scalars["train/loss"]))  # at the steps of the loss it drove
     assert lr[4] == pytest.approx(0.02, rel=1e-6)  # warmup (5 steps) reaches the peak at the 5th step, then decays
-    assert embedding_lr[4] == pytest.approx(3e-3, rel=1e-6) and lr[29] < lr[4]
+    assert embedding_lr[4] == pytest.approx(0.1, rel=1e-6) and lr[29] < lr[4]  # the default model's untied table
+    assert dict(scalars["train/lr/head"])[4] == pytest.approx(0.01, rel=1e-6)  # and its own head
 
 
 def test_checkpoints_describe_themselves(short_run):
@@ -77,7 +78,7 @@ def test_the_final_model_is_exported_in_hugging_face_layout(short_run):
     assert record["model_config"]["emb_dim"] == 32 and record["num_classes"] is None and record["stage"] == "pretrain"
     assert json.loads((run_dir / "hf" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     weights = load_file(run_dir / "hf" / "model.safetensors")
-    assert "transformer.wte.weight" in weights and "lm_head.weight" not in weights  # tied: stored once
+    assert "transformer.wte.weight" in weights and "lm_head.weight" in weights  # the default model's head is untied
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     final = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     model, info = load_pretrained(str(run_dir / "hf"))
@@ -209,10 +210,13 @@ def test_a_typo_in_a_key_is_caught_at_compose_time(tmp_path):
 
 
 def test_a_stage_sets_its_own_steps_and_optimizer_over_the_groups_defaults(tmp_path):
-    """Pretraining: Muon for 150 steps; DPO: its 200 steps at AdamW's lr 1e-5; the command line wins over both."""
+    """Pretraining: Muon for 130 steps after 10 of warmup, on the untied gpt_tiny (the time-to-quality sweep's
+    choice); DPO: its 200 steps at AdamW's lr 1e-5; the command line wins over both."""
     pre = compose([], tmp_path)
     assert pre.optimizer._target_.endswith("MuonAdamW") and (pre.trainer.max_steps, pre.trainer.val_check_interval) == (
-        150, 75)
+        130, 75)
+    assert pre.scheduler.warmup_steps == 10 and (pre.optimizer.embedding_lr, pre.optimizer.head_lr) == (0.1, 0.01)
+    assert pre.model.tie_weights is False and pre.model.emb_dim == 128 and pre.model.n_layers == 4  # gpt_tiny's shape
     dpo = compose(["finetune=dpo"], tmp_path)
     assert dpo.optimizer._target_ == "torch.optim.AdamW" and dpo.optimizer.lr == 1e-5 and dpo.trainer.max_steps == 200
     old = compose(["optimizer=adamw", "trainer.max_steps=300"], tmp_path)  # the earlier defaults, by overrides
