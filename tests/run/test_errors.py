@@ -33,10 +33,10 @@ def make_files(tmp_path: Path) -> Path:
     (tmp_path / "broken.jsonl").write_text('{"body": 1\n')
     (tmp_path / "nulls.jsonl").write_text('{"text": "A few words."}\n{"text": null}\n')
     other = {"vocab_size": 50257, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 2,
-             "drop_rate": 0.0, "qkv_bias": False, "tie_weights": False}
+             "drop_rate": 0.0, "qkv_bias": False, "tie_weights": True}
     torch.save({"state_dict": {"model.tok_emb.weight": torch.zeros(2, 2)}, "llmtrain": {"model_config": other}},
                tmp_path / "other.ckpt")
-    pretrain = other | {"n_layers": 4, "tie_weights": True}  # conf/model/gpt_tiny.yaml
+    pretrain = other | {"n_layers": 4, "tie_weights": False}  # conf/model/gpt_tiny_untied.yaml, the default
     torch.save({"state_dict": {}, "llmtrain": {"model_config": pretrain, "stage": "pretrain",
                                                "tokenizer": "gpt2"}},
                tmp_path / "pretrain.ckpt")

@@ -210,7 +210,7 @@ def test_a_sweep_logged_to_every_tracker_names_each_job_by_its_values_and_agrees
         assert [m.step for m in history] == steps and history[-1].value == pytest.approx(final["val/loss"])
         assert sorted(run.data.metrics) == sorted(board)  # every metric TensorBoard has
         assert float(run.data.params["optimizer.lr"]) == pytest.approx(float(label.split("=")[1]))
-        assert run.data.params["model"] == "gpt_tiny" and run.data.params["model.emb_dim"] == "32"
+        assert run.data.params["model"] == "gpt_tiny_untied" and run.data.params["model.emb_dim"] == "32"
         samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples/0")]
         assert samples == ["samples/0/step_000005.txt", "samples/0/step_000010.txt"]
         assert Path(client.download_artifacts(run.info.run_id, samples[-1], str(tmp))).read_text().startswith("The **")
