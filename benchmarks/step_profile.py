@@ -30,6 +30,7 @@ for path in (BENCH_DIR, ROOT):
         sys.path.insert(0, str(path))
 
 from machine import cpu_name  # noqa: E402
+from throughput import _CallbackBase  # noqa: E402  (Lightning's Callback, as StepTimer's)
 from vs_nanogpt import LLMTRAIN_SHAPE, SHAPE  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def op_table(prof, steps: int) -> dict:
     return {e.key: [e.self_cpu_time_total / 1000 / steps, e.count / steps] for e in prof.key_averages()}
 
 
-class ProfileSteps:
+class ProfileSteps(_CallbackBase):
     """A Lightning callback: profile training batches warmup .. warmup + steps - 1 and keep the op table."""
 
     result: dict = {}
@@ -51,24 +52,15 @@ class ProfileSteps:
             import torch
 
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-            self.prof.__enter__()
+            self.prof.start()
             self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.prof is not None and batch_idx == self.warmup + self.steps - 1:
             wall = (time.perf_counter() - self.t0) * 1000 / self.steps
-            self.prof.__exit__(None, None, None)
+            self.prof.stop()
             ProfileSteps.result = {"wall_ms": wall, "ops": op_table(self.prof, self.steps)}
             self.prof = None
-
-
-# Lightning's own Callback base, where Lightning is installed (it is, with llmtrain)
-try:
-    import lightning as _L
-
-    ProfileSteps = type("ProfileSteps", (_L.pytorch.Callback,), dict(vars(ProfileSteps)))
-except ImportError:  # pragma: no cover
-    pass
 
 
 def llmtrain_worker(precision: str, warmup: int, steps: int) -> dict:
