@@ -215,6 +215,19 @@ def newest_checkpoint(trainer: L.Trainer) -> str | None:
                  if cb.last_model_path or cb.best_model_path), None)
 
 
+def pid_alive(pid: str) -> bool:
+    """Whether the process of this pid (as a temp file's name ends) still runs; a name that is no pid: True."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Reads every checkpoint with weights_only=True; writes each one beside its destination, syncs it to disk, then
     renames it into place.
@@ -239,8 +252,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options for local paths")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a save that was killed
-            stale.unlink(missing_ok=True)
+        for stale in path.parent.glob(".*.tmp*"):  # left by a save that was killed
+            if stale.name.startswith(f".{path.name}.tmp") or not pid_alive(stale.name.rpartition(".tmp")[2]):
+                stale.unlink(missing_ok=True)  # another name's too (a best checkpoint's changes with its step)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         with saving(path):  # a full disk: one line naming the file, the previous one whole
             try:

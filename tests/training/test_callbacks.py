@@ -68,10 +68,17 @@ def test_throughput_counts_attention_at_the_heads_width():
 
 
 def test_a_save_removes_what_a_killed_save_left_and_leaves_only_the_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
     (tmp_path / ".last.ckpt.tmp4242").write_bytes(b"half a checkpoint")  # a save killed mid-write
-    (tmp_path / ".other.ckpt.tmp4242").write_bytes(b"another file's")
+    (tmp_path / f".best-step12.ckpt.tmp{dead}").write_bytes(b"a killed best save")  # another name, its step's
+    (tmp_path / f".other.ckpt.tmp{os.getppid()}").write_bytes(b"another file's")  # a live process's: left
     AtomicCheckpointIO().save_checkpoint({"global_step": 7}, tmp_path / "last.ckpt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.ckpt.tmp4242", "last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.ckpt.tmp{os.getppid()}", "last.ckpt"]
     assert torch.load(tmp_path / "last.ckpt")["global_step"] == 7
 
 
